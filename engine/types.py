@@ -1,0 +1,156 @@
+"""Engine value types: frozen dataclasses shared by every layer.
+
+ORM rows and SDK objects never leave their layer; these do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+Platform = Literal["terminal", "telegram", "slack", "discord"]
+Role = Literal["system", "user", "assistant"]
+FooterMode = Literal["on_failover", "always", "never"]
+TrustLevel = Literal["public", "trusted", "private"]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file that came with a message, already stored by the FileStore.
+
+    ``text`` holds extracted text for documents (within the size budget);
+    ``data`` holds image bytes for providers with vision, else None.
+    """
+
+    name: str
+    mime_type: str
+    size: int
+    sha256: str = ""
+    text: str | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """One user message, normalized by an adapter."""
+
+    platform: Platform
+    bot: str
+    chat: str
+    user: str
+    text: str
+    message_id: str = ""
+    user_name: str = ""
+    is_group: bool = False
+    reply_to: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a prompt sent to a provider."""
+
+    role: Role
+    content: str
+    images: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """What a provider is asked to complete."""
+
+    messages: tuple[Message, ...]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    json_mode: bool = False
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece: text, or (usually last) the usage the provider reported."""
+
+    text: str = ""
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    streaming: bool = True
+    vision: bool = False
+    tools: bool = False
+    context_window: int = 8192
+    max_output_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A provider that failed while serving one reply, and why (footer-ready)."""
+
+    provider: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The final result of one ``Conversation.reply``.
+
+    ``text`` is the answer without footer; ``footer`` is what adapters append
+    (empty when the bot's footer mode says none). ``error`` is set when no
+    provider served; then ``text`` is the user-facing explanation.
+    """
+
+    text: str
+    served_by: str | None
+    model: str | None = None
+    failures: tuple[Failure, ...] = ()
+    usage: Usage = field(default_factory=Usage)
+    latency_s: float = 0.0
+    recalled_ids: tuple[str, ...] = ()
+    footer: str = ""
+    error: str | None = None
+
+    @property
+    def full_text(self) -> str:
+        return f"{self.text}\n\n{self.footer}" if self.footer else self.text
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message from conversation history."""
+
+    id: int
+    bot: str
+    chat: str
+    role: Role
+    content: str
+    user: str = ""
+    created_at: datetime | None = None
+    served_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A long-term memory. ``user`` is whom it is about; "" means general."""
+
+    id: str
+    text: str
+    bot: str
+    user: str = ""
+    category: str = "general"
+    importance: float = 0.5
+    created_at: datetime | None = None
+    superseded_by: str | None = None
+    score: float = 0.0
+    # shared memory only
+    trust_level: TrustLevel | None = None
+    trust_group: str = ""
+    author_bot: str = ""
