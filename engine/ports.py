@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 
 from engine.types import (
     Capabilities,
+    IncomingMessage,
+    Reply,
     Chunk,
     CompletionRequest,
     Fact,
@@ -88,3 +90,27 @@ class SharedMemoryStore(Protocol):
         self, reader_bot: str, groups: Sequence[str], query: str, *,
         users: Sequence[str], limit: int = 5,
     ) -> list[Fact]: ...
+
+
+class MemoryPolicy(Protocol):
+    """What the reply pipeline asks of long-term memory (``engine/memory.py``).
+
+    ``recall`` runs before the reply (it may return [] on any storage trouble:
+    a reply never fails because memory did). ``learn`` schedules fact
+    extraction in the background and returns at once: the reply never waits.
+    """
+
+    async def recall(self, message: IncomingMessage) -> list[Fact]: ...
+
+    def learn(self, message: IncomingMessage, reply: Reply) -> None: ...
+
+
+class Replier(Protocol):
+    """One bot's reply pipeline, as adapters see it (``engine.Conversation``).
+
+    Yields text deltas (``str``) as they stream, then exactly one ``Reply``
+    as the last item. Never raises for provider trouble: that ends up in
+    ``Reply.error`` with a user-facing text.
+    """
+
+    def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]: ...
