@@ -11,11 +11,11 @@ from typing import Protocol, runtime_checkable
 
 from engine.types import (
     Capabilities,
-    IncomingMessage,
-    Reply,
     Chunk,
     CompletionRequest,
     Fact,
+    IncomingMessage,
+    Reply,
     Role,
     StoredMessage,
     TrustLevel,
