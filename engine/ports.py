@@ -6,7 +6,7 @@ Provider port. The engine depends on these Protocols only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from engine.types import (
@@ -15,6 +15,7 @@ from engine.types import (
     CompletionRequest,
     Fact,
     IncomingMessage,
+    IntegrityReport,
     Reply,
     Role,
     StoredMessage,
@@ -61,35 +62,154 @@ class ConversationStore(Protocol):
 
 
 class Embedder(Protocol):
-    """Text to unit-length vectors. Implementations never block the event loop."""
+    """Text to unit-length vectors (cosine = dot product).
+
+    Implementations never block the event loop (the model runs in a worker
+    thread) and load the model once, shared by every bot.
+    """
 
     model_name: str
     dimension: int
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector per text, in order. An empty input returns []."""
+        ...
+
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: called as a long operation advances (import, reembed)."""
 
 
 class MemoryStore(Protocol):
-    """A bot's own long-term memories (one table per bot)."""
+    """A bot's own long-term memories: one table per bot, never shared.
 
-    async def add(self, fact: Fact) -> Fact: ...
+    Every method takes the bot id; bot and user ids are arbitrary platform
+    strings (quotes included) and are never spliced into a query unescaped.
+    ``Fact.user`` is whom a fact is about, "" = general. Superseded facts
+    stay as history: ``search`` skips them, ``list_facts(..., history=True)``
+    shows them. Storage failures raise ``StorageError``; a table written with
+    another embedding model raises ``EmbeddingMismatch`` until reembedded.
+    """
+
+    async def add(self, fact: Fact) -> Fact:
+        """Store one fact; returns it with ``id`` (new uuid if "") and ``created_at`` set."""
+        ...
+
+    async def add_many(
+        self, facts: Sequence[Fact], *, progress: Progress | None = None
+    ) -> list[Fact]:
+        """Store many facts of one bot (embedded in batches); same contract as ``add``."""
+        ...
+
+    async def get(self, bot: str, fact_id: str) -> Fact | None: ...
+
+    async def list_facts(
+        self, bot: str, *, user: str | None = None, history: bool = False,
+        limit: int = 100, offset: int = 0,
+    ) -> list[Fact]:
+        """Newest first. ``user=None``: every user; ``history``: include superseded."""
+        ...
 
     async def search(
-        self, bot: str, query: str, *, users: Sequence[str], limit: int = 5
+        self, bot: str, query: str, *, users: Sequence[str], limit: int = 5,
+        min_score: float | None = None, vector: Sequence[float] | None = None,
     ) -> list[Fact]:
-        """Nearest memories about one of ``users`` ("" = general), best first."""
+        """Best matches about one of ``users`` (and only them), best first.
+
+        Pass the speaker and "" for general facts; ``users=[]`` returns [].
+        ``Fact.score`` is the cosine similarity to the query (ranking may
+        also use full-text relevance). ``vector``: the query's embedding if
+        the caller has it already (saves embedding twice). Superseded facts
+        are never returned.
+        """
+        ...
+
+    async def supersede(self, bot: str, old_id: str, new_id: str) -> None:
+        """Mark ``old_id`` as replaced by ``new_id`` (kept as history)."""
+        ...
+
+    async def delete(self, bot: str, fact_id: str) -> bool:
+        """Forget one fact for good; False if it did not exist."""
+        ...
+
+    async def delete_user(self, bot: str, user: str) -> int:
+        """Forget everything about one user; returns how many facts."""
+        ...
+
+    async def count(self, bot: str, *, history: bool = True) -> int: ...
+
+    def iterate(self, bot: str) -> AsyncIterator[Fact]:
+        """Every fact of a bot, history included, in batches (export)."""
+        ...
+
+    async def reembed(self, bot: str, *, progress: Progress | None = None) -> int:
+        """Rewrite every vector with the current model; returns rows rewritten."""
+        ...
+
+    async def drop_bot(self, bot: str) -> None:
+        """Delete a bot's table (its shared facts are orphaned by the shared store)."""
+        ...
+
+    async def bots(self) -> list[str]:
+        """Bot ids that have a memory table."""
         ...
 
 
 class SharedMemoryStore(Protocol):
-    """Memories shared between bots, always filtered by the reader's trust."""
+    """Memories shared between bots, always filtered by the reader's trust.
 
-    async def publish(self, fact: Fact, level: TrustLevel, group: str = "") -> Fact: ...
+    A reader bot sees: ``public`` facts; ``trusted`` facts whose
+    ``trust_group`` is one of ``groups`` (the reader's trust groups); and its
+    own ``private`` facts. ``users`` limits whom the facts are about (pass
+    the speaker and "" for general; [] = none: fail closed). Every row's
+    write hash is checked on read: a row that fails is excluded, logged and
+    counted in ``tampered_reads``. Writes are serialized by one writer, so
+    concurrent publishers never lose a write and the hash chain stays linear.
+    """
+
+    tampered_reads: int
+
+    async def publish(
+        self, fact: Fact, level: TrustLevel, group: str = "", *, author_name: str = ""
+    ) -> Fact:
+        """Share a fact written by ``fact.bot``; returns it with id, created_at, trust set.
+
+        ``level == "trusted"`` requires a non-empty ``group``.
+        """
+        ...
 
     async def search(
         self, reader_bot: str, groups: Sequence[str], query: str, *,
-        users: Sequence[str], limit: int = 5,
-    ) -> list[Fact]: ...
+        users: Sequence[str], limit: int = 5, min_score: float | None = None,
+        vector: Sequence[float] | None = None,
+    ) -> list[Fact]:
+        """Best visible matches, best first; ``Fact.score`` is cosine similarity."""
+        ...
+
+    async def list_facts(
+        self, reader_bot: str, groups: Sequence[str], *, users: Sequence[str] | None,
+        limit: int = 100, offset: int = 0,
+    ) -> list[Fact]:
+        """Visible facts, newest first. ``users=None`` (admin listing only): any user."""
+        ...
+
+    async def get(self, reader_bot: str, groups: Sequence[str], fact_id: str) -> Fact | None:
+        """One fact if the reader may see it (any user), else None."""
+        ...
+
+    async def orphan_bot(self, bot: str) -> int:
+        """Mark every fact authored by ``bot`` orphaned (bot deleted); returns how many."""
+        ...
+
+    async def verify(self) -> IntegrityReport:
+        """Walk the whole hash chain: edited rows and deleted rows."""
+        ...
+
+    async def count(self) -> int:
+        """All rows, regardless of trust (for status pages)."""
+        ...
+
+    async def reembed(self, *, progress: Progress | None = None) -> int: ...
 
 
 class MemoryPolicy(Protocol):

@@ -150,7 +150,30 @@ class Fact:
     created_at: datetime | None = None
     superseded_by: str | None = None
     score: float = 0.0
-    # shared memory only
+    # free-form JSON text carried from import (e.g. where the fact came from)
+    metadata: str = ""
+    # shared memory only (``trust_level`` is None for a bot's own memories);
+    # ``bot`` and ``author_bot`` are then both the author's id
     trust_level: TrustLevel | None = None
     trust_group: str = ""
     author_bot: str = ""
+    author_name: str = ""
+    orphaned: bool = False  # the author bot was deleted; the fact stays
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    """What ``SharedMemoryStore.verify`` found walking the hash chain.
+
+    ``tampered``: ids whose content no longer matches their write hash.
+    ``missing``: places where the chain breaks (rows deleted outside the
+    API), described as "after <id>" / "at head". ``ok`` when both are empty.
+    """
+
+    checked: int
+    tampered: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.tampered and not self.missing
