@@ -1,0 +1,166 @@
+"""The relational database: one async engine, migrated to head at start.
+
+``Database(url)`` is an async context manager. Entering it creates the data
+directory (SQLite), opens the engine (``sqlite+aiosqlite`` or
+``postgresql+asyncpg``) and applies every Alembic migration; leaving it
+disposes of the engine. SQLite runs in WAL mode with a busy timeout so
+readers never block the writer and concurrent writers wait instead of
+failing with "database is locked".
+
+Alembic is synchronous, so the upgrade runs in a worker thread on its own
+short-lived engine and event loop: the serving loop is never blocked.
+The URL may hold a password: it is never logged nor put in an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, make_url, pool
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from engine.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+
+
+def _safe(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # busy_timeout first: switching to WAL itself needs the lock.
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
+    """An async engine; SQLite ones get WAL and a busy timeout on every connection."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database or ""
+        if db and db != ":memory:" and not db.startswith("file:"):
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(parsed, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def _upgrade(connection: Connection) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _current(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def _migrate(url: URL) -> None:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_upgrade)
+    finally:
+        await engine.dispose()
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+class Database:
+    """The engine and a session factory, migrated to head while entered."""
+
+    def __init__(self, url: str | URL, *, echo: bool = False) -> None:
+        self.url = make_url(url)
+        self._echo = echo
+        self._engine: AsyncEngine | None = None
+        self._sessions: async_sessionmaker[AsyncSession] | None = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise StorageError("database is not started (use 'async with Database(...)')")
+        return self._engine
+
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        """Session factory; ``expire_on_commit=False`` so rows stay readable after commit."""
+        if self._sessions is None:
+            raise StorageError("database is not started (use 'async with Database(...)')")
+        return self._sessions
+
+    @property
+    def dialect(self) -> str:
+        return self.url.get_backend_name()
+
+    async def migrate(self) -> None:
+        """Apply every pending migration (idempotent)."""
+        try:
+            # A thread with its own loop: Alembic's sync API calls into the
+            # async driver through SQLAlchemy's greenlet bridge there.
+            await asyncio.to_thread(asyncio.run, _migrate(self.url))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageError(
+                f"database {_safe(self.url)}: migration failed: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+
+    async def revision(self) -> str | None:
+        """The revision the database is at (None before the first migration)."""
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(_current)
+
+    async def start(self) -> None:
+        await self.migrate()
+        self._engine = create_engine(self.url, echo=self._echo)
+        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+        log.info("database ready: %s at revision %s", _safe(self.url), await self.revision())
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+        self._engine = None
+        self._sessions = None
+
+    async def __aenter__(self) -> Database:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

