@@ -225,6 +225,16 @@ class MemoryPolicy(Protocol):
     def learn(self, message: IncomingMessage, reply: Reply) -> None: ...
 
 
+class ReplyObserver(Protocol):
+    """Told about every finished reply (usage accounting, metrics, ...).
+
+    ``Conversation`` awaits each observer after the final ``Reply`` was
+    yielded; an observer's exception is logged and never reaches the user.
+    """
+
+    async def on_reply(self, message: IncomingMessage, reply: Reply) -> None: ...
+
+
 class Replier(Protocol):
     """One bot's reply pipeline, as adapters see it (``engine.Conversation``).
 
