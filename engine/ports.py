@@ -16,6 +16,7 @@ from engine.types import (
     Fact,
     IncomingMessage,
     IntegrityReport,
+    RecallRecord,
     Reply,
     Role,
     StoredMessage,
@@ -210,6 +211,21 @@ class SharedMemoryStore(Protocol):
         ...
 
     async def reembed(self, *, progress: Progress | None = None) -> int: ...
+
+
+class RecallLog(Protocol):
+    """Which memories each (bot, chat)'s last reply used (for ``memory why``).
+
+    Persisted, so an admin command in another process can read it.
+    """
+
+    async def record(self, record: RecallRecord) -> None: ...
+
+    async def last(self, bot: str, chat: str) -> RecallRecord | None: ...
+
+    async def chats(self, bot: str, *, limit: int = 20) -> list[RecallRecord]:
+        """The most recent records of a bot, newest first (to find a chat id)."""
+        ...
 
 
 class MemoryPolicy(Protocol):

@@ -177,3 +177,27 @@ class IntegrityReport:
     @property
     def ok(self) -> bool:
         return not self.tampered and not self.missing
+
+
+@dataclass(frozen=True)
+class RecalledFact:
+    """One memory that went into a prompt, as ``boternity memory why`` shows it."""
+
+    id: str
+    score: float
+    text: str
+    source: Literal["own", "shared"] = "own"
+    user: str = ""
+    author_bot: str = ""
+
+
+@dataclass(frozen=True)
+class RecallRecord:
+    """Which memories were recalled for the last reply in one (bot, chat)."""
+
+    bot: str
+    chat: str
+    message_id: str
+    query: str
+    facts: tuple[RecalledFact, ...]
+    created_at: datetime | None = None
