@@ -1,0 +1,204 @@
+"""Redis-shared state against the real Redis on 127.0.0.1:6379.
+
+Each "worker" here is its own connection and its own objects, as in separate
+processes (tests/test_workers.py does it with real processes). Every test
+uses a fresh key namespace, so parallel runs never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pybreaker
+import pytest
+import redis.asyncio as aioredis
+
+from persistence.redis_breakers import SharedBreakers
+from persistence.redis_state import RedisEventClaims, RedisState
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def _redis_up() -> bool:
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def namespace() -> AsyncIterator[str]:
+    if not await _redis_up():
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    ns = f"test-{uuid.uuid4().hex[:12]}"
+    yield ns
+    client = aioredis.from_url(REDIS_URL)
+    keys = [k async for k in client.scan_iter(match=f"{ns}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def _wait(shared: SharedBreakers, name: str, state: str) -> None:
+    async with asyncio.timeout(5):
+        await shared.wait_for(name, state)
+
+
+class Boom(Exception):
+    pass
+
+
+def _fail() -> None:
+    raise Boom("provider down")
+
+
+calls: list[str] = []
+
+
+def _ok() -> str:
+    calls.append("called")
+    return "ok"
+
+
+async def test_open_breaker_in_one_worker_stops_the_others(namespace: str) -> None:
+    async with SharedBreakers(REDIS_URL, namespace=namespace) as a_shared, \
+            SharedBreakers(REDIS_URL, namespace=namespace) as b_shared:
+        a = pybreaker.CircuitBreaker(fail_max=2, reset_timeout=60,
+                                     state_storage=a_shared.storage("primary"))
+        b = pybreaker.CircuitBreaker(fail_max=2, reset_timeout=60,
+                                     state_storage=b_shared.storage("primary"))
+        with pytest.raises(Boom):
+            a.call(_fail)
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            a.call(_fail)  # second failure trips it
+        assert a.current_state == "open"
+
+        await _wait(b_shared, "primary", "open")
+        calls.clear()
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            b.call(_ok)
+        assert calls == []  # worker B never called the dead provider
+        assert b.current_state == "open"
+
+        # A worker that starts later loads the open state from Redis.
+        await a_shared.flush()
+        async with SharedBreakers(REDIS_URL, namespace=namespace) as c_shared:
+            c = pybreaker.CircuitBreaker(fail_max=2, reset_timeout=60,
+                                         state_storage=c_shared.storage("primary"))
+            await _wait(c_shared, "primary", "open")
+            with pytest.raises(pybreaker.CircuitBreakerError):
+                c.call(_ok)
+            assert calls == []
+
+
+async def test_recovery_closes_the_breaker_everywhere(namespace: str) -> None:
+    async with SharedBreakers(REDIS_URL, namespace=namespace) as a_shared, \
+            SharedBreakers(REDIS_URL, namespace=namespace) as b_shared:
+        a = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=0.05,
+                                     state_storage=a_shared.storage("p"))
+        b = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=60,
+                                     state_storage=b_shared.storage("p"))
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            a.call(_fail)
+        await _wait(b_shared, "p", "open")
+        # After A's reset timeout, its trial call succeeds and closes the breaker.
+        await asyncio.sleep(0.06)
+        assert a.call(_ok) == "ok"
+        assert a.current_state == "closed"
+        await _wait(b_shared, "p", "closed")
+        assert b.call(_ok) == "ok"
+
+
+async def test_breaker_names_are_independent(namespace: str) -> None:
+    async with SharedBreakers(REDIS_URL, namespace=namespace) as a_shared, \
+            SharedBreakers(REDIS_URL, namespace=namespace) as b_shared:
+        a = pybreaker.CircuitBreaker(fail_max=1, state_storage=a_shared.storage("dead"))
+        b_other = pybreaker.CircuitBreaker(fail_max=1, state_storage=b_shared.storage("alive"))
+        b_dead = pybreaker.CircuitBreaker(fail_max=1, state_storage=b_shared.storage("dead"))
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            a.call(_fail)
+        await _wait(b_shared, "dead", "open")
+        assert b_dead.current_state == "open"
+        assert b_other.call(_ok) == "ok"
+
+
+async def test_two_workers_share_one_chat_budget(namespace: str) -> None:
+    async with RedisState(REDIS_URL, namespace=namespace) as one, \
+            RedisState(REDIS_URL, namespace=namespace) as two:
+        waits = []
+        for i in range(6):
+            state = one if i % 2 == 0 else two
+            waits.append(await state.budget.reserve("telegram:chat-1", 0.5))
+        # Six slots 0.5 s apart, wherever they were taken: the sixth waits ~2.5 s.
+        for i, wait in enumerate(waits):
+            assert i * 0.5 - 0.2 <= wait <= i * 0.5 + 0.01, waits
+        # Another chat has its own budget.
+        assert await two.budget.reserve("telegram:chat-2", 0.5) == 0
+
+
+async def test_budget_burst_and_retry_after(namespace: str) -> None:
+    async with RedisState(REDIS_URL, namespace=namespace) as one, \
+            RedisState(REDIS_URL, namespace=namespace) as two:
+        # burst 3: three immediate slots, then paced
+        waits = [await one.budget.reserve("slack:T1", 1.0, burst=3) for _ in range(4)]
+        assert waits[:3] == [0, 0, 0]
+        assert waits[3] > 0.5
+        # A 429 seen by one worker holds back the other.
+        await one.budget.penalize("discord:c9", 5)
+        assert await two.budget.reserve("discord:c9", 0.1) > 4.5
+
+
+async def test_event_claimed_once_then_done(namespace: str) -> None:
+    async with RedisState(REDIS_URL, namespace=namespace) as one, \
+            RedisState(REDIS_URL, namespace=namespace) as two:
+        results = await asyncio.gather(
+            *(s.claims.try_claim("slack:Ev1") for s in (one, two, one, two))
+        )
+        assert sorted(results) == ["busy", "busy", "busy", "claimed"]
+        owner = one if results[0] == "claimed" or results[2] == "claimed" else two
+        await owner.claims.done("slack:Ev1")
+        assert await one.claims.try_claim("slack:Ev1") == "done"
+        assert await two.claims.try_claim("slack:Ev1") == "done"
+
+
+async def test_released_event_is_handled_by_a_redelivery(namespace: str) -> None:
+    async with RedisState(REDIS_URL, namespace=namespace) as one, \
+            RedisState(REDIS_URL, namespace=namespace) as two:
+        assert await one.claims.claim("telegram:42")
+        assert await two.claims.try_claim("telegram:42") == "busy"
+        await one.claims.release("telegram:42")
+        assert await two.claims.claim("telegram:42")
+
+
+async def test_dead_workers_lease_expires_live_one_keeps_its_own(namespace: str) -> None:
+    client_dead = aioredis.from_url(REDIS_URL, decode_responses=True)
+    client_live = aioredis.from_url(REDIS_URL, decode_responses=True)
+    dead = RedisEventClaims(client_dead, namespace, lease_s=0.3)
+    live = RedisEventClaims(client_live, namespace, lease_s=0.3)
+    other = RedisEventClaims(client_live, namespace, lease_s=0.3)
+    try:
+        assert await dead.claim("ev-dead")
+        assert await live.claim("ev-live")
+        # "kill -9": the dead worker's renewals stop; nothing is released.
+        assert dead._renewer is not None
+        dead._renewer.cancel()
+        await client_dead.aclose()
+        assert await other.try_claim("ev-dead") == "busy"
+        # The lease runs out on Redis' clock; the redelivery comes after that.
+        left_ms = await client_live.pttl(f"{namespace}:event:ev-dead")
+        assert 0 < left_ms <= 300
+        await asyncio.sleep(left_ms / 1000 + 0.05)
+        assert await other.claim("ev-dead")
+        # The live worker renewed its lease all along: still its own.
+        assert await other.try_claim("ev-live") == "busy"
+        await live.done("ev-live")
+        assert await other.try_claim("ev-live") == "done"
+    finally:
+        await live.close()
+        await other.close()
+        await client_live.aclose()
