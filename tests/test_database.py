@@ -1,0 +1,133 @@
+"""Migrations build the schema from nothing; the store keeps history in order.
+
+Real SQLite files in tmp dirs, and the local PostgreSQL when it is reachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from engine.errors import StorageError
+from persistence.conversations import SqlConversationStore
+from persistence.database import Database, head_revision
+
+PG_ADMIN = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+async def test_migrations_create_schema_from_scratch(tmp_path: Path) -> None:
+    db_file = tmp_path / "nested" / "dir" / "boternity.db"
+    async with Database(sqlite_url(db_file)) as db:
+        assert db_file.exists()
+        assert await db.revision() == head_revision()
+        async with db.engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+            columns = await conn.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns("messages")}
+            )
+            indexes = await conn.run_sync(
+                lambda c: {ix["name"] for ix in inspect(c).get_indexes("messages")}
+            )
+    assert {"messages", "alembic_version"} <= tables
+    assert {"id", "bot", "chat", "role", "content", "user", "platform",
+            "served_by", "created_at"} <= columns
+    assert "ix_messages_bot_chat_id" in indexes
+
+
+async def test_restart_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "b.db")
+    async with Database(url) as db:
+        await SqlConversationStore(db).add(bot="b", chat="c", role="user", content="kept")
+    async with Database(url) as db:
+        history = await SqlConversationStore(db).history("b", "c")
+        assert [m.content for m in history] == ["kept"]
+        assert await db.revision() == head_revision()
+
+
+async def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path: Path) -> None:
+    async with Database(sqlite_url(tmp_path / "w.db")) as db, db.engine.connect() as conn:
+        assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+        assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() == 15000
+
+
+async def test_history_is_per_chat_oldest_first_and_limited(tmp_path: Path) -> None:
+    async with Database(sqlite_url(tmp_path / "h.db")) as db:
+        store = SqlConversationStore(db)
+        for i in range(5):
+            await store.add(bot="b", chat="c1", role="user", content=f"m{i}", user="u")
+        await store.add(bot="b", chat="c2", role="user", content="other chat")
+        await store.add(bot="other", chat="c1", role="user", content="other bot")
+        await store.add(bot="b", chat="c1", role="assistant", content="a", served_by="p")
+        last3 = await store.history("b", "c1", limit=3)
+        assert [m.content for m in last3] == ["m3", "m4", "a"]
+        assert last3[-1].served_by == "p" and last3[-1].role == "assistant"
+        assert last3[0].created_at is not None and last3[0].created_at.tzinfo is not None
+        assert await store.count("b", "c1") == 6
+        assert await store.history("b", "c1", limit=0) == []
+
+
+async def test_concurrent_writers_do_not_fail(tmp_path: Path) -> None:
+    async with Database(sqlite_url(tmp_path / "c.db")) as db:
+        store = SqlConversationStore(db)
+        await asyncio.gather(*(
+            store.add(bot="b", chat="c", role="user", content=str(i)) for i in range(40)
+        ))
+        assert await store.count("b", "c") == 40
+
+
+async def test_huge_message_is_stored_whole(tmp_path: Path) -> None:
+    big = "x" * 200_000
+    async with Database(sqlite_url(tmp_path / "big.db")) as db:
+        store = SqlConversationStore(db)
+        await store.add(bot="b", chat="c", role="user", content=big)
+        assert (await store.history("b", "c"))[0].content == big
+
+
+async def test_unusable_database_is_a_clear_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError) as err:
+        async with Database(sqlite_url(blocker / "x.db")):
+            pass
+    assert "migration failed" in str(err.value) or "database" in str(err.value)
+
+
+async def test_store_before_start_is_a_clear_error() -> None:
+    with pytest.raises(StorageError, match="not started"):
+        await SqlConversationStore(Database("sqlite+aiosqlite://")).history("b", "c")
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh database on the local PostgreSQL, dropped afterwards (skip if absent)."""
+    asyncpg = pytest.importorskip("asyncpg")
+    name = f"boternity_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"no local PostgreSQL: {exc}")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_postgres_migrates_and_stores(postgres_url: str) -> None:
+    async with Database(postgres_url) as db:
+        assert db.dialect == "postgresql"
+        assert await db.revision() == head_revision()
+        store = SqlConversationStore(db)
+        await store.add(bot="b", chat="c", role="user", content="über 🙂")
+        await store.add(bot="b", chat="c", role="assistant", content="ok", served_by="p")
+        assert [m.content for m in await store.history("b", "c")] == ["über 🙂", "ok"]
