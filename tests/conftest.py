@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.fakes.bedrock_server import FakeBedrock
 from tests.fakes.openai_server import FakeOpenAI, start_openai_fake
 
 
@@ -14,3 +15,66 @@ async def openai_fake() -> AsyncIterator[FakeOpenAI]:
     """A running fake OpenAI-compatible server (see tests/fakes/openai_server.py)."""
     async with start_openai_fake() as fake:
         yield fake
+
+
+@pytest.fixture
+async def bedrock_fake(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[FakeBedrock]:
+    """A running fake Bedrock runtime (see tests/fakes/bedrock_server.py).
+
+    Also gives the standard AWS credential chain dummy keys and a region from
+    the environment, and hides any real ~/.aws files and instance metadata.
+    """
+    empty = tmp_path_factory.mktemp("aws")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    async with FakeBedrock() as fake:
+        yield fake
+
+
+# --- relational databases: SQLite and the real PostgreSQL (scale-out helper) ---
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for this test (dropped after).
+
+    One database per test keeps parallel runs and parallel helpers apart.
+    Skips when no server answers on 127.0.0.1:5432.
+    """
+    import uuid
+
+    import asyncpg
+
+    try:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({type(exc).__name__})")
+    name = f"boternity_test_{uuid.uuid4().hex[:12]}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same test on SQLite (a tmp file) and on a fresh PostgreSQL database.
+
+    Persistence tests take ``database_url`` instead of building a SQLite URL,
+    and so run against both.
+    """
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'boternity.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

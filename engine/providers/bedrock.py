@@ -1,0 +1,302 @@
+"""AWS Bedrock through the Converse API (``converse`` / ``converse_stream``).
+
+Contract: ``BedrockProvider`` satisfies ``engine.ports.Provider``. ``stream``
+yields text chunks, then one chunk with the usage Bedrock reported, and
+raises only ``engine.errors.ProviderError`` subclasses, mid-stream included.
+
+- Credentials and region come from the standard AWS chain (environment,
+  profile, SSO, instance role); ``region``, ``profile`` and ``endpoint_url``
+  override it. No key ever passes through Boternity's config.
+- The SDK never retries (``total_max_attempts=1``): the fallback chain decides
+  what happens next, and botocore's default 5 attempts cost ~8 s per failure.
+- One aioboto3 client is opened on ``__aenter__`` (or lazily on first use)
+  and kept for every request; ``__aexit__`` closes it.
+- Timeouts: ``timeout_s`` bounds connect and each socket read (and a whole
+  non-streaming call); ``first_token_timeout_s`` bounds the wait for the
+  first text; ``idle_timeout_s`` bounds each later gap between events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aioboto3
+
+# aiohttp is aiobotocore's transport: a dropped connection surfaces as a raw
+# aiohttp.ClientPayloadError that botocore does not wrap.
+import aiohttp
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    NoCredentialsError,
+    NoRegionError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    SSOError,
+    TokenRetrievalError,
+)
+
+from engine.errors import (
+    AuthFailed,
+    ConfigError,
+    ContextTooLong,
+    InvalidRequest,
+    ProviderError,
+    ProviderTimeout,
+    RateLimited,
+    Unavailable,
+)
+from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
+                  "image/gif": "gif", "image/webp": "webp"}
+
+# AWS error code -> (our error class, footer-ready reason)
+_ERRORS: dict[str, tuple[type[ProviderError], str]] = {
+    "ThrottlingException": (RateLimited, "rate limited"),
+    "TooManyRequestsException": (RateLimited, "rate limited"),
+    "ServiceQuotaExceededException": (RateLimited, "quota exceeded"),
+    "ModelNotReadyException": (Unavailable, "model not ready"),
+    "ServiceUnavailableException": (Unavailable, "service unavailable"),
+    "InternalServerException": (Unavailable, "internal server error"),
+    "ModelErrorException": (Unavailable, "model error"),
+    "ModelStreamErrorException": (Unavailable, "model stream error"),
+    "ModelTimeoutException": (ProviderTimeout, "model timed out"),
+    "AccessDeniedException": (AuthFailed, "access denied"),
+    "UnrecognizedClientException": (AuthFailed, "invalid AWS credentials"),
+    "ExpiredTokenException": (AuthFailed, "expired AWS credentials"),
+    # A wrong model id or region is this provider's problem, not the user's.
+    "ResourceNotFoundException": (Unavailable, "model not found"),
+    "ValidationException": (InvalidRequest, "invalid request"),
+}
+# Bedrock reports an oversized prompt as a ValidationException; only the
+# message tells it apart, and the wording differs per model family.
+_TOO_LONG_HINTS = ("too long", "too many tokens", "context length", "context window",
+                   "maximum context", "max_tokens", "exceeds the limit", "input length")
+
+
+def map_error(provider: str, exc: BaseException) -> ProviderError:
+    """Translate an SDK / transport error into our error tree (never leaks keys)."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, ClientError):  # EventStreamError (in-stream) is a ClientError too
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        code = code[:1].upper() + code[1:]  # in-stream codes are lowerCamelCase
+        message = str(error.get("Message", ""))
+        cls, reason = _ERRORS.get(code, (Unavailable, f"AWS error {code or 'unknown'}"))
+        if cls is InvalidRequest and any(h in message.lower() for h in _TOO_LONG_HINTS):
+            return ContextTooLong(provider, "prompt too long for the model")
+        if cls is InvalidRequest and message:
+            reason = f"invalid request: {message[:200]}"
+        return cls(provider, reason)
+    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError, TimeoutError)):
+        return ProviderTimeout(provider, "timed out")
+    if isinstance(exc, (NoCredentialsError, ProfileNotFound, TokenRetrievalError, SSOError)):
+        return AuthFailed(provider, "no usable AWS credentials")
+    if isinstance(exc, NoRegionError):
+        return Unavailable(provider, "no AWS region configured")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return Unavailable(provider, "connection dropped mid-stream")
+    if isinstance(exc, (BotoCoreError, aiohttp.ClientError, OSError)):
+        return Unavailable(provider, "connection failed")
+    return Unavailable(provider, f"unexpected {type(exc).__name__}")
+
+
+def converse_messages(
+    messages: tuple[Message, ...], *, vision: bool, json_mode: bool = False,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Our messages as Converse ``(system, messages)``.
+
+    Converse wants user/assistant turns that alternate and start with the
+    user: consecutive turns of one role are merged, leading assistant turns
+    (history cut mid-exchange) are dropped. Images become image blocks only
+    when the model has vision; otherwise a note keeps the turn honest.
+    """
+    system = [{"text": m.content} for m in messages if m.role == "system" and m.content]
+    if json_mode:
+        system.append({"text": "Answer with one JSON object and nothing else."})
+    turns: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "system" or (not turns and m.role == "assistant"):
+            continue
+        blocks: list[dict[str, Any]] = []
+        for image in m.images:
+            fmt = _IMAGE_FORMATS.get(image.mime_type.lower())
+            if vision and fmt and image.data:
+                blocks.append({"image": {"format": fmt, "source": {"bytes": image.data}}})
+            else:
+                blocks.append({"text": f"[image {image.name} not shown to this model]"})
+        if m.content:
+            blocks.append({"text": m.content})
+        if not blocks:
+            continue
+        if turns and turns[-1]["role"] == m.role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": m.role, "content": blocks})
+    return system, turns
+
+
+@dataclass
+class BedrockProvider:
+    """One Bedrock model (id, inference profile or ARN) behind our Provider port."""
+
+    name: str
+    model: str
+    capabilities: Capabilities
+    region: str | None = None
+    profile: str | None = None
+    endpoint_url: str | None = None
+    timeout_s: float = 30.0
+    first_token_timeout_s: float = 15.0
+    idle_timeout_s: float = 15.0
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        self._client: Any = None
+        self._stack: AsyncExitStack | None = None
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> BedrockProvider:
+        try:
+            await self._open()
+        except (NoRegionError, ProfileNotFound) as exc:
+            # At startup a missing region/profile is a config mistake: say which.
+            raise ConfigError(
+                f"provider '{self.name}': {exc} (set region/profile in the config "
+                "or AWS_REGION / AWS_PROFILE)"
+            ) from None
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _open(self) -> Any:
+        async with self._lock:
+            if self._client is None:
+                session = aioboto3.Session(profile_name=self.profile, region_name=self.region)
+                config = Config(
+                    retries={"total_max_attempts": 1},
+                    connect_timeout=self.timeout_s,
+                    read_timeout=self.timeout_s,
+                    user_agent_extra="boternity",
+                )
+                stack = AsyncExitStack()
+                self._client = await stack.enter_async_context(
+                    session.client("bedrock-runtime", endpoint_url=self.endpoint_url,
+                                   config=config)
+                )
+                self._stack = stack
+            return self._client
+
+    def _params(self, request: CompletionRequest) -> dict[str, Any]:
+        system, messages = converse_messages(
+            request.messages, vision=self.capabilities.vision, json_mode=request.json_mode
+        )
+        if not messages:
+            raise InvalidRequest(self.name, "nothing to send: no user message")
+        inference: dict[str, Any] = {
+            "maxTokens": request.max_tokens or self.capabilities.max_output_tokens
+        }
+        temperature = request.temperature if request.temperature is not None \
+            else self.temperature
+        if temperature is not None:
+            inference["temperature"] = temperature
+        params: dict[str, Any] = {"modelId": self.model, "messages": messages,
+                                  "inferenceConfig": inference}
+        if system:
+            params["system"] = system
+        return params
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        params = self._params(request)
+        try:
+            client = await self._open()
+            if not self.capabilities.streaming:
+                async for chunk in self._converse(client, params):
+                    yield chunk
+                return
+            async for chunk in self._converse_stream(client, params):
+                yield chunk
+        except ProviderError:
+            raise
+        except Exception as exc:  # mapped at the edge, by class (timeouts included)
+            error = map_error(self.name, exc)
+            log.info("bedrock %s failed: %s (%s)", self.name, error.reason,
+                     type(exc).__name__)
+            raise error from exc
+
+    async def _converse(self, client: Any, params: dict[str, Any]) -> AsyncIterator[Chunk]:
+        reply = await _within(self.timeout_s, client.converse(**params))
+        content = reply.get("output", {}).get("message", {}).get("content", [])
+        text = "".join(block.get("text", "") for block in content)
+        if text:
+            yield Chunk(text=text)
+        usage = _usage(reply.get("usage"))
+        if usage is not None:
+            yield Chunk(usage=usage)
+
+    async def _converse_stream(
+        self, client: Any, params: dict[str, Any]
+    ) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        first_deadline = loop.time() + self.first_token_timeout_s
+        response = await _within(self.first_token_timeout_s, client.converse_stream(**params))
+        events = response["stream"]
+        iterator = aiter(events)
+        seen_text = False
+        try:
+            while True:
+                # Until the first text, the first-token deadline holds; then idle gaps.
+                budget = self.idle_timeout_s if seen_text \
+                    else max(0.0, first_deadline - loop.time())
+                try:
+                    event = await _within(budget, anext(iterator))
+                except StopAsyncIteration:
+                    break
+                delta = event.get("contentBlockDelta", {}).get("delta", {})
+                if text := delta.get("text"):
+                    seen_text = True
+                    yield Chunk(text=text)
+                elif "metadata" in event:
+                    usage = _usage(event["metadata"].get("usage"))
+                    if usage is not None:
+                        yield Chunk(usage=usage)
+        finally:
+            # Release the pooled connection even when the consumer stops early.
+            events.close()
+
+
+async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
+def _usage(raw: dict[str, Any] | None) -> Usage | None:
+    if not raw:
+        return None
+    prompt, completion = int(raw.get("inputTokens", 0)), int(raw.get("outputTokens", 0))
+    if prompt == 0 and completion == 0:
+        return None  # nothing reported: let accounting estimate and say so
+    return Usage(prompt_tokens=prompt, completion_tokens=completion)
+

@@ -1,0 +1,294 @@
+"""The Bedrock provider: the real aioboto3 client against a fake Bedrock runtime.
+
+Covers streaming and non-streaming replies, message mapping (system prompt,
+merged turns, images), every error class before and during the stream, our
+own timeouts, and the event-stream framing of the fake itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from botocore.eventstream import EventStreamBuffer
+
+from engine.errors import (
+    AuthFailed,
+    ConfigError,
+    ContextTooLong,
+    InvalidRequest,
+    ProviderError,
+    ProviderTimeout,
+    RateLimited,
+    Unavailable,
+)
+from engine.providers.bedrock import BedrockProvider
+from engine.types import Attachment, Capabilities, Chunk, CompletionRequest, Message, Usage
+from tests.fakes.bedrock_server import Behaviour, FakeBedrock, event_frame, exception_frame
+
+MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
+ARN = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-x"
+
+
+def ask(text: str = "Hi", *, system: str = "Be brief.") -> CompletionRequest:
+    return CompletionRequest(messages=(Message("system", system), Message("user", text)))
+
+
+@pytest.fixture
+async def bedrock(bedrock_fake: FakeBedrock) -> AsyncIterator[BedrockProvider]:
+    provider = BedrockProvider(
+        name="bedrock", model=MODEL, capabilities=Capabilities(vision=True),
+        endpoint_url=bedrock_fake.url, timeout_s=5, first_token_timeout_s=0.5,
+        idle_timeout_s=0.5,
+    )
+    async with provider:
+        yield provider
+
+
+async def collect(provider: BedrockProvider, request: CompletionRequest) -> list[Chunk]:
+    return [chunk async for chunk in provider.stream(request)]
+
+
+def test_fake_frames_decode_with_botocore() -> None:
+    buffer = EventStreamBuffer()
+    buffer.add_data(event_frame("contentBlockDelta", {"delta": {"text": "hé"}}))
+    buffer.add_data(exception_frame("ThrottlingException", "slow down"))
+    first, second = list(buffer)
+    assert first.headers[":event-type"] == "contentBlockDelta"
+    assert json.loads(first.payload) == {"delta": {"text": "hé"}}
+    assert second.headers[":message-type"] == "exception"
+    assert second.headers[":exception-type"] == "throttlingException"
+
+
+async def test_stream_yields_deltas_then_usage(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock
+) -> None:
+    chunks = await collect(bedrock, ask())
+    assert [c.text for c in chunks if c.text] == ["Hello", " from", " Bedrock"]
+    assert chunks[-1].usage == Usage(prompt_tokens=11, completion_tokens=3)
+    sent = bedrock_fake.requests[0]
+    assert (sent.model, sent.op) == (MODEL, "converse-stream")
+    assert sent.body["system"] == [{"text": "Be brief."}]
+    assert sent.body["messages"] == [{"role": "user", "content": [{"text": "Hi"}]}]
+    assert sent.body["inferenceConfig"]["maxTokens"] == 1024
+    # Signed by the standard credential chain (here: the environment).
+    assert "AKIDTEST" in sent.headers["Authorization"]
+
+
+async def test_client_is_reused_across_requests(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock
+) -> None:
+    await collect(bedrock, ask())
+    client = bedrock._client
+    await collect(bedrock, ask("again"))
+    assert bedrock._client is client
+    assert bedrock_fake.count == 2
+
+
+async def test_non_streaming_uses_converse(bedrock_fake: FakeBedrock) -> None:
+    provider = BedrockProvider(
+        name="bedrock", model=ARN, capabilities=Capabilities(streaming=False),
+        endpoint_url=bedrock_fake.url, temperature=0.2,
+    )
+    async with provider:
+        chunks = await collect(provider, ask())
+    assert [c.text for c in chunks if c.text] == ["Hello from Bedrock"]
+    assert chunks[-1].usage == Usage(prompt_tokens=11, completion_tokens=3)
+    sent = bedrock_fake.requests[0]
+    # An ARN (with slashes) survives the URL encoding of the model id.
+    assert (sent.model, sent.op) == (ARN, "converse")
+    assert sent.body["inferenceConfig"]["temperature"] == 0.2
+
+
+async def test_no_usage_reported_means_no_usage_chunk(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock
+) -> None:
+    bedrock_fake.push(Behaviour(usage=False))
+    chunks = await collect(bedrock, ask())
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_turns_are_merged_and_images_sent_with_vision(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock
+) -> None:
+    png = b"\x89PNG\r\n\x1a\nfake"
+    image = Attachment(name="cat.png", mime_type="image/png", size=len(png), data=png)
+    request = CompletionRequest(messages=(
+        Message("system", "Persona."),
+        Message("assistant", "(cut history)"),
+        Message("user", "first"),
+        Message("user", "what is this?", images=(image,)),
+        Message("assistant", "a cat"),
+        Message("user", "sure?"),
+    ), max_tokens=50, json_mode=True)
+    await collect(bedrock, request)
+    body = bedrock_fake.requests[0].body
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    first = body["messages"][0]["content"]
+    assert first[0] == {"text": "first"}
+    assert first[1]["image"]["format"] == "png"
+    assert base64.b64decode(first[1]["image"]["source"]["bytes"]) == png
+    assert body["inferenceConfig"]["maxTokens"] == 50
+    assert "JSON" in body["system"][-1]["text"]
+
+
+async def test_images_become_a_note_without_vision(bedrock_fake: FakeBedrock) -> None:
+    image = Attachment(name="cat.png", mime_type="image/png", size=3, data=b"abc")
+    provider = BedrockProvider(name="b", model=MODEL, capabilities=Capabilities(vision=False),
+                               endpoint_url=bedrock_fake.url)
+    async with provider:
+        await collect(provider, CompletionRequest(
+            messages=(Message("user", "look", images=(image,)),)))
+    content = bedrock_fake.requests[0].body["messages"][0]["content"]
+    assert content == [{"text": "[image cat.png not shown to this model]"}, {"text": "look"}]
+
+
+ERRORS = [
+    ("ThrottlingException", "Too many requests", RateLimited),
+    ("ServiceUnavailableException", "Service unavailable", Unavailable),
+    ("InternalServerException", "oops", Unavailable),
+    ("ModelTimeoutException", "Model timed out", ProviderTimeout),
+    ("AccessDeniedException", "You don't have access to the model", AuthFailed),
+    ("ValidationException", "Malformed input request", InvalidRequest),
+    ("ValidationException", "Input is too long for requested model.", ContextTooLong),
+]
+
+
+@pytest.mark.parametrize(("code", "message", "expected"), ERRORS)
+async def test_errors_before_the_stream(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock,
+    code: str, message: str, expected: type[ProviderError],
+) -> None:
+    bedrock_fake.push(Behaviour(mode="error", error=code, message=message))
+    with pytest.raises(expected) as caught:
+        await collect(bedrock, ask())
+    assert type(caught.value) is expected
+    assert caught.value.provider == "bedrock"
+    assert caught.value.failover is (expected is not InvalidRequest)
+    assert bedrock_fake.count == 1  # SDK retries are off
+
+
+# The exceptions ConverseStream can send inside the stream (botocore's model).
+STREAM_ERRORS = [
+    ("ThrottlingException", "Too many requests", RateLimited),
+    ("ServiceUnavailableException", "Service unavailable", Unavailable),
+    ("InternalServerException", "oops", Unavailable),
+    ("ModelStreamErrorException", "The model stopped", Unavailable),
+    ("ValidationException", "Malformed input request", InvalidRequest),
+    ("ValidationException", "prompt is too long: 210000 tokens > 200000 maximum",
+     ContextTooLong),
+]
+
+
+@pytest.mark.parametrize(("code", "message", "expected"), STREAM_ERRORS)
+async def test_errors_during_the_stream(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock,
+    code: str, message: str, expected: type[ProviderError],
+) -> None:
+    bedrock_fake.push(Behaviour(mode="stream_error", after=2, error=code, message=message))
+    got: list[str] = []
+    with pytest.raises(expected):
+        async for chunk in bedrock.stream(ask()):
+            got.append(chunk.text)
+    assert got == ["Hello", " from"]  # the partial answer arrived before the error
+
+
+async def test_errors_in_non_streaming_mode(bedrock_fake: FakeBedrock) -> None:
+    provider = BedrockProvider(name="b", model=MODEL, capabilities=Capabilities(streaming=False),
+                               endpoint_url=bedrock_fake.url)
+    bedrock_fake.push(Behaviour(mode="error", error="ThrottlingException"))
+    async with provider:
+        with pytest.raises(RateLimited):
+            await collect(provider, ask())
+
+
+async def test_dropped_connection_mid_stream_is_unavailable(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock
+) -> None:
+    bedrock_fake.push(Behaviour(mode="drop", after=1))
+    got: list[str] = []
+    with pytest.raises(Unavailable, match="dropped"):
+        async for chunk in bedrock.stream(ask()):
+            got.append(chunk.text)
+    assert got == ["Hello"]
+    # The provider (and its pooled client) still serves the next request.
+    assert "".join(c.text for c in await collect(bedrock, ask())) == "Hello from Bedrock"
+
+
+async def test_first_token_timeout(bedrock: BedrockProvider, bedrock_fake: FakeBedrock) -> None:
+    bedrock_fake.push(Behaviour(mode="hang", after=0))
+    with pytest.raises(ProviderTimeout):
+        await collect(bedrock, ask())
+
+
+async def test_idle_timeout_mid_stream(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock
+) -> None:
+    bedrock_fake.push(Behaviour(mode="hang", after=1))
+    got: list[str] = []
+    with pytest.raises(ProviderTimeout):
+        async for chunk in bedrock.stream(ask()):
+            got.append(chunk.text)
+    assert got == ["Hello"]
+
+
+async def test_refused_connection_is_unavailable(bedrock_fake: FakeBedrock) -> None:
+    url = bedrock_fake.url
+    await bedrock_fake.__aexit__(None, None, None)  # nothing listens there any more
+    provider = BedrockProvider(name="b", model=MODEL, capabilities=Capabilities(),
+                               endpoint_url=url, timeout_s=2)
+    async with provider:
+        with pytest.raises(Unavailable):
+            await collect(provider, ask())
+
+
+async def test_missing_credentials_is_auth_failed(
+    bedrock_fake: FakeBedrock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    provider = BedrockProvider(name="b", model=MODEL, capabilities=Capabilities(),
+                               endpoint_url=bedrock_fake.url)
+    async with provider:
+        with pytest.raises(AuthFailed, match="credentials"):
+            await collect(provider, ask())
+    assert bedrock_fake.count == 0
+
+
+async def test_missing_region_fails_at_startup(
+    bedrock_fake: FakeBedrock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    provider = BedrockProvider(name="b", model=MODEL, capabilities=Capabilities())
+    with pytest.raises(ConfigError, match="region"):
+        async with provider:
+            pass
+
+
+async def test_region_and_profile_from_config(
+    bedrock_fake: FakeBedrock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "config"
+    config.write_text("[profile team]\nregion = eu-west-3\n"
+                      "aws_access_key_id = AKIDPROFILE\naws_secret_access_key = s\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")  # the environment would win over the profile
+    provider = BedrockProvider(name="b", model=MODEL, capabilities=Capabilities(),
+                               profile="team", endpoint_url=bedrock_fake.url)
+    async with provider:
+        await collect(provider, ask())
+    auth = bedrock_fake.requests[0].headers["Authorization"]
+    assert "AKIDPROFILE" in auth and "/eu-west-3/bedrock/" in auth
+
+
+async def test_region_from_config_wins(bedrock_fake: FakeBedrock) -> None:
+    provider = BedrockProvider(name="b", model=MODEL, capabilities=Capabilities(),
+                               region="ap-northeast-1", endpoint_url=bedrock_fake.url)
+    async with provider:
+        await collect(provider, ask())
+    assert "/ap-northeast-1/bedrock/" in bedrock_fake.requests[0].headers["Authorization"]
