@@ -1,0 +1,188 @@
+"""What the per-bot and shared LanceDB tables have in common.
+
+- SQL literals: ``quote`` is the only way a value enters a predicate.
+  Bot and user ids come from platforms and may hold quotes; a literal is
+  wrapped in single quotes with inner quotes doubled (SQL standard, what
+  ``lancedb.expr.lit`` renders too), so it can never close the string early.
+- Schemas carry the embedding model name and dimension in their metadata;
+  ``check_model`` refuses a table written with another model.
+- ``hybrid_search``: vector search fused with full-text search (LanceDB's
+  native hybrid query with reciprocal rank fusion) once the table has a
+  full-text index, plain vector search before that. ``Fact.score`` is always
+  the cosine similarity, computed from the stored unit vectors.
+- ``Maintainer``: one background task per table that builds the full-text
+  index, builds the ANN index past a row threshold, and runs ``optimize``
+  (index new rows, compact, drop old versions). It runs after writes,
+  debounced, never on the reply path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from lancedb.index import FTS, IvfPq
+from lancedb.rerankers import RRFReranker
+
+from engine.errors import EmbeddingMismatch
+
+log = logging.getLogger(__name__)
+
+MODEL_KEY = b"boternity.embedding_model"
+DIM_KEY = b"boternity.embedding_dim"
+OWNER_KEY = b"boternity.owner"  # the bot id of a per-bot table; "" for shared
+
+# Measured (benchmarks/bench_memory.py): a filtered flat scan grows linearly
+# with rows; past this many rows an IvfPq index with refine is faster at the
+# same recall. Below it, building and maintaining an index costs more than it saves.
+ANN_THRESHOLD = 20_000
+REFINE_FACTOR = 10
+NPROBES = 20
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def quote(value: str) -> str:
+    """A SQL string literal for ``value``: quotes doubled, never closed early."""
+    if "\x00" in value:
+        # NUL never appears in a legitimate id; refuse rather than guess.
+        raise ValueError("NUL byte in a filter value")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def in_list(column: str, values: Iterable[str]) -> str:
+    """``column IN ('a', 'b')``; callers handle the empty case (it matches nothing)."""
+    items = sorted(set(values))
+    if not items:
+        return "false"
+    return f"{column} IN ({', '.join(quote(v) for v in items)})"
+
+
+def micros(moment: datetime) -> int:
+    """Exact microseconds since the epoch (no float rounding), for hashing."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def now() -> datetime:
+    # Truncated to microseconds: exactly what an Arrow timestamp[us] stores.
+    return datetime.now(UTC)
+
+
+def with_model(fields: Sequence[pa.Field], model: str, dim: int, owner: str) -> pa.Schema:
+    meta = {MODEL_KEY: model.encode(), DIM_KEY: str(dim).encode(), OWNER_KEY: owner.encode()}
+    return pa.schema([*fields, pa.field("vector", pa.list_(pa.float32(), dim))], metadata=meta)
+
+
+def check_model(name: str, schema: pa.Schema, model: str, dim: int) -> None:
+    """Raise ``EmbeddingMismatch`` when ``schema`` was written with another model."""
+    meta = schema.metadata or {}
+    stored_model = meta.get(MODEL_KEY, b"").decode()
+    stored_dim = meta.get(DIM_KEY, b"0").decode()
+    if stored_model != model or stored_dim != str(dim):
+        raise EmbeddingMismatch(
+            f"memory table '{name}' was embedded with {stored_model or 'an unknown model'} "
+            f"({stored_dim} dims) but this Boternity uses {model} ({dim} dims); "
+            "run `boternity memory reembed` to rewrite its vectors"
+        )
+
+
+def owner_of(schema: pa.Schema) -> str:
+    owner: bytes = (schema.metadata or {}).get(OWNER_KEY, b"")
+    return owner.decode()
+
+
+def cosine(query: Any, vectors: Any) -> list[float]:
+    """Cosine similarity of unit vectors: a dot product."""
+    if len(vectors) == 0:
+        return []
+    matrix = np.asarray(vectors.to_pylist() if hasattr(vectors, "to_pylist") else vectors,
+                        dtype=np.float32)
+    return [float(x) for x in matrix @ np.asarray(query, dtype=np.float32)]
+
+
+async def has_index(table: Any, column: str) -> bool:
+    return any(column in ix.columns for ix in await table.list_indices())
+
+
+async def hybrid_search(
+    table: Any, vector: Sequence[float], text: str, where: str, limit: int, *, fts: bool
+) -> pa.Table:
+    """Rows matching ``where``, best first, each with a ``score`` (cosine) column.
+
+    With a full-text index: LanceDB hybrid search, the two legs fused by
+    reciprocal rank fusion. Without one (new table), or for an empty query
+    text: vector search only.
+    """
+    query = np.asarray(vector, dtype=np.float32)
+    search = table.query().nearest_to(query).distance_type("cosine").where(where)
+    search = search.nprobes(NPROBES).refine_factor(REFINE_FACTOR)
+    if fts and text.strip():
+        result = await (search.nearest_to_text(text).rerank(RRFReranker())
+                        .limit(limit).to_arrow())
+    else:
+        result = await search.limit(limit).to_arrow()
+    scores = pa.array(cosine(query, result.column("vector")), type=pa.float32())
+    return result.append_column("score", scores)
+
+
+class Maintainer:
+    """Keeps one table's indexes fresh, in a background task.
+
+    ``poke()`` after a write schedules a run (debounced by ``delay_s``);
+    ``run_now()`` does one pass at once (tests, benchmarks, import). Errors
+    are logged: maintenance never breaks a write or a read.
+    """
+
+    def __init__(self, name: str, table: Callable[[], Any], *,
+                 ann_threshold: int = ANN_THRESHOLD, delay_s: float = 2.0) -> None:
+        self.name = name
+        self._table = table
+        self._ann_threshold = ann_threshold
+        self._delay_s = delay_s
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.fts = False  # whether a full-text index exists (search uses hybrid)
+
+    async def refresh(self) -> None:
+        self.fts = await has_index(self._table(), "text")
+
+    def poke(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._later(), name=f"maintain {self.name}")
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self._delay_s)
+        await self.run_now()
+
+    async def run_now(self) -> None:
+        async with self._lock:
+            try:
+                await self._run()
+            except Exception:
+                log.exception("maintenance of memory table %s failed", self.name)
+
+    async def _run(self) -> None:
+        table = self._table()
+        rows = await table.count_rows()
+        if rows == 0:
+            return
+        if not await has_index(table, "text"):
+            await table.create_index("text", config=FTS(with_position=False))
+        if rows >= self._ann_threshold and not await has_index(table, "vector"):
+            partitions = max(1, int(rows**0.5))
+            await table.create_index("vector", config=IvfPq(
+                distance_type="cosine", num_partitions=partitions, num_sub_vectors=48))
+        # Indexes new rows, compacts small fragments, drops versions older than a minute.
+        await table.optimize(cleanup_older_than=timedelta(minutes=1))
+        self.fts = True
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
