@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,41 +114,41 @@ class MessageSender(Protocol):
 
 
 class RateBudget(Protocol):
-    """Shared slots per key (chat, scope): one implementation per deployment.
+    """Paced slots per key (a chat, a bot, a workspace), GCRA-style.
 
-    ``reserve`` atomically books one common slot for every key (the earliest
-    time at which each key's previous slot is at least its interval old) and
-    returns how many seconds to wait for it. ``hold`` pushes every key's next
-    slot to at least ``seconds`` from now (the peer said retry_after).
-    A Redis implementation shares the slots between processes.
+    ``reserve`` atomically books the next slot of ``key`` (at most ``burst``
+    back to back, then one per ``interval_s``) and returns the seconds to
+    wait for it. ``penalize`` pushes the key's next slot to at least
+    ``seconds`` from now (the peer said retry_after). ``MemoryBudget`` serves
+    one process; ``persistence.redis_state.RedisRateBudget`` shares the
+    slots between workers.
     """
 
-    async def reserve(self, intervals: Mapping[str, float]) -> float: ...
+    async def reserve(self, key: str, interval_s: float, burst: int = 1) -> float: ...
 
-    async def hold(self, keys: list[str], seconds: float) -> None: ...
+    async def penalize(self, key: str, seconds: float) -> None: ...
 
 
 class MemoryBudget:
-    """``RateBudget`` for one process."""
+    """``RateBudget`` for one process (GCRA on the monotonic clock)."""
 
     def __init__(self) -> None:
-        self._next: dict[str, float] = {}
+        self._tat: dict[str, float] = {}  # theoretical arrival time per key
         self._ops = 0
 
-    async def reserve(self, intervals: Mapping[str, float]) -> float:
+    async def reserve(self, key: str, interval_s: float, burst: int = 1) -> float:
         now = time.monotonic()
-        slot = max([now, *(self._next.get(k, now) for k in intervals)])
-        for key, interval in intervals.items():
-            self._next[key] = slot + interval
+        tat = max(self._tat.get(key, now), now)
+        wait = max(tat - (max(burst, 1) - 1) * interval_s - now, 0.0)
+        self._tat[key] = tat + interval_s
         self._ops += 1
         if self._ops % 1024 == 0:  # forget idle chats
-            self._next = {k: v for k, v in self._next.items() if v > now}
-        return slot - now
+            self._tat = {k: v for k, v in self._tat.items() if v > now}
+        return wait
 
-    async def hold(self, keys: list[str], seconds: float) -> None:
+    async def penalize(self, key: str, seconds: float) -> None:
         until = time.monotonic() + seconds
-        for key in keys:
-            self._next[key] = max(self._next.get(key, 0.0), until)
+        self._tat[key] = max(self._tat.get(key, 0.0), until)
 
 
 @dataclass
@@ -291,9 +291,15 @@ class Outbound:
                 continue
             is_edit = index < len(out.message_ids)
             keys = self._keys(chat, is_group, is_edit)
-            wait = await self.budget.reserve(keys)
-            if wait > 0:
-                await asyncio.sleep(wait)
+            waited = False
+            # Longest interval first, one after the other: the short (bot-wide)
+            # slot is booked right before we act, so executions stay paced.
+            for key, interval in sorted(keys.items(), key=lambda kv: -kv[1]):
+                wait = await self.budget.reserve(key, interval)
+                if wait > 0:
+                    waited = True
+                    await asyncio.sleep(wait)  # pacing: the wait is the point
+            if waited:
                 # Coalesce: whatever arrived while we waited goes out now.
                 parts, final = self._parts(draft)
                 if final and len(parts) < len(shown):
@@ -321,7 +327,8 @@ class Outbound:
                 out.retries += 1
                 log.info("%s: rate limited in %s, waiting %.1fs", self.sender.scope, chat,
                          exc.seconds)
-                await self.budget.hold(list(keys), min(exc.seconds, self.max_wait_s))
+                for key in keys:
+                    await self.budget.penalize(key, min(exc.seconds, self.max_wait_s))
             except DeliveryTimeout:
                 # Retried as the same operation (an edit stays an edit).
                 out.retries += 1

@@ -246,6 +246,6 @@ async def test_budget_is_shared_by_concurrent_replies_in_one_chat() -> None:
 @pytest.mark.parametrize("seconds", [0.0, 0.2])
 async def test_budget_hold_delays_next_slot(seconds: float) -> None:
     budget = MemoryBudget()
-    await budget.hold(["k"], seconds)
-    wait = await budget.reserve({"k": 0.01})
+    await budget.penalize("k", seconds)
+    wait = await budget.reserve("k", 0.01)
     assert (wait > 0.1) == (seconds > 0.1)
