@@ -1,13 +1,11 @@
 """Migrations build the schema from nothing; the store keeps history in order.
 
-Real SQLite files in tmp dirs, and the local PostgreSQL when it is reachable.
+Real SQLite files in tmp dirs (tests/test_postgres.py runs the same on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,6 @@ from sqlalchemy import inspect, text
 from engine.errors import StorageError
 from persistence.conversations import SqlConversationStore
 from persistence.database import Database, head_revision
-
-PG_ADMIN = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 
 def sqlite_url(path: Path) -> str:
@@ -104,30 +100,3 @@ async def test_unusable_database_is_a_clear_storage_error(tmp_path: Path) -> Non
 async def test_store_before_start_is_a_clear_error() -> None:
     with pytest.raises(StorageError, match="not started"):
         await SqlConversationStore(Database("sqlite+aiosqlite://")).history("b", "c")
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh database on the local PostgreSQL, dropped afterwards (skip if absent)."""
-    asyncpg = pytest.importorskip("asyncpg")
-    name = f"boternity_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"no local PostgreSQL: {exc}")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-async def test_postgres_migrates_and_stores(postgres_url: str) -> None:
-    async with Database(postgres_url) as db:
-        assert db.dialect == "postgresql"
-        assert await db.revision() == head_revision()
-        store = SqlConversationStore(db)
-        await store.add(bot="b", chat="c", role="user", content="über 🙂")
-        await store.add(bot="b", chat="c", role="assistant", content="ok", served_by="p")
-        assert [m.content for m in await store.history("b", "c")] == ["über 🙂", "ok"]
