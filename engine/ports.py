@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from engine.types import (
+    Attachment,
     Capabilities,
     Chunk,
     CompletionRequest,
@@ -19,6 +20,7 @@ from engine.types import (
     RecallRecord,
     Reply,
     Role,
+    StoredFile,
     StoredMessage,
     TrustLevel,
 )
@@ -260,3 +262,41 @@ class Replier(Protocol):
     """
 
     def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]: ...
+
+
+class FileStore(Protocol):
+    """Per-bot attachment storage (``persistence/files.py``).
+
+    ``save`` streams ``chunks`` to disk, content-addressed by SHA-256 (the
+    same bytes are stored once per bot), and records the metadata. It raises
+    ``FileRejected`` (a message fit for the user) for a file over the
+    per-file or per-bot cap, an empty file or a name that sanitizes to
+    nothing; a rejected file leaves nothing behind. ``attachment`` turns a
+    stored file into what a prompt can carry: extracted text for documents
+    (within ``text_budget`` characters), bytes for images.
+    """
+
+    async def save(
+        self,
+        *,
+        bot: str,
+        platform: str,
+        chat: str,
+        uploader: str,
+        name: str,
+        mime_type: str,
+        chunks: AsyncIterator[bytes],
+        declared_size: int | None = None,
+    ) -> StoredFile: ...
+
+    async def recent(
+        self, bot: str, *, chat: str | None = None, limit: int = 50
+    ) -> list[StoredFile]:
+        """The newest files of a bot (optionally of one chat), newest first."""
+        ...
+
+    async def delete(self, bot: str, file_id: int) -> bool:
+        """Forget one file (bytes go when no other record shares them)."""
+        ...
+
+    async def attachment(self, stored: StoredFile, *, text_budget: int = 20_000) -> Attachment: ...

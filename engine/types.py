@@ -201,3 +201,19 @@ class RecallRecord:
     query: str
     facts: tuple[RecalledFact, ...]
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """An attachment kept in per-bot file storage (metadata; bytes live on disk)."""
+
+    id: int
+    bot: str
+    platform: str
+    chat: str
+    uploader: str
+    name: str
+    mime_type: str
+    size: int
+    sha256: str
+    created_at: datetime | None = None
