@@ -78,3 +78,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'boternity.db'}"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+# --- long-term memory: the real embedding model, loaded once per test run ---
+@pytest.fixture(scope="session")
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The real all-MiniLM-L6-v2 ``FastEmbedder`` (persistence/embeddings.py), shared.
+
+    Loaded once per session (about 1-2 s); ``embed`` runs in a worker thread
+    of whichever event loop calls it.
+    """
+    import asyncio
+
+    from persistence.embeddings import FastEmbedder
+
+    return asyncio.run(FastEmbedder.load(tmp_path_factory.mktemp("models"), threads=2))
