@@ -64,6 +64,10 @@ class CompletionRequest:
     temperature: float | None = None
     max_tokens: int | None = None
     json_mode: bool = False
+    # Who asked: read by the chain's skip rules (per-bot and per-user budgets).
+    # Never sent to a provider.
+    bot: str = ""
+    user: str = ""
 
 
 @dataclass(frozen=True)
