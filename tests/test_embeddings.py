@@ -1,0 +1,64 @@
+"""The offline embedding model: prepared once, unit vectors, never blocks the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+
+from persistence.embeddings import DIMENSION, FastEmbedder, prepare_model_dir
+
+
+def test_model_dir_is_prepared_once_and_repaired(tmp_path: Path) -> None:
+    target = prepare_model_dir(tmp_path)
+    names = sorted(p.name for p in target.iterdir())
+    assert names == sorted(["model.onnx", "tokenizer.json", "config.json",
+                            "special_tokens_map.json", "tokenizer_config.json"])
+    stamp = (target / "model.onnx").stat().st_mtime_ns
+    assert prepare_model_dir(tmp_path) == target
+    assert (target / "model.onnx").stat().st_mtime_ns == stamp  # idempotent: not copied again
+    (target / "tokenizer.json").write_text("{truncated")  # a damaged copy is replaced
+    prepare_model_dir(tmp_path)
+    assert (target / "tokenizer.json").read_text().startswith("{") and (
+        (target / "tokenizer.json").stat().st_size > 100_000)
+
+
+async def test_vectors_are_unit_length_and_meaningful(embedder: FastEmbedder) -> None:
+    assert embedder.dimension == DIMENSION == 384
+    assert await embedder.embed([]) == []
+    cat, kitten, tax = await embedder.embed(
+        ["The cat sleeps on the sofa", "A kitten naps on the couch",
+         "Tax returns are due in April"])
+    for v in (cat, kitten, tax):
+        assert len(v) == 384
+        assert math.isclose(math.fsum(x * x for x in v), 1.0, abs_tol=1e-3)
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return math.fsum(x * y for x, y in zip(a, b, strict=True))
+
+    assert dot(cat, kitten) > dot(cat, tax) + 0.3
+
+
+async def test_embedding_a_batch_leaves_the_event_loop_responsive(
+    embedder: FastEmbedder,
+) -> None:
+    texts = [f"Sentence {i}: the user mentioned their favourite hobby is number {i}"
+             for i in range(256)]
+    worst = 0.0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal worst
+        while not stop.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            worst = max(worst, time.perf_counter() - before - 0.005)
+
+    task = asyncio.create_task(ticker())
+    vectors = await embedder.embed(texts)
+    stop.set()
+    await task
+    assert len(vectors) == 256
+    print(f"\nmax event-loop lag while embedding 256 sentences: {worst * 1000:.1f} ms")
+    assert worst < 0.100
