@@ -1,0 +1,245 @@
+"""Admin slash commands, the same on every platform.
+
+``COMMANDS`` is the spec each platform registers (Telegram setMyCommands,
+Slack slash commands, Discord app commands). ``Commands.run(caller, name,
+args)`` parses the text arguments, checks the caller, delegates to
+``engine.admin`` and returns Markdown for the platform to send:
+
+    /memory list [user] | search <query> | forget <id> | why
+    /provider status
+    /files list | delete <id>
+    /usage
+    /bot persona [new persona]
+    /help
+
+Only configured admins (``admins = [...]``, raw platform ids or
+``platform:id``) or platform admins (when the adapter says so, e.g. a Discord
+member with Manage Server) may run them; others get a polite refusal, and
+unknown commands a list of what exists. ``/help`` is open to everyone.
+Nothing here raises to the platform: every error becomes a short message.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from datetime import datetime
+
+from engine.admin import FileAdmin, MemoryAdmin, PersonaAdmin, ProviderAdmin
+from engine.errors import BoternityError
+from engine.types import Fact
+
+log = logging.getLogger(__name__)
+
+UsageReport = Callable[[str], Awaitable[str]]  # bot -> Markdown summary
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    description: str  # <= 100 chars (Discord's and Slack's limit)
+    usage: str
+
+
+COMMANDS: tuple[CommandSpec, ...] = (
+    CommandSpec("memory", "Long-term memory: list, search, forget, why",
+                "list [user] | search <query> | forget <id> | why"),
+    CommandSpec("provider", "Provider status: breakers, last error, who served",
+                "status"),
+    CommandSpec("files", "Stored attachments: list or delete", "list | delete <id>"),
+    CommandSpec("usage", "Token usage and costs", ""),
+    CommandSpec("bot", "Bot settings: show or change the persona", "persona [new persona]"),
+    CommandSpec("help", "What the admin commands do", ""),
+)
+_BY_NAME = {spec.name: spec for spec in COMMANDS}
+REFUSAL = "Sorry, only this bot's admins can use /{name}."
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who runs a command, where."""
+
+    platform: str
+    chat: str
+    user: str  # raw platform id
+    is_platform_admin: bool = False
+
+
+def parse(text: str) -> tuple[str, str] | None:
+    """``"/memory@MyBot search cats"`` -> ``("memory", "search cats")``; None if no command."""
+    text = text.strip()
+    if not text.startswith("/") or len(text) < 2:
+        return None
+    head, _, rest = text[1:].partition(" ")
+    name = head.split("@", 1)[0].lower()
+    return (name, rest.strip()) if name else None
+
+
+def is_command(text: str) -> bool:
+    parsed = parse(text)
+    return parsed is not None and parsed[0] in _BY_NAME
+
+
+class Commands:
+    """The admin commands of one bot on one platform (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        bot: str,
+        admins: Collection[str] = (),
+        memory: MemoryAdmin | None = None,
+        providers: ProviderAdmin | None = None,
+        files: FileAdmin | None = None,
+        persona: PersonaAdmin | None = None,
+        usage: UsageReport | None = None,
+    ) -> None:
+        self.bot = bot
+        self.admins = frozenset(admins)
+        self.memory = memory
+        self.providers = providers
+        self.files = files
+        self.persona = persona
+        self.usage = usage
+
+    def is_admin(self, caller: Caller) -> bool:
+        return caller.is_platform_admin or bool(
+            {caller.user, f"{caller.platform}:{caller.user}"} & self.admins)
+
+    async def run(self, caller: Caller, name: str, args: str) -> str:
+        """Run one command; always returns a message (Markdown) for the caller."""
+        name = name.lower().lstrip("/")
+        if name not in _BY_NAME:
+            known = ", ".join(f"/{spec.name}" for spec in COMMANDS)
+            return f"Unknown command /{name[:40]}. Available: {known}."
+        if name == "help":
+            return self.help()
+        if not self.is_admin(caller):
+            log.info("refused /%s from %s:%s", name, caller.platform, caller.user)
+            return REFUSAL.format(name=name)
+        try:
+            words = shlex.split(args)
+        except ValueError:
+            words = args.split()
+        try:
+            handler = getattr(self, f"_{name}")
+            result: str = await handler(caller, words, args)
+            return result
+        except BoternityError as exc:
+            return f"/{name}: {exc}"
+        except Exception:
+            log.exception("/%s failed", name)
+            return f"/{name} failed unexpectedly; the details are in the bot's log."
+
+    def help(self) -> str:
+        lines = ["Admin commands:"]
+        lines += [f"- `/{s.name}{' ' + s.usage if s.usage else ''}`: {s.description}"
+                  for s in COMMANDS]
+        return "\n".join(lines)
+
+    @staticmethod
+    def _usage_of(name: str) -> str:
+        return f"Usage: `/{name} {_BY_NAME[name].usage}`"
+
+    # --- one method per command: (caller, words, raw args) -> Markdown ---
+
+    async def _memory(self, caller: Caller, words: list[str], raw: str) -> str:
+        if self.memory is None:
+            return "Long-term memory is not enabled for this bot."
+        sub = words[0].lower() if words else ""
+        if sub == "list":
+            user = words[1] if len(words) > 1 else None
+            facts = await self.memory.list_facts(self.bot, user=user, limit=20)
+            return _facts("Memories", facts)
+        if sub == "search" and len(words) > 1:
+            query = raw.split(None, 1)[1]
+            return _facts(f"Memories matching “{query[:80]}”",
+                          await self.memory.search(self.bot, query, limit=10))
+        if sub == "forget" and len(words) == 2:
+            done = await self.memory.forget(self.bot, words[1])
+            return f"Forgot memory `{words[1]}`." if done else f"No memory `{words[1]}`."
+        if sub == "why":
+            record = await self.memory.why(self.bot, caller.chat)
+            if record is None or not record.facts:
+                return "The last reply here used no memories."
+            lines = [f"The last reply here recalled {len(record.facts)} memories:"]
+            lines += [f"- `{f.id}` ({f.score:.2f}, {f.source}"
+                      f"{', by ' + f.author_bot if f.author_bot else ''}): {f.text}"
+                      for f in record.facts]
+            return "\n".join(lines)
+        return self._usage_of("memory")
+
+    async def _provider(self, caller: Caller, words: list[str], raw: str) -> str:
+        if words[:1] not in ([], ["status"]):
+            return self._usage_of("provider")
+        if self.providers is None:
+            return "Provider status is not available."
+        rows, last = self.providers.status(self.bot)
+        lines = ["Providers (in fallback order):"]
+        for row in rows:
+            name = row.pop("name", "?")
+            detail = ", ".join(f"{k}: {_short(v)}" for k, v in row.items() if v not in (None, ""))
+            lines.append(f"- **{name}**: {detail}")
+        if last is None:
+            lines.append("No reply served since the bot started.")
+        else:
+            who = f"{last.served_by} ({last.model})" if last.served_by else "nobody"
+            lines.append(f"Last reply ({last.at:%H:%M:%S} UTC) served by {who}.")
+            lines += [f"- failed first: {f.provider}: {f.reason}" for f in last.failures]
+        return "\n".join(lines)
+
+    async def _files(self, caller: Caller, words: list[str], raw: str) -> str:
+        if self.files is None:
+            return "File storage is not enabled for this bot."
+        sub = words[0].lower() if words else "list"
+        if sub == "list":
+            stored = await self.files.list(self.bot, limit=20)
+            if not stored:
+                return "No stored files."
+            return "Stored files (newest first):\n" + "\n".join(
+                f"- `{f.id}` {f.name} ({f.mime_type}, {_size(f.size)}, from {f.uploader})"
+                for f in stored)
+        if sub == "delete" and len(words) == 2:
+            if not words[1].isdigit():
+                return "A file id is a number (see `/files list`)."
+            done = await self.files.delete(self.bot, int(words[1]))
+            return f"Deleted file `{words[1]}`." if done else f"No file `{words[1]}`."
+        return self._usage_of("files")
+
+    async def _usage(self, caller: Caller, words: list[str], raw: str) -> str:
+        if self.usage is None:
+            return "Usage accounting is not available yet."
+        return await self.usage(self.bot)
+
+    async def _bot(self, caller: Caller, words: list[str], raw: str) -> str:
+        if not words or words[0].lower() != "persona" or self.persona is None:
+            return self._usage_of("bot") if self.persona else "Persona is not available."
+        new = raw.split(None, 1)[1] if len(words) > 1 else ""
+        if not new:
+            return f"Persona:\n> {self.persona.get(self.bot)}"
+        self.persona.set(self.bot, new)
+        return "Persona changed for this running bot (the config file still has the old one)."
+
+
+def _facts(title: str, facts: list[Fact]) -> str:
+    if not facts:
+        return f"{title}: none."
+    return f"{title}:\n" + "\n".join(
+        f"- `{f.id}` {f.text}" + (f" (about {f.user})" if f.user else "") for f in facts)
+
+
+def _short(value: object) -> str:
+    if isinstance(value, datetime):
+        return f"{value:%H:%M:%S}"
+    text = str(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n} {unit}"
+        n //= 1024
+    return f"{n} GB"
