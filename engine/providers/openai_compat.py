@@ -1,0 +1,265 @@
+"""One provider for every OpenAI-compatible API, on the real ``openai`` SDK.
+
+    provider = OpenAICompatProvider(
+        name="primary", model="gpt-4o-mini", base_url="https://api.openai.com/v1",
+        api_key=SecretStr("sk-..."), capabilities=Capabilities(...),
+        timeout_s=30, first_token_timeout_s=15, idle_timeout_s=15,
+    )
+    async with provider:                      # closes the HTTP client on exit
+        async for chunk in provider.stream(request):   # Chunk(text) ..., Chunk(usage)
+            ...
+
+Contract (``engine.ports.Provider``): ``stream`` yields text chunks, then one
+usage chunk when the server reports usage. It raises only ``ProviderError``
+subclasses, possibly after chunks were yielded:
+
+    RateLimited      429 (``retry_after`` from the Retry-After header)
+    AuthFailed       401 / 403 (the key is never part of any message)
+    ContextTooLong   400 whose code/message says the context is too long, 413
+    InvalidRequest   any other 400 / 422: the request is wrong, not the provider
+    Unavailable      5xx, 404 (wrong model or URL), refused or dropped connection,
+                     malformed SSE, an error event inside the stream
+    ProviderTimeout  connect/read timeout (``timeout_s``), no first text within
+                     ``first_token_timeout_s``, a gap over ``idle_timeout_s``
+
+The SDK never retries (``max_retries=0``): the fallback chain owns retrying.
+``timeout_s`` bounds connecting and every single read, not the whole answer: a
+long answer that keeps streaming is fine, a stalled one hits the idle timeout.
+The first-token and idle timeouts wrap each ``anext`` of the stream only, never
+the consumer's work between chunks (a timeout around a ``yield`` would cancel
+the consumer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import httpx2
+import openai
+from openai import AsyncOpenAI
+from pydantic import SecretStr
+
+from engine.errors import (
+    AuthFailed,
+    ContextTooLong,
+    InvalidRequest,
+    ProviderError,
+    ProviderTimeout,
+    RateLimited,
+    Unavailable,
+)
+from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
+
+log = logging.getLogger(__name__)
+
+# The SDK insists on a key; servers that need none (Ollama, llama.cpp) ignore it.
+# Never pass None: the SDK would read OPENAI_API_KEY from the environment and
+# send a real OpenAI key to some other host.
+NO_KEY = "no-key-needed"
+HEALTH_TTL_S = 30.0
+_KEYLIKE = re.compile(r"\b(sk|key|xox[abp])-[A-Za-z0-9_*\-]{6,}")
+_CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens",
+                  "prompt is too long", "tokens exceed")
+
+
+class OpenAICompatProvider:
+    """A ``Provider`` over ``AsyncOpenAI``; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: str,
+        base_url: str,
+        api_key: SecretStr | None = None,
+        capabilities: Capabilities | None = None,
+        timeout_s: float = 30.0,
+        first_token_timeout_s: float = 15.0,
+        idle_timeout_s: float = 15.0,
+        temperature: float | None = None,
+        max_tokens_field: str = "max_tokens",
+        health_url: str | None = None,
+        label: str = "",
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.capabilities = capabilities or Capabilities()
+        self.base_url = base_url
+        self.label = label  # shown by `boternity providers`, e.g. "demo model: ..."
+        self.first_token_timeout_s = first_token_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.timeout_s = timeout_s
+        self.temperature = temperature
+        self._max_tokens_field = max_tokens_field
+        self._health_url = health_url
+        self._healthy_until = 0.0
+        self._secret = api_key.get_secret_value() if api_key else ""
+        self._client = AsyncOpenAI(
+            base_url=base_url,
+            api_key=self._secret or NO_KEY,
+            max_retries=0,
+            timeout=httpx2.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+        )
+
+    def __repr__(self) -> str:  # no key, ever
+        return f"OpenAICompatProvider(name={self.name!r}, model={self.model!r})"
+
+    async def __aenter__(self) -> OpenAICompatProvider:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        if self._health_url:
+            await self._check_health()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.first_token_timeout_s
+        got_text = False
+        sdk_stream = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                sdk_stream = await self._client.chat.completions.create(**self._body(request))
+            chunks = aiter(sdk_stream)
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    try:
+                        event = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                if event.usage is not None:
+                    yield Chunk(usage=Usage(event.usage.prompt_tokens,
+                                            event.usage.completion_tokens))
+                text = event.choices[0].delta.content if event.choices else None
+                if text:
+                    got_text = True
+                    yield Chunk(text=text)
+                # Before the first text, role/empty chunks do not restart the clock.
+                if got_text:
+                    deadline = loop.time() + self.idle_timeout_s
+        except TimeoutError as exc:
+            reason = ("stalled mid-answer (idle timeout)" if got_text
+                      else "timed out before first token")
+            raise ProviderTimeout(self.name, reason) from exc
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise self._map_error(exc, started=got_text) from exc
+        finally:
+            if sdk_stream is not None:
+                await sdk_stream.close()
+
+    def _body(self, request: CompletionRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [self._message(m) for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        temperature = request.temperature if request.temperature is not None else self.temperature
+        if temperature is not None:
+            body["temperature"] = temperature
+        if request.max_tokens is not None:
+            body[self._max_tokens_field] = min(request.max_tokens,
+                                               self.capabilities.max_output_tokens)
+        if request.json_mode:
+            body["response_format"] = {"type": "json_object"}
+        return body
+
+    def _message(self, message: Message) -> dict[str, Any]:
+        images = [i for i in message.images if i.data]
+        if not images:
+            return {"role": message.role, "content": message.content}
+        if not self.capabilities.vision:
+            names = ", ".join(i.name for i in images)
+            note = f"\n[image not shown: this model cannot see images ({names})]"
+            return {"role": message.role, "content": message.content + note}
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
+        for image in images:
+            assert image.data is not None
+            data = base64.b64encode(image.data).decode()
+            parts.append({"type": "image_url",
+                          "image_url": {"url": f"data:{image.mime_type};base64,{data}"}})
+        return {"role": message.role, "content": parts}
+
+    async def _check_health(self) -> None:
+        """Ask the proxy's health endpoint first; a success is trusted for a while."""
+        if time.monotonic() < self._healthy_until:
+            return
+        assert self._health_url is not None
+        try:
+            async with httpx2.AsyncClient(timeout=min(self.first_token_timeout_s, 3.0)) as http:
+                response = await http.get(self._health_url)
+        except Exception as exc:
+            raise Unavailable(self.name, "proxy not reachable (health check)") from exc
+        if response.status_code != 200:
+            raise Unavailable(self.name, f"proxy unhealthy (health check: {response.status_code})")
+        self._healthy_until = time.monotonic() + HEALTH_TTL_S
+
+    def _map_error(self, exc: Exception, *, started: bool) -> ProviderError:
+        name = self.name
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            if status == 429:
+                return RateLimited(name, retry_after=_retry_after(exc.response))
+            if status in (401, 403):
+                return AuthFailed(name, "authentication failed")
+            if status == 413 or (status == 400 and _looks_like_context(exc)):
+                return ContextTooLong(name, "request too long for this model")
+            if status in (400, 422):
+                return InvalidRequest(name, f"request refused: {self._safe(exc)}")
+            if status == 404:
+                return Unavailable(name, "model or endpoint not found (404)")
+            if status == 408:
+                return ProviderTimeout(name, "server timed out (408)")
+            if status >= 500:
+                return Unavailable(name, f"server error {status}")
+            return Unavailable(name, f"unexpected HTTP status {status}")
+        if isinstance(exc, openai.APITimeoutError):
+            return ProviderTimeout(name, "timed out mid-answer" if started else "timed out")
+        if isinstance(exc, openai.APIConnectionError):
+            return Unavailable(name, "connection dropped mid-answer" if started
+                               else "connection failed")
+        if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError)):
+            return Unavailable(name, "malformed response stream")
+        if isinstance(exc, openai.APIError):  # an error event inside the stream
+            return Unavailable(name, "error event mid-answer" if started else "stream error")
+        log.exception("provider %s: unexpected %s", name, type(exc).__name__)
+        return Unavailable(name, f"unexpected error ({type(exc).__name__})")
+
+    def _safe(self, exc: openai.APIStatusError) -> str:
+        """The server's message, short, with anything key-like removed."""
+        body = exc.body
+        message = body.get("message") if isinstance(body, dict) else None
+        text = str(message or exc.message)
+        if self._secret:
+            text = text.replace(self._secret, "[redacted]")
+        return _KEYLIKE.sub("[redacted]", text)[:200]
+
+
+def _retry_after(response: httpx2.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: rare for APIs; treat as unknown
+        return None
+
+
+def _looks_like_context(exc: openai.APIStatusError) -> bool:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    text = f"{body.get('code', '')} {body.get('message', '')} {exc.message}".lower()
+    return any(hint in text for hint in _CONTEXT_HINTS)

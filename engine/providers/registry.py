@@ -1,0 +1,119 @@
+"""Provider construction from plain values: ``ProviderConfig`` -> ``Provider``.
+
+    config = ProviderConfig(name="primary", kind="openai", model="gpt-4o-mini",
+                            api_key=SecretStr("sk-..."))
+    provider = build_provider(config)     # OpenAICompatProvider | LocalProvider | Bedrock
+    if hasattr(provider, "__aenter__"):   # resource owners: the composition root enters them
+        ...
+
+``capabilities(config)`` is the preset's ``Capabilities`` with the config's
+overrides applied. Kinds: see ``engine.providers.presets.PRESETS`` plus
+``bedrock`` (``engine/providers/bedrock.py``, loaded only when used, so
+aioboto3 is not imported by users who do not need it).
+A bad combination raises ``ConfigError`` naming the provider.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from engine.errors import ConfigError
+from engine.ports import Provider
+from engine.providers.openai_compat import OpenAICompatProvider
+from engine.providers.presets import PRESETS
+from engine.types import Capabilities
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Everything needed to build one provider; plain values only."""
+
+    name: str
+    kind: str
+    model: str = ""
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    timeout_s: float = 30.0
+    first_token_timeout_s: float = 15.0
+    idle_timeout_s: float = 15.0
+    fail_max: int = 3
+    reset_timeout_s: float = 30.0
+    temperature: float | None = None
+    # capability overrides; None = the preset's default
+    vision: bool | None = None
+    tools: bool | None = None
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    # USD per million tokens (usage accounting)
+    price_input_per_mtok: float = 0.0
+    price_output_per_mtok: float = 0.0
+    # local only
+    model_path: Path | None = None
+    threads: int = 1
+    # bedrock only
+    region: str | None = None
+    profile: str | None = None
+    endpoint_url: str | None = None
+
+
+def capabilities(config: ProviderConfig) -> Capabilities:
+    preset = PRESETS.get(config.kind)
+    base = preset.capabilities if preset else Capabilities()
+    return replace(
+        base,
+        vision=base.vision if config.vision is None else config.vision,
+        tools=base.tools if config.tools is None else config.tools,
+        context_window=config.context_window or base.context_window,
+        max_output_tokens=config.max_output_tokens or base.max_output_tokens,
+    )
+
+
+def build_provider(config: ProviderConfig) -> Provider:
+    if config.kind == "local":
+        from engine.providers.local import LocalProvider
+
+        return LocalProvider(
+            name=config.name, model_path=config.model_path, model=config.model,
+            threads=config.threads, capabilities=capabilities(config),
+            timeout_s=config.timeout_s, first_token_timeout_s=config.first_token_timeout_s,
+            idle_timeout_s=config.idle_timeout_s, temperature=config.temperature,
+        )
+    if config.kind == "bedrock":
+        from engine.providers.bedrock import BedrockProvider
+
+        return BedrockProvider(
+            name=config.name, model=config.model, capabilities=capabilities(config),
+            region=config.region, profile=config.profile, endpoint_url=config.endpoint_url,
+            timeout_s=config.timeout_s, first_token_timeout_s=config.first_token_timeout_s,
+            idle_timeout_s=config.idle_timeout_s, temperature=config.temperature,
+        )
+    preset = PRESETS.get(config.kind)
+    if preset is None:
+        raise ConfigError(f"providers.{config.name}.kind: unknown kind '{config.kind}'")
+    base_url = config.base_url or preset.base_url
+    if not base_url:
+        raise ConfigError(f"providers.{config.name}.base_url: required for kind '{config.kind}'")
+    if not config.model:
+        raise ConfigError(f"providers.{config.name}.model: required for kind '{config.kind}'")
+    timeout_s, first_token_s = config.timeout_s, config.first_token_timeout_s
+    if preset.max_timeout_s is not None:  # a less reliable peer: give up on it sooner
+        timeout_s = min(timeout_s, preset.max_timeout_s)
+    if preset.max_first_token_s is not None:
+        first_token_s = min(first_token_s, preset.max_first_token_s)
+    health_url = None
+    if preset.health_path:
+        # the proxy serves /health at its root, beside /v1
+        root = base_url.rstrip("/").removesuffix("/v1")
+        health_url = root + preset.health_path
+    label = "experimental: subscription proxy" if preset.experimental else ""
+    return OpenAICompatProvider(
+        name=config.name, model=config.model, base_url=base_url, api_key=config.api_key,
+        capabilities=capabilities(config), timeout_s=timeout_s,
+        first_token_timeout_s=first_token_s,
+        idle_timeout_s=min(config.idle_timeout_s, timeout_s),
+        temperature=config.temperature, max_tokens_field=preset.max_tokens_field,
+        health_url=health_url, label=label,
+    )
