@@ -43,6 +43,7 @@ class Text:
     chunks: Sequence[str] = ("Hello", " from", " the fake.")
     usage: tuple[int, int] | None = None
     finish_reason: str = "stop"
+    gap_s: float = 0.0  # streaming only: pause between chunks (a model typing)
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,8 @@ class FakeOpenAI:
             delta: dict[str, Any] = {"content": text}
             if i == 0:
                 delta["role"] = "assistant"
+            elif isinstance(behaviour, Text) and behaviour.gap_s:
+                await asyncio.sleep(behaviour.gap_s)
             await resp.write(_sse(_chunk(model, delta, None)))
         if isinstance(behaviour, Hang):
             await self._release.wait()
