@@ -21,7 +21,7 @@ import pytest
 from engine.background import Background
 from engine.extraction import parse_facts, parse_judgement
 from engine.memory import BotMemory, MemoryConfig, recall_scope, user_key
-from engine.types import Fact, IncomingMessage, Reply
+from engine.types import Fact, IncomingMessage
 from persistence.database import Database
 from persistence.recall_log import RecallRow, SqlRecallLog
 from persistence.shared_memory import SharedMemory
