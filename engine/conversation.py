@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,8 +46,6 @@ from engine.types import (
 )
 
 log = logging.getLogger(__name__)
-
-DEMO_NOTICE = "demo model: answers are weak; configure a provider for real answers"
 
 
 class ChainRun(Protocol):
@@ -104,7 +102,7 @@ class Conversation:
         history_messages: int = 30,
         observers: Sequence[ReplyObserver] = (),
         temperature: float | None = None,
-        demo_providers: Collection[str] = (),
+        provider_notes: Mapping[str, str] | None = None,
         observer_timeout_s: float = 10.0,
     ) -> None:
         self.bot = bot
@@ -114,9 +112,10 @@ class Conversation:
         self.memory = memory
         self.footer = footer
         self.history_messages = history_messages
-        self.observers = list(observers)
+        self.observers = observers  # not copied: the composition root may add more later
         self.temperature = temperature
-        self.demo_providers = frozenset(demo_providers)
+        # shown under every reply a provider served, e.g. the demo model's warning
+        self.provider_notes = dict(provider_notes or {})
         self.observer_timeout_s = observer_timeout_s
 
     async def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]:
@@ -222,8 +221,8 @@ class Conversation:
         outcome.model = run.model
         outcome.failures = tuple(run.failures)
         outcome.usage = run.usage or outcome.usage
-        if outcome.served_by in self.demo_providers:
-            outcome.notices.append(DEMO_NOTICE)
+        if outcome.served_by and (note := self.provider_notes.get(outcome.served_by)):
+            outcome.notices.append(note)
 
     @staticmethod
     def _explain(outcome: _Outcome, parts: list[str], explanation: str) -> None:

@@ -158,6 +158,10 @@ def build_prompt(
     request = CompletionRequest(
         messages=(system, *kept, user),
         temperature=temperature,
-        max_tokens=max_output_tokens,
+        # No max_tokens: each provider applies its own output limit, and the
+        # chain routes past providers whose window this prompt does not fit.
+        bot=message.bot,
+        user=message.user,
     )
     return Prompt(request=request, dropped_history=dropped, truncated_chars=cut)
+
