@@ -22,9 +22,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aioboto3
 
@@ -55,6 +55,9 @@ from engine.errors import (
     Unavailable,
 )
 from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
+
+if TYPE_CHECKING:
+    from engine.providers.registry import ProviderConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -300,3 +303,38 @@ def _usage(raw: dict[str, Any] | None) -> Usage | None:
         return None  # nothing reported: let accounting estimate and say so
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
+
+
+def default_capabilities(model: str) -> Capabilities:
+    """Conservative defaults per model family (ids, inference profiles or ARNs).
+
+    Anthropic Claude and Amazon Nova take images and long prompts; for other
+    families (Llama, Mistral, ...) configure ``vision`` / ``context_window``.
+    """
+    family = model.lower().rsplit("/", 1)[-1]
+    if "anthropic." in family or "claude" in family:
+        return Capabilities(vision=True, tools=True, context_window=200_000,
+                            max_output_tokens=8_192)
+    if "amazon.nova" in family and "micro" not in family:
+        return Capabilities(vision=True, tools=True, context_window=300_000,
+                            max_output_tokens=5_000)
+    return Capabilities(tools=True, context_window=32_000, max_output_tokens=2_048)
+
+
+def build_bedrock(config: ProviderConfig) -> BedrockProvider:
+    """The registry's ``bedrock`` branch: plain config values -> a provider."""
+    if not config.model:
+        raise ConfigError(f"providers.{config.name}.model: required for kind 'bedrock' "
+                          "(a model id, inference profile id or ARN)")
+    overrides: dict[str, Any] = {
+        "vision": config.vision, "tools": config.tools,
+        "context_window": config.context_window, "max_output_tokens": config.max_output_tokens,
+    }
+    caps = replace(default_capabilities(config.model),
+                   **{k: v for k, v in overrides.items() if v is not None})
+    return BedrockProvider(
+        name=config.name, model=config.model, capabilities=caps, region=config.region,
+        profile=config.profile, endpoint_url=config.endpoint_url or config.base_url,
+        timeout_s=config.timeout_s, first_token_timeout_s=config.first_token_timeout_s,
+        idle_timeout_s=config.idle_timeout_s, temperature=config.temperature,
+    )
