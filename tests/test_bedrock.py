@@ -25,9 +25,12 @@ from engine.errors import (
     RateLimited,
     Unavailable,
 )
-from engine.providers.bedrock import BedrockProvider
+from engine.providers.bedrock import BedrockProvider, build_bedrock
+from engine.providers.fallback import Breakers, ChainRun, FallbackChain
+from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Attachment, Capabilities, Chunk, CompletionRequest, Message, Usage
 from tests.fakes.bedrock_server import Behaviour, FakeBedrock, event_frame, exception_frame
+from tests.fakes.openai_server import Drop, FakeOpenAI, Status
 
 MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
 ARN = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-x"
@@ -292,3 +295,119 @@ async def test_region_from_config_wins(bedrock_fake: FakeBedrock) -> None:
     async with provider:
         await collect(provider, ask())
     assert "/ap-northeast-1/bedrock/" in bedrock_fake.requests[0].headers["Authorization"]
+
+
+# --- failover through the real FallbackChain, Bedrock <-> an OpenAI-compatible provider ---
+
+@pytest.fixture
+async def openai_backup(openai_fake: FakeOpenAI) -> AsyncIterator[OpenAICompatProvider]:
+    provider = OpenAICompatProvider(
+        name="backup", model="gpt-test", base_url=openai_fake.base_url,
+        capabilities=Capabilities(context_window=32_000), timeout_s=5,
+        first_token_timeout_s=2, idle_timeout_s=2,
+    )
+    async with provider:
+        yield provider
+
+
+async def drain(run: ChainRun) -> str:
+    return "".join([chunk.text async for chunk in run])
+
+
+async def test_failover_from_bedrock_before_the_stream(
+    bedrock: BedrockProvider, openai_backup: OpenAICompatProvider,
+    bedrock_fake: FakeBedrock, openai_fake: FakeOpenAI,
+) -> None:
+    chain = FallbackChain([bedrock, openai_backup], Breakers())
+    bedrock_fake.push(Behaviour(mode="error", error="ServiceUnavailableException"))
+    run = chain.run(ask())
+    assert await drain(run) == "Hello from the fake."
+    assert run.served_by == "backup"
+    assert [(f.provider, f.kind) for f in run.failures] == [("bedrock", "unavailable")]
+
+
+async def test_failover_from_bedrock_mid_stream_continues_the_answer(
+    bedrock: BedrockProvider, openai_backup: OpenAICompatProvider,
+    bedrock_fake: FakeBedrock, openai_fake: FakeOpenAI,
+) -> None:
+    chain = FallbackChain([bedrock, openai_backup], Breakers())
+    bedrock_fake.push(Behaviour(mode="drop", after=2))
+    run = chain.run(ask())
+    assert await drain(run) == "Hello from" + "Hello from the fake."
+    assert run.served_by == "backup"
+    assert run.failures[0].provider == "bedrock"
+    # The backup saw the partial answer and was asked to continue it.
+    sent = openai_fake.requests[0].messages
+    assert sent[-2] == {"role": "assistant", "content": "Hello from"}
+
+
+async def test_failover_from_bedrock_in_stream_exception(
+    bedrock: BedrockProvider, openai_backup: OpenAICompatProvider,
+    bedrock_fake: FakeBedrock, openai_fake: FakeOpenAI,
+) -> None:
+    chain = FallbackChain([bedrock, openai_backup], Breakers())
+    bedrock_fake.push(Behaviour(mode="stream_error", after=1, error="ThrottlingException"))
+    run = chain.run(ask())
+    await drain(run)
+    assert run.served_by == "backup"
+    assert [(f.provider, f.kind) for f in run.failures] == [("bedrock", "rate_limited")]
+
+
+async def test_failover_back_to_bedrock(
+    bedrock: BedrockProvider, openai_backup: OpenAICompatProvider,
+    bedrock_fake: FakeBedrock, openai_fake: FakeOpenAI,
+) -> None:
+    chain = FallbackChain([openai_backup, bedrock], Breakers())
+    openai_fake.script(Status(500), Drop(after=1))
+    first = chain.run(ask())
+    assert await drain(first) == "Hello from Bedrock"
+    assert first.served_by == "bedrock"
+    assert first.usage == Usage(prompt_tokens=11, completion_tokens=3)
+    second = chain.run(ask())
+    assert await drain(second) == "The answer" + "Hello from Bedrock"
+    assert second.served_by == "bedrock"
+    # Bedrock got the partial answer as an assistant turn, then the instruction.
+    turns = bedrock_fake.requests[1].body["messages"]
+    assert turns[-2] == {"role": "assistant", "content": [{"text": "The answer"}]}
+    assert turns[-1]["role"] == "user"
+
+
+async def test_invalid_request_is_not_failed_over(
+    bedrock: BedrockProvider, openai_backup: OpenAICompatProvider,
+    bedrock_fake: FakeBedrock, openai_fake: FakeOpenAI,
+) -> None:
+    chain = FallbackChain([bedrock, openai_backup], Breakers())
+    bedrock_fake.push(Behaviour(mode="error", error="ValidationException",
+                                message="messages: text content blocks must be non-empty"))
+    with pytest.raises(InvalidRequest):
+        await drain(chain.run(ask()))
+    assert openai_fake.count == 0
+
+
+async def test_context_too_long_fails_over(
+    bedrock: BedrockProvider, openai_backup: OpenAICompatProvider,
+    bedrock_fake: FakeBedrock, openai_fake: FakeOpenAI,
+) -> None:
+    chain = FallbackChain([bedrock, openai_backup], Breakers())
+    bedrock_fake.push(Behaviour(mode="error", error="ValidationException",
+                                message="Input is too long for requested model."))
+    run = chain.run(ask())
+    await drain(run)
+    assert run.served_by == "backup"
+    assert run.failures[0].kind == "context_too_long"
+
+
+def test_build_bedrock_with_defaults_and_overrides() -> None:
+    from engine.providers.registry import ProviderConfig
+
+    claude = build_bedrock(ProviderConfig(name="aws", kind="bedrock", model=MODEL,
+                                          region="eu-west-1", timeout_s=7))
+    assert (claude.region, claude.timeout_s) == ("eu-west-1", 7)
+    assert claude.capabilities.vision and claude.capabilities.context_window == 200_000
+    llama = build_bedrock(ProviderConfig(name="l", kind="bedrock",
+                                         model="meta.llama3-1-8b-instruct-v1:0",
+                                         context_window=128_000, vision=False))
+    assert llama.capabilities.context_window == 128_000
+    assert not llama.capabilities.vision
+    with pytest.raises(ConfigError, match="model"):
+        build_bedrock(ProviderConfig(name="x", kind="bedrock"))
