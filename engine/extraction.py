@@ -91,16 +91,18 @@ def extraction_request(message: IncomingMessage, reply_text: str) -> CompletionR
     return CompletionRequest(
         messages=(Message("system", system), Message("user", user)),
         temperature=0.0, max_tokens=600, json_mode=True,
+        # budgets count extraction against the bot and the speaker, like the reply
+        bot=message.bot, user=message.user,
     )
 
 
-def judge_request(new: str, existing: list[Fact]) -> CompletionRequest:
+def judge_request(new: str, existing: list[Fact], *, bot: str = "") -> CompletionRequest:
     """Ask whether ``new`` duplicates, updates or adds to ``existing`` (numbered from 1)."""
     listing = "\n".join(f"{i}. {fact.text}" for i, fact in enumerate(existing, start=1))
     user = f"EXISTING:\n{listing}\n\nNEW:\n{new}"
     return CompletionRequest(
         messages=(Message("system", JUDGE_SYSTEM), Message("user", user)),
-        temperature=0.0, max_tokens=100, json_mode=True,
+        temperature=0.0, max_tokens=100, json_mode=True, bot=bot,
     )
 
 

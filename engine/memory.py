@@ -339,7 +339,8 @@ class BotMemory:
 
     async def _judge(self, text: str, similar: list[Fact]) -> Judgement | None:
         try:
-            answer, served_by = await self._complete(judge_request(text, similar))
+            answer, served_by = await self._complete(
+                judge_request(text, similar, bot=self.config.bot))
         except ProviderError as exc:
             log.warning("bot %s: judge failed (%s); adding the fact", self.config.bot, exc.reason)
             return None

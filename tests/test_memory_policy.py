@@ -17,15 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from engine.background import Background
+from engine.conversation import Conversation
 from engine.extraction import parse_facts, parse_judgement
 from engine.memory import BotMemory, MemoryConfig, recall_scope, user_key
-from engine.types import Fact, IncomingMessage
+from engine.providers.fallback import Breakers, FallbackChain
+from engine.providers.openai_compat import OpenAICompatProvider
+from engine.types import Fact, IncomingMessage, Reply
+from persistence.conversations import SqlConversationStore
 from persistence.database import Database
 from persistence.recall_log import RecallRow, SqlRecallLog
 from persistence.shared_memory import SharedMemory
 from persistence.vectors import LanceMemoryStore
+from tests.fakes.openai_server import FakeOpenAI, Hang, Malformed, Text
 
 ALICE = "telegram:alice"
 BOB = "telegram:bob"
@@ -252,3 +258,166 @@ async def test_background_sheds_when_full_logs_failures_and_drains(
     assert "job boom failed" in caplog.text
     await jobs.aclose()
     assert not jobs.submit("late", quick)
+
+
+# --- extraction and reconciliation, through the real chain and SDK ------------------
+
+
+@pytest.fixture
+async def chain(openai_fake: FakeOpenAI) -> AsyncIterator[FallbackChain]:
+    async with OpenAICompatProvider(
+        name="primary", model="fake-model", base_url=openai_fake.base_url,
+        api_key=SecretStr("sk-test"),
+    ) as provider:
+        yield FallbackChain([provider], Breakers())
+
+
+def facts_answer(*facts: dict[str, Any]) -> Text:
+    raw = json.dumps({"facts": list(facts)})
+    return Text([raw[:10], raw[10:]])  # streamed in pieces, as a model would
+
+
+def judge_answer(action: str, target: int | None = None) -> Text:
+    return Text([json.dumps({"action": action, "target": target})])
+
+
+def about_alice(text: str, **extra: Any) -> dict[str, Any]:
+    return {"text": text, "category": "personal", "importance": 0.8, "about": "speaker",
+            **extra}
+
+
+REPLY = Reply(text="Noted!", served_by="primary")
+
+
+async def test_extraction_adds_supersedes_and_skips_duplicates(
+    stack: Stack, chain: FallbackChain, openai_fake: FakeOpenAI,
+) -> None:
+    memory = stack.memory(chain=chain, min_score=0.2)
+    openai_fake.script(facts_answer(
+        about_alice("Alice lives in Paris"),
+        {"text": "Bob plays the drums", "about": "other"},  # a third person: never stored
+        {"text": "The book club meets on Thursdays", "about": "general", "importance": 0.6},
+    ))
+    first = await memory.learn_now(
+        msg("I live in Paris. Bob plays drums. Book club is on Thursdays."), REPLY)
+    assert {(f.text, f.user) for f in first.added} == {
+        ("Alice lives in Paris", ALICE), ("The book club meets on Thursdays", "")}
+    request = openai_fake.requests[0].body
+    assert request["response_format"] == {"type": "json_object"}
+    assert "I live in Paris" in json.dumps(request["messages"])
+    paris = next(f for f in first.added if "Paris" in f.text)
+
+    # A contradiction lands in the ambiguous band: the judge says "update".
+    openai_fake.script(facts_answer(about_alice("Alice lives in Berlin")),
+                       judge_answer("update", 1))
+    second = await memory.learn_now(msg("I moved to Berlin last month"), REPLY)
+    [berlin] = second.added
+    assert second.superseded == (paris.id,)
+    judge = json.dumps(openai_fake.requests[-1].body["messages"])
+    assert "EXISTING" in judge and "Alice lives in Paris" in judge
+    history = await stack.store.list_facts("helper", user=ALICE, history=True)
+    assert {(f.text, f.superseded_by) for f in history} == {
+        ("Alice lives in Paris", berlin.id), ("Alice lives in Berlin", None)}
+    recalled = await memory.recall(msg("Where do I live?"))
+    assert [f.text for f in recalled if f.user == ALICE] == ["Alice lives in Berlin"]
+
+    # The same fact again is a clear duplicate: skipped without asking the judge.
+    before = openai_fake.count
+    openai_fake.script(facts_answer(about_alice("Alice lives in Berlin")))
+    third = await memory.learn_now(msg("As I said, I live in Berlin"), REPLY)
+    assert third.skipped == ("Alice lives in Berlin",) and third.added == ()
+    assert openai_fake.count == before + 1
+
+    # A paraphrase the judge calls a duplicate is skipped; a compatible fact is added.
+    openai_fake.script(facts_answer(about_alice("Alice is living in Berlin now")),
+                       judge_answer("skip"))
+    fourth = await memory.learn_now(msg("Yes, Berlin is home now"), REPLY)
+    assert fourth.added == () and len(fourth.skipped) == 1
+    assert openai_fake.count == before + 3  # this time the judge was asked
+    assert await stack.store.count("helper") == 3  # Paris (history), Berlin, book club
+
+
+async def test_unusable_judge_answer_adds_the_fact(
+    stack: Stack, chain: FallbackChain, openai_fake: FakeOpenAI,
+) -> None:
+    memory = stack.memory(chain=chain)
+    old = await add(stack, "Alice's favorite color is blue", ALICE)
+    openai_fake.script(facts_answer(about_alice("Alice's favorite color is green")),
+                       Text(["I think they are different?"]))
+    result = await memory.learn_now(msg("Green is my favorite color"), REPLY)
+    assert [f.text for f in result.added] == ["Alice's favorite color is green"]
+    assert result.superseded == ()
+    assert (await stack.store.get("helper", old.id)) == old  # untouched, not superseded
+
+
+async def test_malformed_model_output_loses_nothing(
+    stack: Stack, chain: FallbackChain, openai_fake: FakeOpenAI, caplog: pytest.LogCaptureFixture,
+) -> None:
+    memory = stack.memory(chain=chain)
+    kept = await add(stack, "Alice is allergic to peanuts", ALICE)
+    openai_fake.script(Text(['{"facts": [{"text": "Alice likes', " jazz"]))  # cut off
+    with caplog.at_level(logging.WARNING):
+        result = await memory.learn_now(msg("I like jazz"), REPLY)
+    assert result.dropped == "invalid JSON from the model" and result.added == ()
+    assert "not valid JSON" in caplog.text
+    # A broken stream is a provider failure: nothing stored, nothing raised.
+    openai_fake.script(Malformed(after=1, chunks=('{"facts": [',)))
+    result = await memory.learn_now(msg("I like jazz"), REPLY)
+    assert result.dropped.startswith("extraction failed")
+    assert [f.id for f in await stack.store.list_facts("helper")] == [kept.id]
+    # One bad item among good ones only costs that item; the policy keeps working.
+    openai_fake.script(facts_answer({"text": 42}, about_alice("Alice likes jazz")))
+    result = await memory.learn_now(msg("I like jazz"), REPLY)
+    assert [f.text for f in result.added] == ["Alice likes jazz"]
+
+
+async def test_local_demo_model_facts_are_not_stored_unless_configured(
+    stack: Stack, openai_fake: FakeOpenAI,
+) -> None:
+    async with OpenAICompatProvider(name="local", model="smollm2",
+                                    base_url=openai_fake.base_url) as local:
+        chain = FallbackChain([local], Breakers())
+        strict = stack.memory(chain=chain, local_providers=frozenset({"local"}))
+        openai_fake.script(facts_answer(about_alice("Alice owns a boat")))
+        result = await strict.learn_now(msg("I own a boat"), Reply("Cool", served_by="local"))
+        assert "local model" in result.dropped and await stack.store.count("helper") == 0
+
+        trusting = stack.memory(chain=chain, local_providers=frozenset({"local"}),
+                                extract_with_local=True)
+        openai_fake.script(facts_answer(about_alice("Alice owns a boat")))
+        result = await trusting.learn_now(msg("I own a boat"), Reply("Cool", served_by="local"))
+        assert [f.text for f in result.added] == ["Alice owns a boat"]
+
+
+async def test_reply_does_not_wait_for_extraction(
+    stack: Stack, chain: FallbackChain, openai_fake: FakeOpenAI, tmp_path: Path,
+) -> None:
+    memory = stack.memory(chain=chain)
+    async with Database(f"sqlite+aiosqlite:///{tmp_path / 'conv.sqlite'}") as database:
+        conversation = Conversation(bot="helper", persona="You are helpful.", chain=chain,
+                                    store=SqlConversationStore(database), memory=memory)
+        # The reply streams normally; the extraction request then hangs forever.
+        openai_fake.script(Text(["Hello", " Alice"]), Hang(after=0))
+        items = [item async for item in conversation.reply(msg("I live in Paris"))]
+        final = items[-1]
+        assert isinstance(final, Reply) and final.text == "Hello Alice" and final.error is None
+        # The reply is complete, and only now does the extraction request arrive and hang.
+        await asyncio.wait_for(openai_fake.wait_for_requests(2), 10)
+        assert stack.jobs.pending == 1
+        assert openai_fake.requests[1].body["response_format"] == {"type": "json_object"}
+        assert await stack.store.count("helper") == 0
+    # Shutdown does not wait forever for a hung job: it is cancelled after the grace time.
+    await stack.jobs.aclose(within_s=0.2)
+    assert stack.jobs.pending == 0
+
+
+async def test_learn_runs_in_the_background_and_drains(
+    stack: Stack, chain: FallbackChain, openai_fake: FakeOpenAI,
+) -> None:
+    memory = stack.memory(chain=chain)
+    openai_fake.script(facts_answer(about_alice("Alice has two cats")))
+    memory.learn(msg("I have two cats"), REPLY)
+    memory.learn(msg("hello"), Reply(text="", served_by=None, error="all_failed"))  # ignored
+    assert await stack.jobs.drain(30)
+    assert [f.text for f in await stack.store.list_facts("helper")] == ["Alice has two cats"]
+    assert openai_fake.count == 1
