@@ -43,6 +43,7 @@ class Text:
     chunks: Sequence[str] = ("Hello", " from", " the fake.")
     usage: tuple[int, int] | None = None
     finish_reason: str = "stop"
+    report_usage: bool = True  # False: like servers that ignore stream_options
     gap_s: float = 0.0  # streaming only: pause between chunks (a model typing)
 
 
@@ -218,7 +219,7 @@ class FakeOpenAI:
             return resp
         assert isinstance(behaviour, Text)
         await resp.write(_sse(_chunk(model, {}, behaviour.finish_reason)))
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if behaviour.report_usage and (body.get("stream_options") or {}).get("include_usage"):
             prompt, completion = _usage(body, behaviour)
             usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                      "total_tokens": prompt + completion}
