@@ -329,7 +329,7 @@ async def test_extraction_adds_supersedes_and_skips_duplicates(
     assert openai_fake.count == before + 1
 
     # A paraphrase the judge calls a duplicate is skipped; a compatible fact is added.
-    openai_fake.script(facts_answer(about_alice("Alice is living in Berlin now")),
+    openai_fake.script(facts_answer(about_alice("Alice's home is in Berlin")),
                        judge_answer("skip"))
     fourth = await memory.learn_now(msg("Yes, Berlin is home now"), REPLY)
     assert fourth.added == () and len(fourth.skipped) == 1
