@@ -8,6 +8,8 @@ and gives out:
   Redis' own clock, so any number of workers together keep one chat's
   interval and burst; a platform's ``retry_after`` pushes the key's next slot
   for every worker.
+- ``lock(name)``: a cross-worker mutex (the shared-memory hash chain needs
+  one writer at a time);
 - ``claims`` (``RedisEventClaims``): exactly-once handling of platform events.
   ``claim(key)`` is ``SET key lease NX PX`` (atomic: one worker wins); the
   winner's lease is renewed while it works; ``done(key)`` turns the lease
@@ -24,8 +26,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
@@ -215,6 +218,14 @@ class RedisState:
         if self._claims is None:
             raise RuntimeError("RedisState used outside 'async with'")
         return self._claims
+
+    def lock(self, name: str, *, timeout_s: float = 30.0) -> AbstractAsyncContextManager[Any]:
+        """A cross-worker mutex (redis-py's ``Lock``: token-checked release,
+        expires after ``timeout_s`` if its holder dies)."""
+        if self._client is None:
+            raise RuntimeError("RedisState used outside 'async with'")
+        return self._client.lock(f"{self._ns}:lock:{name}", timeout=timeout_s,
+                                 blocking_timeout=timeout_s * 2)
 
     async def ping(self) -> bool:
         """Readiness: True when Redis answers."""

@@ -56,6 +56,8 @@ from persistence.memory_tables import (
 
 log = logging.getLogger(__name__)
 
+WriterLock = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+
 TABLE = "shared_memories"
 LEVELS: tuple[TrustLevel, ...] = ("public", "trusted", "private")
 FIELDS = [
@@ -136,8 +138,11 @@ class SharedMemory:
     """The shared memory repository. ``async with await SharedMemory.open(uri, embedder)``."""
 
     def __init__(self, db: Any, table: Any, embedder: Embedder, *, ann_threshold: int,
-                 maintain_delay_s: float) -> None:
+                 maintain_delay_s: float, writer_lock: WriterLock | None = None) -> None:
         self._db = db
+        # Several processes writing one table (scale-out): each append takes
+        # this cross-process lock and re-reads the chain head under it.
+        self._writer_lock = writer_lock
         self._raw = table
         self._embedder = embedder
         self._maintainer = Maintainer(TABLE, lambda: self._raw, ann_threshold=ann_threshold,
@@ -152,6 +157,7 @@ class SharedMemory:
     async def open(
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
         ann_threshold: int = 20_000, maintain_delay_s: float = 2.0,
+        writer_lock: WriterLock | None = None,
     ) -> SharedMemory:
         db = await lancedb.connect_async(
             uri, read_consistency_interval=timedelta(0), storage_options=storage_options)
@@ -159,13 +165,16 @@ class SharedMemory:
         table = await db.create_table(TABLE, schema=schema, exist_ok=True)
         check_model(TABLE, await table.schema(), embedder.model_name, embedder.dimension)
         return cls(db, table, embedder, ann_threshold=ann_threshold,
-                   maintain_delay_s=maintain_delay_s)
+                   maintain_delay_s=maintain_delay_s, writer_lock=writer_lock)
 
-    async def __aenter__(self) -> SharedMemory:
+    async def _read_head(self) -> None:
         chain = await self._raw.query().select(["seq", "write_hash"]).to_arrow()
         if chain.num_rows:
             last = max(chain.to_pylist(), key=lambda r: r["seq"])
             self._head = (last["seq"], last["write_hash"])
+
+    async def __aenter__(self) -> SharedMemory:
+        await self._read_head()
         await self._maintainer.refresh()
         self._writer = asyncio.create_task(self._write_loop(), name="shared memory writer")
         return self
@@ -223,6 +232,13 @@ class SharedMemory:
                          superseded_by=None, score=0.0, orphaned=False)
 
         async def append() -> Fact:
+            if self._writer_lock is None:
+                return await write()
+            async with self._writer_lock():
+                await self._read_head()  # another process may have appended
+                return await write()
+
+        async def write() -> Fact:
             seq, prev = self._head
             row: dict[str, Any] = {
                 "id": shared.id, "seq": seq + 1, "text": shared.text, "user": shared.user,
