@@ -16,7 +16,9 @@ from engine.types import Failure, FooterMode
 
 def served_line(served_by: str, model: str | None, failures: Sequence[Failure]) -> str:
     served = f"served by {served_by} ({model})" if model else f"served by {served_by}"
-    failed = [f"{f.provider} failed: {f.reason}" for f in failures]
+    # A skip rule's verdict (over budget) is a choice, not a failure: say so.
+    failed = [f"{f.provider} {'skipped' if f.kind == 'skipped' else 'failed'}: {f.reason}"
+              for f in failures]
     return "-- " + "; ".join([served, *failed])
 
 

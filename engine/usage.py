@@ -1,0 +1,224 @@
+"""Token and cost accounting, and daily budgets.
+
+- ``UsageAccounting.on_reply`` (a ``ReplyObserver``) records one
+  ``UsageRecord`` per served reply: the tokens the serving provider reported,
+  or the pipeline's estimate (~4 characters per token) marked ``estimated``,
+  and the cost at that provider's prices. After a failover the provider that
+  actually served is charged; providers that failed are not (their partial
+  usage is not reported to us).
+- ``UsageAccounting.skip`` is the fallback chain's skip rule: when a bot (or a
+  user of it) has spent its daily budget, a provider with a price is skipped
+  for the next one in the chain, and the reason lands in the reply's footer.
+  Free providers (price 0: local, self-hosted) are never skipped.
+- ``usage_report`` renders per bot, provider and day: replies, tokens (``~``
+  marks estimated ones) and cost. The CLI and the ``/usage`` admin command
+  both print it.
+
+Days are UTC days. Budgets compare what was spent since UTC midnight, read
+from the store when a costly provider is next in line (so every process
+sharing the database sees the same total).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Protocol
+
+from engine.errors import StorageError
+from engine.ports import Provider
+from engine.types import CompletionRequest, IncomingMessage, Reply, Usage
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+SkipRule = Callable[[Provider, CompletionRequest], Awaitable["str | None"]]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def day_start(moment: datetime) -> datetime:
+    """UTC midnight of ``moment``'s UTC day."""
+    return datetime.combine(moment.astimezone(UTC).date(), time(), tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens, as ``price_input_per_mtok`` / ``price_output_per_mtok``."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+
+    @property
+    def costly(self) -> bool:
+        return self.input_per_mtok > 0 or self.output_per_mtok > 0
+
+    def cost(self, usage: Usage) -> float:
+        return (usage.prompt_tokens * self.input_per_mtok
+                + usage.completion_tokens * self.output_per_mtok) / 1_000_000
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Daily limits in USD for one bot; None means unlimited."""
+
+    bot_usd_per_day: float | None = None
+    user_usd_per_day: float | None = None
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What one served reply used and cost."""
+
+    at: datetime
+    bot: str
+    provider: str
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+    cost_usd: float
+    model: str = ""
+    user: str = ""
+    chat: str = ""
+    platform: str = ""
+
+
+@dataclass(frozen=True)
+class UsageLine:
+    """One row of the report: a bot's use of one provider on one UTC day."""
+
+    day: date
+    bot: str
+    provider: str
+    replies: int
+    prompt_tokens: int
+    completion_tokens: int
+    estimated_replies: int
+    cost_usd: float
+
+
+class UsageStore(Protocol):
+    """Where usage records live (``persistence/usage.py``)."""
+
+    async def add(self, record: UsageRecord) -> None: ...
+
+    async def spent(self, *, bot: str, since: datetime) -> dict[str, float]:
+        """Cost since ``since`` per user of ``bot`` ("" = no user)."""
+        ...
+
+    async def summary(self, *, since: datetime, bot: str | None = None) -> list[UsageLine]:
+        """Lines per (day, bot, provider) since ``since``, oldest day first."""
+        ...
+
+
+class UsageAccounting:
+    """Records usage (as a ``ReplyObserver``) and enforces budgets (as a skip rule)."""
+
+    def __init__(
+        self,
+        store: UsageStore,
+        *,
+        prices: Mapping[str, Price],
+        budgets: Mapping[str, Budget] | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.store = store
+        self.prices = dict(prices)
+        self.budgets = dict(budgets or {})
+        self.clock = clock
+
+    def record_for(self, message: IncomingMessage, reply: Reply) -> UsageRecord | None:
+        """The record a reply earns, or None when no provider served it."""
+        if reply.served_by is None:
+            return None
+        usage = reply.usage
+        price = self.prices.get(reply.served_by, Price())
+        return UsageRecord(
+            at=self.clock(), bot=message.bot, provider=reply.served_by,
+            model=reply.model or "", user=message.user, chat=message.chat,
+            platform=message.platform, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, estimated=usage.estimated,
+            cost_usd=price.cost(usage),
+        )
+
+    async def on_reply(self, message: IncomingMessage, reply: Reply) -> None:
+        record = self.record_for(message, reply)
+        if record is not None:
+            await self.store.add(record)
+
+    def skip_for(self, bot: str) -> SkipRule:
+        """The skip rule for the chain of ``bot`` (when a request does not name it)."""
+
+        async def rule(provider: Provider, request: CompletionRequest) -> str | None:
+            return await self.skip(provider, request, bot=bot)
+
+        return rule
+
+    async def skip(
+        self, provider: Provider, request: CompletionRequest, *, bot: str = ""
+    ) -> str | None:
+        """The chain's skip rule: a reason to pass over ``provider``, or None.
+
+        Reads today's spending from the store, so every process sharing the
+        database enforces the same budget. A store failure never blocks a
+        reply: the provider is then not skipped.
+        """
+        if not self.prices.get(provider.name, Price()).costly:
+            return None
+        bot = request.bot or bot
+        budget = self.budgets.get(bot, Budget())
+        if budget == Budget():
+            return None
+        try:
+            spent = await self.store.spent(bot=bot, since=day_start(self.clock()))
+        except StorageError as exc:
+            log.warning("bot %s: budget check skipped, usage unreadable: %s", bot, exc)
+            return None
+        limit = budget.bot_usd_per_day
+        if limit is not None and sum(spent.values()) >= limit:
+            return f"over the bot's daily budget ({_usd(limit)})"
+        limit = budget.user_usd_per_day
+        if limit is not None and request.user and spent.get(request.user, 0.0) >= limit:
+            return f"over your daily budget ({_usd(limit)})"
+        return None
+
+
+def _usd(amount: float) -> str:
+    # Cents for real budgets; small test budgets keep their significant digits.
+    return f"${amount:.2f}" if amount >= 0.01 or amount == 0 else f"${amount:.2g}"
+
+
+def format_report(lines: Sequence[UsageLine], *, days: int) -> str:
+    """A plain-text table (fits a chat message); ``~`` marks estimated tokens."""
+    if not lines:
+        return f"No usage recorded in the last {days} day(s)."
+    header = f"{'day':<10}  {'bot':<14} {'provider':<14} {'replies':>7} " \
+             f"{'tokens in':>11} {'tokens out':>11} {'cost USD':>10}"
+    rows = [header]
+    total = 0.0
+    for line in lines:
+        mark = "~" if line.estimated_replies else ""
+        tokens_in, tokens_out = f"{mark}{line.prompt_tokens}", f"{mark}{line.completion_tokens}"
+        rows.append(
+            f"{line.day.isoformat():<10}  {line.bot[:14]:<14} {line.provider[:14]:<14} "
+            f"{line.replies:>7} {tokens_in:>11} {tokens_out:>11} {line.cost_usd:>10.4f}"
+        )
+        total += line.cost_usd
+    rows.append(f"total cost: ${total:.4f} over the last {days} day(s)")
+    if any(line.estimated_replies for line in lines):
+        rows.append("~ some token counts are estimated (~4 characters per token): "
+                    "the provider did not report usage")
+    return "\n".join(rows)
+
+
+async def usage_report(
+    store: UsageStore, *, bot: str | None = None, days: int = 7, now: datetime | None = None,
+) -> str:
+    """Usage per bot, provider and UTC day for the last ``days`` days (today included)."""
+    days = max(1, days)
+    since = day_start(now or utcnow()) - timedelta(days=days - 1)
+    return format_report(await store.summary(since=since, bot=bot), days=days)
