@@ -11,8 +11,9 @@ and gives out:
 - ``lock(name)``: a cross-worker mutex (the shared-memory hash chain needs
   one writer at a time);
 - ``claims`` (``RedisEventClaims``): exactly-once handling of platform events.
-  ``claim(key)`` is ``SET key lease NX PX`` (atomic: one worker wins); the
-  winner's lease is renewed while it works; ``done(key)`` turns the lease
+  ``claim(key, ttl_s)`` is the adapters' ``Dedupe``: ``SET key NX PX ttl``
+  (atomic: one worker wins). ``try_claim(key)`` takes a short lease instead,
+  renewed while the worker works; ``done(key)`` turns the lease
   into a long-lived "done" marker, ``release(key)`` deletes it so a
   redelivery is handled. A worker killed mid-reply stops renewing: its lease
   expires after ``lease_s`` and the platform's redelivery (Slack retry,
@@ -140,12 +141,16 @@ class RedisEventClaims:
     def _key(self, key: str) -> str:
         return f"{self._ns}:event:{key}"
 
-    async def claim(self, key: str) -> bool:
-        """True if this worker now owns ``key`` and must handle the event."""
-        return await self.try_claim(key) == "claimed"
+    async def claim(self, key: str, ttl_s: float = 600.0) -> bool:
+        """``adapters.dedupe.Dedupe``: True for the first claim of ``key``
+        within ``ttl_s`` (one ``SET NX PX``, whichever worker asks)."""
+        full = self._key(key)
+        return bool(await self._client.set(full, self._token, nx=True,
+                                           px=max(1, round(ttl_s * 1000))))
 
     async def try_claim(self, key: str) -> ClaimResult:
-        """``claimed`` (yours), ``done`` (already answered) or ``busy`` (a live
+        """Claim with a renewed lease (until ``done`` or ``release``):
+        ``claimed`` (yours), ``done`` (already answered) or ``busy`` (a live
         worker holds it; a redelivery after its lease expires may retry)."""
         full = self._key(key)
         if await self._client.set(full, self._token, nx=True, px=self._lease_ms):

@@ -170,9 +170,20 @@ async def test_released_event_is_handled_by_a_redelivery(namespace: str) -> None
     async with RedisState(REDIS_URL, namespace=namespace) as one, \
             RedisState(REDIS_URL, namespace=namespace) as two:
         assert await one.claims.claim("telegram:42")
+        assert not await two.claims.claim("telegram:42")
         assert await two.claims.try_claim("telegram:42") == "busy"
+        await two.claims.release("telegram:42")  # not its claim: no effect
+        assert not await two.claims.claim("telegram:42")
         await one.claims.release("telegram:42")
         assert await two.claims.claim("telegram:42")
+
+
+async def test_dedupe_claim_expires_after_its_ttl(namespace: str) -> None:
+    async with RedisState(REDIS_URL, namespace=namespace) as one:
+        assert await one.claims.claim("slack:T:C:1.0", ttl_s=0.2)
+        assert not await one.claims.claim("slack:T:C:1.0", ttl_s=0.2)
+        await asyncio.sleep(0.25)  # the ttl itself is under test
+        assert await one.claims.claim("slack:T:C:1.0", ttl_s=0.2)
 
 
 async def test_dead_workers_lease_expires_live_one_keeps_its_own(namespace: str) -> None:
@@ -182,8 +193,8 @@ async def test_dead_workers_lease_expires_live_one_keeps_its_own(namespace: str)
     live = RedisEventClaims(client_live, namespace, lease_s=0.3)
     other = RedisEventClaims(client_live, namespace, lease_s=0.3)
     try:
-        assert await dead.claim("ev-dead")
-        assert await live.claim("ev-live")
+        assert await dead.try_claim("ev-dead") == "claimed"
+        assert await live.try_claim("ev-live") == "claimed"
         # "kill -9": the dead worker's renewals stop; nothing is released.
         assert dead._renewer is not None
         dead._renewer.cancel()
@@ -193,7 +204,7 @@ async def test_dead_workers_lease_expires_live_one_keeps_its_own(namespace: str)
         left_ms = await client_live.pttl(f"{namespace}:event:ev-dead")
         assert 0 < left_ms <= 300
         await asyncio.sleep(left_ms / 1000 + 0.05)
-        assert await other.claim("ev-dead")
+        assert await other.try_claim("ev-dead") == "claimed"
         # The live worker renewed its lease all along: still its own.
         assert await other.try_claim("ev-live") == "busy"
         await live.done("ev-live")
