@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,10 @@ from engine.extraction import parse_facts, parse_judgement
 from engine.memory import BotMemory, MemoryConfig, recall_scope, user_key
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
-from engine.types import Fact, IncomingMessage, Reply
+from engine.types import Fact, IncomingMessage, RecalledFact, RecallRecord, Reply
 from persistence.conversations import SqlConversationStore
 from persistence.database import Database
-from persistence.recall_log import RecallRow, SqlRecallLog
+from persistence.recall_log import SqlRecallLog
 from persistence.shared_memory import SharedMemory
 from persistence.vectors import LanceMemoryStore
 from tests.fakes.openai_server import FakeOpenAI, Hang, Malformed, Text
@@ -69,17 +70,7 @@ async def stack(tmp_path: Path, embedder: Any) -> AsyncIterator[Stack]:
         await SharedMemory.open(uri, embedder) as shared,
         Background(name="test-memory") as jobs,
     ):
-        if not await _has_recall_table(database):  # TEMP until 0004_recall_log can land
-            async with database.engine.begin() as connection:
-                await connection.run_sync(RecallRow.__table__.create)  # type: ignore[attr-defined]
         yield Stack(store, shared, SqlRecallLog(database), embedder, jobs)
-
-
-async def _has_recall_table(database: Database) -> bool:
-    from sqlalchemy import inspect
-
-    async with database.engine.connect() as connection:
-        return await connection.run_sync(lambda c: inspect(c).has_table("recall_log"))
 
 
 async def add(stack: Stack, text: str, user: str = "", bot: str = "helper") -> Fact:
@@ -421,3 +412,18 @@ async def test_learn_runs_in_the_background_and_drains(
     assert await stack.jobs.drain(30)
     assert [f.text for f in await stack.store.list_facts("helper")] == ["Alice has two cats"]
     assert openai_fake.count == 1
+
+
+async def test_recall_log_upserts_per_chat_on_sqlite_and_postgres(database_url: str) -> None:
+    async with Database(database_url) as database:
+        log = SqlRecallLog(database)
+        fact = RecalledFact(id="f1", score=0.81, text="Alice likes tea", user=ALICE)
+        for i, chat in enumerate(["c1", "c2", "c1"]):
+            await log.record(RecallRecord(
+                bot="helper", chat=chat, message_id=f"m{i}", query="tea?", facts=(fact,),
+                created_at=datetime(2026, 1, 1, 12, i, tzinfo=UTC)))
+        last = await log.last("helper", "c1")
+        assert last is not None and last.message_id == "m2" and last.facts == (fact,)
+        assert last.created_at == datetime(2026, 1, 1, 12, 2, tzinfo=UTC)
+        assert [r.chat for r in await log.chats("helper")] == ["c1", "c2"]
+        assert await log.last("other-bot", "c1") is None
