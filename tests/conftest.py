@@ -93,3 +93,77 @@ def embedder(tmp_path_factory: pytest.TempPathFactory) -> object:
     from persistence.embeddings import FastEmbedder
 
     return asyncio.run(FastEmbedder.load(tmp_path_factory.mktemp("models"), threads=2))
+
+
+# --- platform adapters (Slack / Discord helper): one bot's real reply pipeline ---
+class BotPipeline:
+    """The real pipeline of a bot named ``demo``: SQLite in a tmp dir, the real
+    ``openai`` SDK against ``openai_fake`` through the real ``FallbackChain``,
+    and admin ``Commands``. ``replies`` records every finished ``Reply`` (via
+    the ``ReplyObserver`` port), so a test can compare what a platform shows
+    with what the engine produced.
+    """
+
+    def __init__(self, fake: FakeOpenAI, tmp_path: object) -> None:
+        import asyncio
+        from contextlib import AsyncExitStack
+        from pathlib import Path
+
+        self.fake = fake
+        self.tmp_path = Path(str(tmp_path))
+        self.stack = AsyncExitStack()
+        self.replies: list[object] = []
+        self.replied = asyncio.Event()
+
+    async def on_reply(self, message: object, reply: object) -> None:
+        self.replies.append(reply)
+        self.replied.set()
+
+    async def start(self) -> None:
+        from pydantic import SecretStr
+
+        from engine.admin import LastReplies, PersonaAdmin, ProviderAdmin
+        from engine.conversation import Conversation
+        from engine.providers.fallback import Breakers, FallbackChain
+        from engine.providers.openai_compat import OpenAICompatProvider
+        from engine.types import Capabilities
+        from persistence.conversations import SqlConversationStore
+        from persistence.database import Database
+
+        db = await self.stack.enter_async_context(
+            Database(f"sqlite+aiosqlite:///{self.tmp_path / 'bot.db'}"))
+        provider = await self.stack.enter_async_context(OpenAICompatProvider(
+            name="primary", model="primary-model", base_url=self.fake.base_url,
+            api_key=SecretStr("sk-test"), capabilities=Capabilities(context_window=32_768),
+            timeout_s=10, first_token_timeout_s=5, idle_timeout_s=5,
+        ))
+        self.chain = FallbackChain([provider], Breakers())
+        self.last = LastReplies()
+        self.conversation = Conversation(
+            bot="demo", persona="You are terse.", chain=self.chain,
+            store=SqlConversationStore(db), footer="always", observers=[self, self.last],
+        )
+        self.files = None
+        try:
+            from persistence.files import SqlFileStore  # platform-core helper's store
+        except ImportError:
+            pass
+        else:
+            self.files = SqlFileStore(db, self.tmp_path / "data", max_file_bytes=1_000_000,
+                                      max_bot_bytes=10_000_000)
+        self.provider_admin = ProviderAdmin({"demo": self.chain}, self.last)
+        self.persona_admin = PersonaAdmin({"demo": self.conversation})
+
+    def commands(self, admins: tuple[str, ...]) -> object:
+        from adapters.commands import Commands
+
+        return Commands(bot="demo", admins=admins, providers=self.provider_admin,
+                        persona=self.persona_admin)
+
+
+@pytest.fixture
+async def bot_pipeline(openai_fake: FakeOpenAI, tmp_path: object) -> AsyncIterator[BotPipeline]:
+    pipeline = BotPipeline(openai_fake, tmp_path)
+    async with pipeline.stack:
+        await pipeline.start()
+        yield pipeline

@@ -1,0 +1,291 @@
+"""The Slack adapter end to end: the REAL slack-bolt / slack-sdk against a fake Slack.
+
+The bot's pipeline is real too (``bot_pipeline``: SQLite, the real ``openai``
+SDK against ``openai_fake``, the real fallback chain). Socket Mode is the
+default transport; the HTTP Events tests sign requests with the SDK's
+``SignatureVerifier`` and show bolt rejecting forged and replayed ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from pydantic import SecretStr
+from slack_sdk.signature import SignatureVerifier
+
+from adapters.gate import GateConfig
+from adapters.outbound import SLACK
+from adapters.render import to_slack
+from adapters.slack import SlackAdapter, SlackConfig
+from engine.types import Reply
+from tests.conftest import BotPipeline
+from tests.fakes.openai_server import Text
+from tests.fakes.slack_server import APP_TOKEN, BOT_TOKEN, BOT_USER, TEAM, FakeSlack
+
+SECRET = "signing-secret-test"
+ADMIN = "UADMIN0001"
+ANSWER = ("Paris", " is the", " capital", " of **France**.")
+
+
+@pytest.fixture
+async def slack_fake() -> AsyncIterator[FakeSlack]:
+    async with FakeSlack() as fake:
+        yield fake
+
+
+def config(fake: FakeSlack, **overrides: Any) -> SlackConfig:
+    values: dict[str, Any] = dict(
+        bot="demo", bot_token=SecretStr(BOT_TOKEN), app_token=SecretStr(APP_TOKEN),
+        signing_secret=SecretStr(SECRET), api_base_url=fake.api_base,
+        admins=frozenset({ADMIN}), gate=GateConfig(),
+    )
+    values.update(overrides)
+    return SlackConfig(**values)
+
+
+def adapter(fake: FakeSlack, pipeline: BotPipeline, **overrides: Any) -> SlackAdapter:
+    return SlackAdapter(config(fake, **overrides), replier=pipeline.conversation,
+                        files=pipeline.files,
+                        commands=pipeline.commands((ADMIN,)))  # type: ignore[arg-type]
+
+
+_seq = iter(range(1, 1_000_000))
+
+
+def message_event(channel: str, text: str, *, user: str = "UALICE001", im: bool = False,
+                  **extra: Any) -> dict[str, Any]:
+    ts = f"1764064000.{next(_seq):06d}"
+    event = {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts,
+             "channel_type": "im" if im else "channel", **extra}
+    return {"type": "event_callback", "team_id": TEAM, "event_id": f"Ev{ts}",
+            "event_time": 1764064000, "event": event}
+
+
+def full(reply: Reply) -> str:
+    return to_slack(reply.full_text)
+
+
+async def test_group_mention_streams_edits_to_full_answer_plus_footer(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    bot_pipeline.fake.script(Text(ANSWER, gap_s=0.4))
+    async with adapter(slack_fake, bot_pipeline):
+        ack = await slack_fake.push("events_api", message_event(
+            "C1", f"<@{BOT_USER}> what is the capital of France?"))
+        assert ack == {}  # acked at once, the reply runs in a task
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+        reply = bot_pipeline.replies[0]
+        assert isinstance(reply, Reply) and reply.served_by == "primary"
+        await slack_fake.wait_for(lambda: [m.text for m in slack_fake.in_channel("C1")]
+                                  == [full(reply)])
+    [shown] = slack_fake.in_channel("C1")
+    assert reply.text == "".join(ANSWER) and reply.footer  # footer = "always"
+    assert shown.text == full(reply)
+    assert "*France*" in shown.text  # Markdown rendered as mrkdwn
+    assert shown.edits >= 1  # streamed: a first message, then edits
+    # The model saw the question without the mention.
+    assert bot_pipeline.fake.requests[0].messages[-1]["content"].endswith(
+        "what is the capital of France?")
+    assert "<@" not in bot_pipeline.fake.requests[0].messages[-1]["content"]
+
+
+async def test_not_addressed_ignored_dm_answered_and_bots_ignored(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    async with adapter(slack_fake, bot_pipeline):
+        await slack_fake.push("events_api", message_event("C1", "just chatting"))
+        await slack_fake.push("events_api", message_event(
+            "C1", f"<@{BOT_USER}> hi", user="", bot_id="BOTHER01", subtype="bot_message"))
+        await slack_fake.push("events_api", message_event("D1", "hello in private", im=True))
+        await slack_fake.wait_for(lambda: bool(slack_fake.in_channel("D1"))
+                                  and bot_pipeline.replied.is_set())
+    assert slack_fake.in_channel("C1") == []
+    assert bot_pipeline.fake.count == 1  # only the DM reached the provider
+    assert "hello in private" in bot_pipeline.fake.requests[0].messages[-1]["content"]
+
+
+async def test_retries_and_mention_pairs_are_answered_once(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    body = message_event("C1", f"<@{BOT_USER}> once please")
+    mention = {**body, "event_id": "EvOther",
+               "event": {**body["event"], "type": "app_mention"}}
+    async with adapter(slack_fake, bot_pipeline):
+        await slack_fake.push("events_api", body)
+        await slack_fake.push("events_api", body, retry_attempt=1)
+        await slack_fake.push("events_api", mention)
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+    assert bot_pipeline.fake.count == 1
+    assert len(slack_fake.in_channel("C1")) == 1
+
+
+async def test_admin_command_works_non_admin_refused_unknown_explained(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    async def command(name: str, text: str, user: str) -> tuple[dict[str, Any], str]:
+        slack_fake.responded.clear()
+        before = len(slack_fake.responses)
+        ack = await slack_fake.push("slash_commands", {
+            "command": name, "text": text, "user_id": user, "channel_id": "C1",
+            "team_id": TEAM, "response_url": slack_fake.response_url(), "trigger_id": "t"})
+        await slack_fake.wait_for(lambda: len(slack_fake.responses) > before)
+        return ack, str(slack_fake.responses[-1]["text"])
+
+    async with adapter(slack_fake, bot_pipeline):
+        ack, text = await command("/provider", "status", ADMIN)
+        assert ack == {}
+        assert "primary" in text and "closed" in text.lower()
+        assert slack_fake.responses[-1]["response_type"] == "ephemeral"
+        _, text = await command("/provider", "status", "UNOBODY01")
+        assert "only this bot's admins" in text
+        _, text = await command("/frobnicate", "now", ADMIN)
+        assert "Unknown command /frobnicate" in text
+        # A workspace admin (Slack says so in users.info) is an admin too.
+        slack_fake.admins.add("UWSADMIN1")
+        _, text = await command("/bot", "persona", "UWSADMIN1")
+        assert "You are terse." in text
+
+
+# --- HTTP Events API: bolt checks the signature ----------------------------------
+
+def signed(body: str, *, secret: str = SECRET, ts: int | None = None) -> dict[str, str]:
+    timestamp = str(int(time.time()) if ts is None else ts)
+    signature = SignatureVerifier(secret).generate_signature(timestamp=timestamp, body=body)
+    return {"X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": signature,
+            "Content-Type": "application/json"}
+
+
+async def test_http_events_signature_checked_by_bolt(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    slack = adapter(slack_fake, bot_pipeline, mode="http", http_port=0, app_token=None)
+    async with slack, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{slack.http_port}/slack/events"
+        challenge = json.dumps({"type": "url_verification", "challenge": "c-123"})
+        async with http.post(url, data=challenge, headers=signed(challenge)) as r:
+            assert r.status == 200 and "c-123" in await r.text()
+        body = json.dumps(message_event("C9", f"<@{BOT_USER}> forged"))
+        async with http.post(url, data=body, headers=signed(body, secret="wrong")) as r:
+            assert r.status == 401
+        stale = int(time.time()) - 600  # correctly signed, but replayed 10 minutes later
+        async with http.post(url, data=body, headers=signed(body, ts=stale)) as r:
+            assert r.status == 401
+        async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 401
+        assert bot_pipeline.fake.count == 0
+        good = json.dumps(message_event("C9", f"<@{BOT_USER}> signed properly"))
+        async with http.post(url, data=good, headers=signed(good)) as r:
+            assert r.status == 200
+        retry = {**signed(good), "X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "timeout"}
+        async with http.post(url, data=good, headers=retry) as r:
+            assert r.status == 200
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+        # A slash command over HTTP: the ack is the HTTP answer; the result goes to
+        # response_url.
+        form = urlencode({"command": "/provider", "text": "status", "user_id": ADMIN,
+                          "channel_id": "C9", "team_id": TEAM, "trigger_id": "t",
+                          "response_url": slack_fake.response_url()})
+        headers = {**signed(form), "Content-Type": "application/x-www-form-urlencoded"}
+        async with http.post(url, data=form, headers=headers) as r:
+            assert r.status == 200
+        await slack_fake.wait_for(lambda: bool(slack_fake.responses))
+    assert bot_pipeline.fake.count == 1  # the retry was not answered again
+    assert len(slack_fake.in_channel("C9")) == 1
+    assert "primary" in slack_fake.responses[-1]["text"]
+
+
+# --- bad input ----------------------------------------------------------------------
+
+async def test_bad_input_huge_empty_and_broken_events(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    async with adapter(slack_fake, bot_pipeline):
+        await slack_fake.push("events_api", message_event("C1", f"<@{BOT_USER}>"))  # empty
+        await slack_fake.push("events_api", {"type": "event_callback", "team_id": TEAM,
+                                             "event": {"type": "message"}})  # no channel/ts
+        huge = "word " * 20_000  # 100 KB
+        await slack_fake.push("events_api", message_event("D1", huge, im=True))
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 15)
+        await slack_fake.wait_for(lambda: bool(slack_fake.in_channel("D1")) and
+                                  slack_fake.in_channel("D1")[0].text
+                                  == full(bot_pipeline.replies[0]))  # type: ignore[arg-type]
+    assert bot_pipeline.fake.count == 1  # the empty mention reached no provider
+    assert slack_fake.in_channel("C1") == []
+
+
+# --- burst: the fake enforces Slack's limits ----------------------------------------
+
+async def test_burst_of_50_replies_respects_limits(bot_pipeline: BotPipeline) -> None:
+    """50 replies at once in 10 channels of one workspace.
+
+    Slack allows 1 message/s per channel and ~50 chat.update/min per workspace,
+    so 50 streamed replies need a minute of wall time. The test runs the same
+    shape 10x faster: the fake's windows and our ``Limits`` are scaled together.
+    """
+    scale = 10.0
+    limits = dataclasses.replace(
+        SLACK, dm_interval_s=SLACK.dm_interval_s / scale,
+        group_interval_s=SLACK.group_interval_s / scale,
+        scope_edit_interval_s=SLACK.scope_edit_interval_s / scale)
+    bot_pipeline.fake.default = Text(ANSWER, gap_s=0.05)
+    channels = [f"CB{i:02d}" for i in range(10)]
+    async with FakeSlack(post_window_s=1.0 / scale, update_window_s=60.0 / scale) as fake:
+        slack = adapter(fake, bot_pipeline, limits=limits)
+        async with slack:
+            pushed: dict[str, float] = {}
+            for i in range(50):
+                body = message_event(channels[i % 10], f"<@{BOT_USER}> question {i}")
+                pushed[body["event"]["ts"]] = time.monotonic()
+                await fake.push("events_api", body)
+            await fake.wait_for(lambda: len(bot_pipeline.replies) == 50
+                                and len(fake.messages) == 50
+                                and all(m.text == full(bot_pipeline.replies[0])  # type: ignore[arg-type]
+                                        for m in fake.messages.values()), within_s=60)
+    first_post = sorted(m.sent_at for m in fake.messages.values())
+    start = min(pushed.values())
+    edits = [m.edits for m in fake.messages.values()]
+    print(f"\nslack burst: 50 replies, 429s={fake.rate_limited}, "
+          f"edits/reply median={statistics.median(edits)} max={max(edits)}, "
+          f"first visible text median={statistics.median(t - start for t in first_post):.2f}s "
+          f"max={max(first_post) - start:.2f}s (limits scaled x{scale:g})")
+    assert fake.rate_limited == 0
+    assert all(m.text == full(bot_pipeline.replies[0]) for m in fake.messages.values())  # type: ignore[arg-type]
+
+
+async def test_thread_reply_to_the_bot_is_answered_in_the_thread(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    async with adapter(slack_fake, bot_pipeline):
+        await slack_fake.push("events_api", message_event(
+            "C1", "and Spain?", thread_ts="1764000000.000001", parent_user_id=BOT_USER))
+        await slack_fake.wait_for(lambda: bool(slack_fake.in_channel("C1")))
+    [shown] = slack_fake.in_channel("C1")
+    assert shown.thread_ts == "1764000000.000001"
+
+
+async def test_sender_maps_429_and_scheduler_recovers_without_losing_text(
+    bot_pipeline: BotPipeline,
+) -> None:
+    """With our pacing switched off, the fake's limits bite: every 429 becomes a
+    ``RetryAfter`` (Retry-After header), is waited out, and no text is lost."""
+    unpaced = dataclasses.replace(SLACK, dm_interval_s=0, group_interval_s=0,
+                                  scope_edit_interval_s=0)
+    bot_pipeline.fake.default = Text(ANSWER, gap_s=0.1)
+    async with FakeSlack(update_limit=2, update_window_s=1.0) as fake:
+        async with adapter(fake, bot_pipeline, limits=unpaced):
+            for i in range(3):
+                await fake.push("events_api", message_event(f"CR{i}", f"<@{BOT_USER}> go {i}"))
+            await fake.wait_for(lambda: len(bot_pipeline.replies) == 3 and len(fake.messages) == 3
+                                and all(m.text == full(bot_pipeline.replies[0])  # type: ignore[arg-type]
+                                        for m in fake.messages.values()), within_s=30)
+    assert fake.rate_limited > 0
+    assert sorted(m.channel for m in fake.messages.values()) == ["CR0", "CR1", "CR2"]
