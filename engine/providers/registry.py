@@ -82,14 +82,9 @@ def build_provider(config: ProviderConfig) -> Provider:
             idle_timeout_s=config.idle_timeout_s, temperature=config.temperature,
         )
     if config.kind == "bedrock":
-        from engine.providers.bedrock import BedrockProvider
+        from engine.providers.bedrock import build_bedrock
 
-        return BedrockProvider(
-            name=config.name, model=config.model, capabilities=capabilities(config),
-            region=config.region, profile=config.profile, endpoint_url=config.endpoint_url,
-            timeout_s=config.timeout_s, first_token_timeout_s=config.first_token_timeout_s,
-            idle_timeout_s=config.idle_timeout_s, temperature=config.temperature,
-        )
+        return build_bedrock(config)  # capability defaults per Bedrock model family
     preset = PRESETS.get(config.kind)
     if preset is None:
         raise ConfigError(f"providers.{config.name}.kind: unknown kind '{config.kind}'")
