@@ -39,6 +39,13 @@ class StorageSettings(_Strict):
     memory_uri: str | None = None  # default: data_dir/lancedb; "s3://bucket/prefix" allowed
     memory_storage_options: dict[str, str] = Field(default_factory=dict)
     redis_url: str | None = None
+    # Scale-out: URLs that carry a password can come from the environment
+    # instead (``database_url_env = "BOTERNITY_DATABASE_URL"``); the value wins
+    # over ``database_url`` / ``redis_url``.
+    database_url_env: str | None = None
+    redis_url_env: str | None = None
+    redis_namespace: str = "boternity"  # key prefix: several deployments, one Redis
+    redis_lease_s: float = Field(default=30.0, gt=0)  # a dead worker's claim blocks this long
     max_file_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_bot_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
 
@@ -170,6 +177,20 @@ class Settings(_Strict):
     http: HttpSettings = Field(default_factory=HttpSettings)
     source: str = Field(default="<memory>", exclude=True)
     env: dict[str, str] = Field(default_factory=dict, exclude=True, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _urls_from_env(cls, data: Any) -> Any:
+        # database_url_env / redis_url_env: resolve before validation, so every
+        # reader of ``storage`` sees one URL.
+        if not isinstance(data, dict) or not isinstance(data.get("storage"), dict):
+            return data
+        storage, env = dict(data["storage"]), data.get("env") or {}
+        for key in ("database_url", "redis_url"):
+            name = storage.get(f"{key}_env")
+            if isinstance(name, str) and env.get(name):
+                storage[key] = env[name]
+        return {**data, "storage": storage}
 
     @model_validator(mode="after")
     def _chains_exist(self) -> Settings:
