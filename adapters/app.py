@@ -30,8 +30,10 @@ from engine.ports import Provider, ReplyObserver
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.presets import PRESETS
 from engine.providers.registry import ProviderConfig, build_provider
+from engine.usage import Budget, Price, UsageAccounting
 from persistence.conversations import SqlConversationStore
 from persistence.database import Database
+from persistence.usage import SqlUsageStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class App:
     conversations: dict[str, Conversation] = field(default_factory=dict)
     observers: list[ReplyObserver] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    usage: UsageAccounting | None = None  # token/cost rows per reply, daily budgets
 
 
 def provider_config(name: str, p: ProviderSettings, settings: Settings) -> ProviderConfig:
@@ -133,9 +136,17 @@ async def build_app(settings: Settings) -> AsyncIterator[App]:
             app.providers[name] = provider
             app.breakers.configure(name, fail_max=config.fail_max,
                                    reset_timeout_s=config.reset_timeout_s)
+        app.usage = UsageAccounting(
+            SqlUsageStore(database),
+            prices={n: Price(p.price_input_per_mtok, p.price_output_per_mtok)
+                    for n, p in settings.providers.items()},
+            budgets={n: Budget(b.budget_usd_per_day, b.user_budget_usd_per_day)
+                     for n, b in settings.bots.items()},
+        )
+        app.observers.append(app.usage)
         for bot_name, bot in settings.bots.items():
             chain = FallbackChain([app.providers[n] for n in bot.chain], app.breakers,
-                                  name=bot_name)
+                                  name=bot_name, skip=app.usage.skip_for(bot_name))
             app.chains[bot_name] = chain
             app.conversations[bot_name] = Conversation(
                 bot=bot_name,

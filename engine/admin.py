@@ -44,6 +44,7 @@ from engine.types import (
     StoredFile,
     TrustLevel,
 )
+from engine.usage import UsageStore, usage_report
 
 IMPORT_BATCH = 256
 
@@ -392,3 +393,15 @@ class PersonaAdmin:
         self.get(bot)
         self.conversations[bot].persona = persona
         return persona
+
+
+@dataclass
+class UsageAdmin:
+    """``/usage``: tokens and cost per bot, provider and day (``engine.usage``)."""
+
+    store: UsageStore
+
+    async def report(self, bot: str | None = None, *, days: int = 7) -> str:
+        if not 1 <= days <= 366:
+            raise AdminError("days must be 1 to 366")
+        return await usage_report(self.store, bot=bot, days=days)

@@ -241,3 +241,74 @@ async def test_report_text(db: Database) -> None:
     three_days = await usage_report(store, days=3, now=NOON)
     assert "cheap" in three_days and "total cost: $3.7500" in three_days
     assert "cheap" not in await usage_report(store, bot="nobody", days=3, now=NOON)
+
+
+# --- wiring: the composition root records usage; `boternity usage` prints it ---
+
+def write_config(tmp_path: Path, bedrock: FakeBedrock, openai: FakeOpenAI) -> Path:
+    path = tmp_path / "boternity.toml"
+    path.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'data'}"
+
+[providers.aws]
+kind = "bedrock"
+model = "anthropic.claude-test"
+endpoint_url = "{bedrock.url}"
+price_input_per_mtok = 3.0
+price_output_per_mtok = 15.0
+
+[providers.backup]
+kind = "openai_compatible"
+model = "backup-model"
+base_url = "{openai.base_url}"
+
+[bots.demo]
+chain = ["aws", "backup"]
+budget_usd_per_day = 0.001
+""", encoding="utf-8")
+    return path
+
+
+async def test_app_records_usage_and_cli_prints_it(
+    bedrock_fake: FakeBedrock, openai_fake: FakeOpenAI, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import asyncio
+
+    from adapters.app import build_app
+    from adapters.cli import main
+    from adapters.settings import load_settings
+
+    config = write_config(tmp_path, bedrock_fake, openai_fake)
+    bedrock_fake.push(Behaviour(input_tokens=1000, output_tokens=100))
+    async with build_app(load_settings(config, dotenv=None)) as app:
+        first = await say(app.conversations["demo"], "hello")
+        second = await say(app.conversations["demo"], "again")
+    assert (first.served_by, second.served_by) == ("aws", "backup")
+    assert "aws skipped: over the bot's daily budget" in second.footer
+
+    code = await asyncio.to_thread(main, ["--config", str(config), "--env-file", "",
+                                          "usage", "--days", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert ["demo", "aws", "1", "1000", "100", f"{AWS.cost(Usage(1000, 100)):.4f}"] == \
+        rows[1][1:]
+    assert rows[2][1:4] == ["demo", "backup", "1"]
+    assert f"total cost: ${AWS.cost(Usage(1000, 100)):.4f}" in out
+
+    code = await asyncio.to_thread(main, ["--config", str(config), "--env-file", "",
+                                          "usage", "--bot", "nobody"])
+    assert code == 2
+    assert "no bot 'nobody'" in capsys.readouterr().err
+
+
+async def test_usage_admin_report(db: Database) -> None:
+    from engine.admin import AdminError, UsageAdmin
+
+    admin = UsageAdmin(SqlUsageStore(db))
+    await admin.store.add(record(datetime.now(UTC), "demo", "aws", 10, 10))
+    assert "demo" in await admin.report("demo", days=1)
+    with pytest.raises(AdminError):
+        await admin.report(days=0)
