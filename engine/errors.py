@@ -13,6 +13,8 @@ Every SDK error is mapped to one of these at the edge where it happens
     │   ├── ContextTooLong          the request does not fit this provider's window
     │   ├── InvalidRequest          the user's request is invalid: NOT failed over
     │   └── AllProvidersFailed      the whole chain failed; .failures says why
+    │       └── NoProviderFits      ...because the request fits no provider's window
+    │                               (also a ContextTooLong)
     ├── StorageError                relational, vector or file storage failed
     │   ├── TamperDetected          a stored row fails its integrity check
     │   ├── EmbeddingMismatch       a table was written with another model
@@ -95,6 +97,13 @@ class AllProvidersFailed(ProviderError):
         detail = "; ".join(f"{f.provider}: {f.reason}" for f in failures) or "no provider"
         super().__init__("chain", f"every provider failed ({detail})")
         self.failures = tuple(failures)
+
+
+class NoProviderFits(AllProvidersFailed, ContextTooLong):
+    """No provider in the chain has a context window large enough for the request."""
+
+    kind = "context_too_long"
+    failover = False
 
 
 class StorageError(BoternityError):

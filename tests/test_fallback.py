@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pybreaker
 import pytest
 
-from engine.errors import AllProvidersFailed, InvalidRequest
+from engine.errors import AllProvidersFailed, ContextTooLong, InvalidRequest
 from engine.ports import Provider
 from engine.providers.fallback import (
     CONTINUE_INSTRUCTION,
@@ -249,7 +249,8 @@ async def test_request_too_large_for_the_small_window_goes_to_one_that_fits(
     with pytest.raises(NoProviderFits) as info:
         await _collect(tiny.run(long_request))
     assert [f.provider for f in info.value.failures] == ["small", "also-small"]
-    assert isinstance(info.value, AllProvidersFailed)
+    assert isinstance(info.value, AllProvidersFailed) and isinstance(info.value, ContextTooLong)
+    assert info.value.failover is False
 
 
 async def test_usage_is_estimated_when_the_server_reports_none(openai_fake: FakeOpenAI) -> None:

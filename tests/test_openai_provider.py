@@ -206,3 +206,13 @@ async def test_openai_kind_sends_max_completion_tokens(openai_fake: FakeOpenAI) 
     await _drain(provider, CompletionRequest(REQUEST.messages, max_tokens=50))
     body = openai_fake.requests[0].body
     assert body["max_completion_tokens"] == 50 and "max_tokens" not in body
+
+
+async def test_whole_answer_is_bounded_by_timeout_s(openai_fake: FakeOpenAI) -> None:
+    # Steady chunks (no idle gap) that together take longer than timeout_s.
+    openai_fake.script(Text(["a", "b", "c", "d", "e", "f", "g", "h"], gap_s=0.1))
+    provider = _provider(openai_fake, timeout_s=0.35, first_token_timeout_s=1,
+                         idle_timeout_s=1)
+    chunks, raised = await _drain(provider)
+    assert isinstance(raised, ProviderTimeout) and raised.reason == "timed out mid-answer"
+    assert 1 <= len([c for c in chunks if c.text]) < 8

@@ -25,7 +25,8 @@ Rules:
 - A 429 with Retry-After cools the provider down (skipped, no request) until then.
 - A request that does not fit a provider's context window (estimate: ~4
   characters per token plus room for the answer) skips that provider. If no
-  provider could take it, ``NoProviderFits`` (an ``AllProvidersFailed``).
+  provider could take it, ``engine.errors.NoProviderFits`` (both an
+  ``AllProvidersFailed`` and a ``ContextTooLong``; re-exported here).
 - ``skip(provider, request) -> str | None`` (sync or async; given to the chain
   and/or to ``run``) returns a reason to skip a provider: over budget, etc.
 - Mid-stream failure: deltas already yielded stay yielded. The next provider
@@ -56,6 +57,7 @@ from engine.errors import (
     AuthFailed,
     ContextTooLong,
     InvalidRequest,
+    NoProviderFits,
     ProviderError,
     RateLimited,
 )
@@ -63,6 +65,9 @@ from engine.ports import Provider
 from engine.types import Capabilities, Chunk, CompletionRequest, Failure, Message, Usage
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Breakers", "ChainRun", "FallbackChain", "NoProviderFits", "ProviderStatus",
+           "SkipRule", "estimate_request_tokens", "estimate_tokens", "fit_reason"]
 
 SkipRule = Callable[[Provider, CompletionRequest], "str | Awaitable[str | None] | None"]
 StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
@@ -75,12 +80,6 @@ CONTINUE_INSTRUCTION = (
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4  # role markers etc. per message
 MAX_COOLDOWN_S = 300.0  # never trust a Retry-After for longer than this
-
-
-class NoProviderFits(AllProvidersFailed):
-    """No provider in the chain has a context window large enough for the request."""
-
-    kind = "context_too_long"
 
 
 def estimate_tokens(text: str) -> int:

@@ -19,15 +19,16 @@ subclasses, possibly after chunks were yielded:
     InvalidRequest   any other 400 / 422: the request is wrong, not the provider
     Unavailable      5xx, 404 (wrong model or URL), refused or dropped connection,
                      malformed SSE, an error event inside the stream
-    ProviderTimeout  connect/read timeout (``timeout_s``), no first text within
-                     ``first_token_timeout_s``, a gap over ``idle_timeout_s``
+    ProviderTimeout  no first text within ``first_token_timeout_s``, a gap over
+                     ``idle_timeout_s``, the whole answer over ``timeout_s``
 
 The SDK never retries (``max_retries=0``): the fallback chain owns retrying.
-``timeout_s`` bounds connecting and every single read, not the whole answer: a
-long answer that keeps streaming is fine, a stalled one hits the idle timeout.
-The first-token and idle timeouts wrap each ``anext`` of the stream only, never
-the consumer's work between chunks (a timeout around a ``yield`` would cancel
-the consumer).
+``timeout_s`` is the overall limit: it bounds connecting, every read, and the
+whole answer from this provider (wall clock from the request). An answer cut
+by it is not lost: the chain continues it on the next provider. Raise it for
+models that write long answers slowly. All three limits wrap each ``anext``
+of the stream only, never the consumer's work between chunks (a timeout
+around a ``yield`` would cancel the consumer).
 """
 
 from __future__ import annotations
@@ -128,15 +129,16 @@ class OpenAICompatProvider:
         if self._health_url:
             await self._check_health()
         loop = asyncio.get_running_loop()
+        overall = loop.time() + self.timeout_s
         deadline = loop.time() + self.first_token_timeout_s
         got_text = False
         sdk_stream = None
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(min(deadline, overall)):
                 sdk_stream = await self._client.chat.completions.create(**self._body(request))
             chunks = aiter(sdk_stream)
             while True:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(min(deadline, overall)):
                     try:
                         event = await anext(chunks)
                     except StopAsyncIteration:
@@ -152,8 +154,11 @@ class OpenAICompatProvider:
                 if got_text:
                     deadline = loop.time() + self.idle_timeout_s
         except TimeoutError as exc:
-            reason = ("stalled mid-answer (idle timeout)" if got_text
-                      else "timed out before first token")
+            if overall <= deadline:
+                reason = "timed out mid-answer" if got_text else "timed out"
+            else:
+                reason = ("stalled mid-answer (idle timeout)" if got_text
+                          else "timed out before first token")
             raise ProviderTimeout(self.name, reason) from exc
         except ProviderError:
             raise
