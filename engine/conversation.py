@@ -51,10 +51,14 @@ log = logging.getLogger(__name__)
 class ChainRun(Protocol):
     """One streamed completion of a chain; the attributes are final once exhausted."""
 
-    served_by: str | None
-    model: str | None
-    failures: tuple[Failure, ...]
-    usage: Usage | None
+    @property
+    def served_by(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def failures(self) -> tuple[Failure, ...]: ...
+    @property
+    def usage(self) -> Usage | None: ...
 
     def __aiter__(self) -> AsyncIterator[Chunk]: ...
 
@@ -62,7 +66,8 @@ class ChainRun(Protocol):
 class Chain(Protocol):
     """What the pipeline needs of ``engine.providers.fallback.FallbackChain``."""
 
-    capabilities: Capabilities
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     def run(self, request: CompletionRequest) -> ChainRun: ...
 

@@ -40,6 +40,9 @@ model = "backup-model"
 persona = "You are the helper."
 chain = ["primary", "backup"]
 footer = "{footer}"
+
+[bots.helper.memory]
+extract = false  # fact extraction would send extra requests to the scripted fake
 """, encoding="utf-8")
     return config
 
