@@ -1,0 +1,147 @@
+"""What the engine costs per reply, and how much memory `boternity chat` needs.
+
+    .venv/bin/python benchmarks/bench_engine.py [--runs 200]
+
+1. Per-reply overhead, side by side in one run, against the same fake OpenAI
+   server on 127.0.0.1 and the same short streamed answer:
+
+       bare SDK        AsyncOpenAI streaming directly (no Boternity)
+       conversation    Conversation.reply: store the message in SQLite, load
+                       history, build the prompt, stream through the real
+                       FallbackChain and provider, store the answer
+
+   Both scenarios run interleaved (ABAB...) after a warm-up; medians and their
+   ratio are reported. Each conversation run uses a new chat so the prompt
+   stays the same size as the bare one.
+
+2. Peak RSS of `boternity chat` on the embedded demo config (the local
+   llama.cpp model in-process) answering one line, measured by the kernel
+   (``getrusage(RUSAGE_CHILDREN)`` around a single child process).
+
+Absolute numbers depend on the machine and its load; the ratio is the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from openai import AsyncOpenAI  # noqa: E402
+from pydantic import SecretStr  # noqa: E402
+
+from engine.conversation import Conversation  # noqa: E402
+from engine.providers.fallback import Breakers, FallbackChain  # noqa: E402
+from engine.providers.openai_compat import OpenAICompatProvider  # noqa: E402
+from engine.types import IncomingMessage, Reply  # noqa: E402
+from persistence.conversations import SqlConversationStore  # noqa: E402
+from persistence.database import Database  # noqa: E402
+from tests.fakes.openai_server import FakeOpenAI, Text, start_openai_fake  # noqa: E402
+
+CHUNKS = ("The", " answer", " is", " forty", "-two.")
+QUESTION = "What is the answer?"
+PERSONA = "You are terse."
+
+
+async def bare_sdk(client: AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model="m", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "system", "content": PERSONA}, {"role": "user", "content": QUESTION}],
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "".join(CHUNKS)
+
+
+async def overhead(runs: int) -> dict[str, float]:
+    async with start_openai_fake(default=Text(CHUNKS, usage=(10, 5))) as fake:
+        return await _overhead(fake, runs)
+
+
+async def _overhead(fake: FakeOpenAI, runs: int) -> dict[str, float]:
+    client = AsyncOpenAI(base_url=fake.base_url, api_key="sk-bench", max_retries=0)
+    tmp = tempfile.TemporaryDirectory()
+    provider = OpenAICompatProvider(name="primary", model="m", base_url=fake.base_url,
+                                    api_key=SecretStr("sk-bench"))
+    async with Database(f"sqlite+aiosqlite:///{tmp.name}/bench.db") as db, provider:
+        conversation = Conversation(
+            bot="bench", persona=PERSONA, chain=FallbackChain([provider], Breakers()),
+            store=SqlConversationStore(db),
+        )
+        counter = iter(range(10**9))
+
+        async def engine_reply() -> None:
+            message = IncomingMessage(platform="terminal", bot="bench",
+                                      chat=f"c{next(counter)}", user="u", text=QUESTION)
+            final = [i async for i in conversation.reply(message) if isinstance(i, Reply)]
+            assert final[0].text == "".join(CHUNKS)
+
+        async def bare() -> None:
+            await bare_sdk(client)
+
+        scenarios: dict[str, Callable[[], Awaitable[None]]] = {
+            "bare SDK": bare, "conversation": engine_reply,
+        }
+        timings: dict[str, list[float]] = {name: [] for name in scenarios}
+        for _ in range(10):  # warm-up: connections, caches, JIT-free but lazy imports
+            for run in scenarios.values():
+                await run()
+        for _ in range(runs):
+            for name, run in scenarios.items():
+                start = time.perf_counter()
+                await run()
+                timings[name].append(time.perf_counter() - start)
+        await client.close()
+    tmp.cleanup()
+    return {name: statistics.median(values) * 1000 for name, values in timings.items()}
+
+
+def peak_rss_chat() -> tuple[float, float, str]:
+    """(peak RSS in MiB, wall seconds, the answer) of one `boternity chat` child."""
+    script = Path(sys.executable).parent / "boternity"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "adapters.cli"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.TemporaryDirectory() as cwd:
+        start = time.perf_counter()
+        done = subprocess.run([*command, "chat"], input="Say hello.\n", capture_output=True,
+                              text=True, cwd=cwd, timeout=300, check=True)
+        wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    if peak <= before:
+        raise RuntimeError("another child already peaked higher; run this benchmark alone")
+    return peak / 1024, wall, done.stdout.strip().splitlines()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+
+    if not args.skip_rss:  # first, while no other child process has run
+        rss, wall, answer = peak_rss_chat()
+        print(f"boternity chat (demo config, one line): peak RSS {rss:.0f} MiB, "
+              f"{wall:.1f} s wall, answered {answer[:40]!r}")
+
+    medians = asyncio.run(overhead(args.runs))
+    bare, engine = medians["bare SDK"], medians["conversation"]
+    print(f"\nper-reply latency, median of {args.runs} interleaved runs (fake server, 127.0.0.1)")
+    print(f"{'scenario':<16}{'median ms':>10}{'ratio':>8}")
+    for name, value in medians.items():
+        print(f"{name:<16}{value:>10.2f}{value / bare:>8.2f}")
+    print(f"engine overhead per reply: {engine - bare:+.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
