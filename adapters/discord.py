@@ -144,7 +144,6 @@ class DiscordConfig:
     bot: str
     token: SecretStr
     data_dir: Path
-    admins: frozenset[str] = frozenset()
     gate: GateConfig = field(default_factory=GateConfig)
     api_base_url: str | None = None
     gateway_url: str | None = None

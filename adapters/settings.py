@@ -130,14 +130,20 @@ class SlackSettings(_PlatformSettings):
     app_token_env: str | None = None
     signing_secret_env: str | None = None
     mode: Literal["socket", "http"] = "socket"
-    http_port: int = 3000
+    http_host: str = "127.0.0.1"  # put a TLS reverse proxy in front; "0.0.0.0" to expose
+    http_port: int = Field(default=3000, ge=0, le=65535)
     http_path: str = "/slack/events"
+    # workspace admins/owners (users.info) may run admin commands, as well as `admins`
+    trust_workspace_admins: bool = True
 
 
 class DiscordSettings(_PlatformSettings):
     token_env: str
     shard_ids: list[int] | None = None
     shard_count: int | None = None
+    gateway_url: str | None = None  # with api_base_url (".../api/v10"): proxies and tests
+    # server administrators may run admin commands; off: anyone can make a server
+    trust_guild_admins: bool = False
 
 
 class BotSettings(_Strict):

@@ -128,10 +128,9 @@ class SlackConfig:
     http_port: int = 3000
     http_path: str = "/slack/events"
     api_base_url: str | None = None
-    admins: frozenset[str] = frozenset()
+    trust_workspace_admins: bool = True  # a single-workspace app: its admins are ours
     gate: GateConfig = field(default_factory=GateConfig)
     limits: Limits = SLACK
-    max_file_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode == "socket" and self.app_token is None:
@@ -284,7 +283,7 @@ class SlackAdapter:
         message = IncomingMessage(
             platform="slack", bot=self.config.bot,
             chat=f"{channel}/{thread}" if thread else channel,
-            user=user, text=text, message_id=str(event["ts"]), user_name=user,
+            user=f"slack:{user}", text=text, message_id=str(event["ts"]), user_name=user,
             is_group=is_group, reply_to=str(thread) if thread else None,
         )
         pending = [self._pending(f) for f in event.get("files") or [] if f.get("id")]
@@ -344,7 +343,8 @@ class SlackAdapter:
             return "Admin commands are not enabled for this bot."
         caller = Caller(platform="slack", chat=str(command.get("channel_id", "")),
                         user=str(command.get("user_id", "")))
-        if not self.commands.is_admin(caller) and await self._workspace_admin(caller.user):
+        if (self.config.trust_workspace_admins and not self.commands.is_admin(caller)
+                and await self._workspace_admin(caller.user)):
             caller = dataclasses.replace(caller, is_platform_admin=True)
         return await self.commands.run(caller, name, str(command.get("text", "")))
 

@@ -143,22 +143,20 @@ class BotPipeline:
             bot="demo", persona="You are terse.", chain=self.chain,
             store=SqlConversationStore(db), footer="always", observers=[self, self.last],
         )
-        self.files = None
-        try:
-            from persistence.files import SqlFileStore  # platform-core helper's store
-        except ImportError:
-            pass
-        else:
-            self.files = SqlFileStore(db, self.tmp_path / "data", max_file_bytes=1_000_000,
-                                      max_bot_bytes=10_000_000)
+        from persistence.files import SqlFileStore
+
+        self.files = SqlFileStore(db, self.tmp_path / "data", max_file_bytes=1_000_000,
+                                  max_bot_bytes=10_000_000)
         self.provider_admin = ProviderAdmin({"demo": self.chain}, self.last)
         self.persona_admin = PersonaAdmin({"demo": self.conversation})
 
     def commands(self, admins: tuple[str, ...]) -> object:
         from adapters.commands import Commands
+        from engine.admin import FileAdmin
 
         return Commands(bot="demo", admins=admins, providers=self.provider_admin,
-                        persona=self.persona_admin)
+                        persona=self.persona_admin,
+                        files=FileAdmin(self.files) if self.files is not None else None)
 
 
 @pytest.fixture

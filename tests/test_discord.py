@@ -40,7 +40,7 @@ async def discord_fake() -> AsyncIterator[FakeDiscord]:
 def adapter(fake: FakeDiscord, pipeline: BotPipeline, **overrides: Any) -> DiscordAdapter:
     values: dict[str, Any] = dict(
         bot="demo", token=SecretStr("discord-test-token"),
-        data_dir=pipeline.tmp_path / "data", admins=frozenset({str(ADMIN)}),
+        data_dir=pipeline.tmp_path / "data",
         gate=GateConfig(), api_base_url=fake.api_base, gateway_url=fake.gateway_url,
         ready_timeout_s=10,
     )
@@ -219,3 +219,28 @@ async def test_burst_of_50_replies_respects_limits(
           f"(limits scaled x{scale:g})")
     assert fake.rate_limited == 0
     assert all(m.text == first_reply(bot_pipeline).full_text for m in fake.messages.values())
+
+
+async def test_attachment_stored_with_metadata_and_huge_file_refused(
+    discord_fake: FakeDiscord, bot_pipeline: BotPipeline
+) -> None:
+    assert bot_pipeline.files is not None
+    text = b"# Notes\nThe launch is on Friday.\n"
+    url = discord_fake.add_file("..%2F..%2Fnotes.md", text)
+    attachment = {"id": "600000000000000001", "filename": "../../notes\x00.md",
+                  "size": len(text), "url": url, "proxy_url": url, "content_type": "text/markdown"}
+    big = {"id": "600000000000000002", "filename": "big.bin", "size": 5_000_000,
+           "url": discord_fake.add_file("big.bin", b"never fetched"),
+           "proxy_url": "", "content_type": "application/octet-stream"}
+    async with adapter(discord_fake, bot_pipeline):
+        await discord_fake.message_create(channel_id=DM, content="summarize", guild=False,
+                                          attachments=[attachment, big])
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+    [stored] = await bot_pipeline.files.recent("demo")
+    assert (stored.platform, stored.chat) == ("discord", str(DM))
+    assert stored.uploader == "discord:500000000000000001"
+    assert stored.mime_type == "text/markdown" and stored.size == len(text)
+    assert "/" not in stored.name and "\x00" not in stored.name
+    assert "The launch is on Friday." in str(bot_pipeline.fake.requests[0].body)
+    notes = [m.text for m in discord_fake.in_channel(DM)]
+    assert any("'big.bin' is too large" in t for t in notes)  # told, not crashed

@@ -46,7 +46,7 @@ def config(fake: FakeSlack, **overrides: Any) -> SlackConfig:
     values: dict[str, Any] = dict(
         bot="demo", bot_token=SecretStr(BOT_TOKEN), app_token=SecretStr(APP_TOKEN),
         signing_secret=SecretStr(SECRET), api_base_url=fake.api_base,
-        admins=frozenset({ADMIN}), gate=GateConfig(),
+        gate=GateConfig(),
     )
     values.update(overrides)
     return SlackConfig(**values)
@@ -289,3 +289,34 @@ async def test_sender_maps_429_and_scheduler_recovers_without_losing_text(
                                         for m in fake.messages.values()), within_s=30)
     assert fake.rate_limited > 0
     assert sorted(m.channel for m in fake.messages.values()) == ["CR0", "CR1", "CR2"]
+
+
+# --- attachments ----------------------------------------------------------------------
+
+async def test_attachment_stored_with_metadata_and_hostile_or_huge_files_refused(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    assert bot_pipeline.files is not None
+    csv = b"city,country\nParis,France\n"
+    hostile = slack_fake.add_file("../../etc/passwd\x1b[31m\u202e.csv", csv, "text/csv")
+    huge = slack_fake.add_file("big.bin", b"x" * 1_500_000, "application/octet-stream")
+    async with adapter(slack_fake, bot_pipeline):
+        await slack_fake.push("events_api", message_event(
+            "D1", "what is in this file?", im=True, subtype="file_share", files=[hostile]))
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+        bot_pipeline.replied.clear()
+        await slack_fake.push("events_api", message_event(
+            "D2", "and this one?", im=True, subtype="file_share", files=[huge]))
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+        await slack_fake.wait_for(lambda: len(slack_fake.in_channel("D2")) == 2)
+    [stored] = await bot_pipeline.files.recent("demo")
+    assert (stored.platform, stored.chat, stored.uploader) == ("slack", "D1", "slack:UALICE001")
+    assert stored.mime_type == "text/csv" and stored.size == len(csv)
+    assert "/" not in stored.name and "\x1b" not in stored.name and "\u202e" not in stored.name
+    assert stored.name.endswith(".csv")
+    on_disk = bot_pipeline.tmp_path / "data" / "bots" / "demo" / "files"
+    assert [p.read_bytes() for p in on_disk.rglob(stored.sha256)] == [csv]
+    assert slack_fake.downloads == [f"Bearer {BOT_TOKEN}"]  # the huge one was never fetched
+    assert "Paris,France" in json.dumps(bot_pipeline.fake.requests[0].body)
+    notes = [m.text for m in slack_fake.in_channel("D2")]
+    assert any("'big.bin' is too large" in t for t in notes)  # told, not crashed
