@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.settings import ProviderSettings, Settings
+from engine.admin import BotInfo, MemoryAdmin
+from engine.background import Background
 from engine.conversation import Conversation
 from engine.errors import ConfigError
+from engine.memory import BotMemory, MemoryConfig
 from engine.ports import Provider, ReplyObserver
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.presets import PRESETS
@@ -33,7 +36,11 @@ from engine.providers.registry import ProviderConfig, build_provider
 from engine.usage import Budget, Price, UsageAccounting
 from persistence.conversations import SqlConversationStore
 from persistence.database import Database
+from persistence.embeddings import FastEmbedder
+from persistence.recall_log import SqlRecallLog
+from persistence.shared_memory import SharedMemory
 from persistence.usage import SqlUsageStore
+from persistence.vectors import LanceMemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,9 @@ class App:
     conversations: dict[str, Conversation] = field(default_factory=dict)
     observers: list[ReplyObserver] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    memories: dict[str, BotMemory] = field(default_factory=dict)  # per bot, if enabled
+    memory_admin: MemoryAdmin | None = None  # `boternity memory ...`, /memory
+    memory_jobs: Background | None = None  # background fact extraction
     usage: UsageAccounting | None = None  # token/cost rows per reply, daily budgets
 
 
@@ -111,6 +121,57 @@ def platform_runners(app: App) -> list[tuple[str, Runner]]:
     return runners
 
 
+@dataclass
+class _MemoryParts:
+    embedder: FastEmbedder
+    store: LanceMemoryStore
+    shared: SharedMemory
+    recall_log: SqlRecallLog
+    jobs: Background
+
+
+async def _start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> _MemoryParts | None:
+    """The embedding model, the LanceDB stores, the recall log and the extraction queue.
+
+    Entered after the providers, so on exit the extraction queue drains
+    first (while stores and providers are still open), then the stores close.
+    """
+    bots = settings.bots
+    if not any(bot.memory.enabled for bot in bots.values()):
+        return None
+    storage = settings.storage
+    embedder = await FastEmbedder.load(
+        storage.data_dir, threads=max(b.memory.embedding_threads for b in bots.values()))
+    uri, options = storage.resolved_memory_uri(), storage.memory_storage_options or None
+    store = await stack.enter_async_context(
+        await LanceMemoryStore.open(uri, embedder, storage_options=options))
+    shared = await stack.enter_async_context(
+        await SharedMemory.open(uri, embedder, storage_options=options))
+    parts = _MemoryParts(embedder, store, shared, SqlRecallLog(app.database),
+                         await stack.enter_async_context(Background(name="memory")))
+    app.memory_jobs = parts.jobs
+    app.memory_admin = MemoryAdmin(
+        store, shared=shared, recall_log=parts.recall_log,
+        bots={n: BotInfo(n, b.trust_level, tuple(b.trust_groups)) for n, b in bots.items()},
+    )
+    return parts
+
+
+def _bot_memory(parts: _MemoryParts | None, settings: Settings, bot_name: str,
+                chain: FallbackChain) -> BotMemory | None:
+    bot = settings.bots[bot_name]
+    if parts is None or not bot.memory.enabled:
+        return None
+    m = bot.memory
+    config = MemoryConfig(
+        bot=bot_name, top_k=m.top_k, min_score=m.min_score, extract=m.extract,
+        extract_with_local=m.extract_with_local, trust_groups=tuple(bot.trust_groups),
+        local_providers=frozenset(n for n, p in settings.providers.items() if p.kind == "local"),
+    )
+    return BotMemory(config, store=parts.store, embedder=parts.embedder, jobs=parts.jobs,
+                     shared=parts.shared, chain=chain, recall_log=parts.recall_log)
+
+
 @asynccontextmanager
 async def build_app(settings: Settings) -> AsyncIterator[App]:
     """Start everything the settings describe; stop it all on exit."""
@@ -144,15 +205,19 @@ async def build_app(settings: Settings) -> AsyncIterator[App]:
                      for n, b in settings.bots.items()},
         )
         app.observers.append(app.usage)
+        memory_parts = await _start_memory(stack, settings, app)
         for bot_name, bot in settings.bots.items():
             chain = FallbackChain([app.providers[n] for n in bot.chain], app.breakers,
                                   name=bot_name, skip=app.usage.skip_for(bot_name))
             app.chains[bot_name] = chain
+            if (memory := _bot_memory(memory_parts, settings, bot_name, chain)) is not None:
+                app.memories[bot_name] = memory
             app.conversations[bot_name] = Conversation(
                 bot=bot_name,
                 persona=bot.persona,
                 chain=chain,
                 store=app.messages,
+                memory=memory,
                 footer=bot.footer,
                 history_messages=bot.history_messages,
                 observers=app.observers,  # shared list: wiring added later is seen

@@ -42,7 +42,7 @@ EMBEDDED_CONFIG = "boternity.example.toml"  # package data of ``adapters``
 Handler = Callable[[argparse.Namespace, App], Awaitable[int]]
 
 # Modules that add subcommands: each exposes ``add_commands(subparsers)``.
-COMMAND_MODULES: list[str] = ["adapters.cli_usage"]
+COMMAND_MODULES: list[str] = ["adapters.cli_usage", "adapters.cli_memory"]
 
 
 async def cmd_chat(args: argparse.Namespace, app: App) -> int:

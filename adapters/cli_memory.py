@@ -37,8 +37,9 @@ Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]
 
 
 def _out() -> Console:
-    # Built per call: tests swap sys.stdout; soft_wrap keeps ids unbroken when piped.
-    return Console(file=sys.stdout, soft_wrap=True)
+    # Built per call (tests swap sys.stdout). Piped output gets a wide page so
+    # ids are never folded: `... | grep` must find them whole.
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
 
 
 def _err() -> Console:
@@ -78,7 +79,8 @@ def _progress(label: str) -> Iterator[Any]:
 
 def _facts_table(facts: list[Fact], *, shared: bool = False) -> Table:
     table = Table(show_lines=False)
-    for column in ("id", "score", "user", "category", "text"):
+    table.add_column("id", no_wrap=True)
+    for column in ("score", "user", "category", "text"):
         table.add_column(column, overflow="fold")
     if shared:
         table.add_column("trust")
@@ -179,7 +181,7 @@ async def memory_why(args: argparse.Namespace, app: Any) -> int:
         return 0
     table = Table()
     for column in ("score", "source", "id", "user", "text"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column == "id")
     for fact in record.facts:
         source = fact.source + (f" ({fact.author_bot})" if fact.author_bot else "")
         table.add_row(f"{fact.score:.3f}", source, fact.id, fact.user or "(general)", fact.text)
