@@ -23,6 +23,9 @@ async def test_demo_model_answers_through_the_chain_and_stops_cleanly() -> None:
     assert isinstance(provider, LocalProvider)
     assert provider.label == DEMO_LABEL and provider.is_demo
     assert provider.base_url is None  # lazy: nothing started yet
+    # CPU-bound: reading a long prompt comes before the first token, so the
+    # preset raises the configured (default 30 s / 15 s) limits to its floors.
+    assert (provider.timeout_s, provider.first_token_timeout_s) == (120.0, 60.0)
     request = CompletionRequest(
         (Message("system", "You are a helpful assistant."),
          Message("user", "Say hello in one short sentence.")),

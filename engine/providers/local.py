@@ -90,6 +90,7 @@ class LocalProvider:
         self.capabilities = capabilities or Capabilities(
             context_window=4096, max_output_tokens=512)
         self.threads = threads
+        self.timeout_s, self.first_token_timeout_s = timeout_s, first_token_timeout_s
         self._client_options: dict[str, Any] = {
             "timeout_s": timeout_s, "first_token_timeout_s": first_token_timeout_s,
             "idle_timeout_s": idle_timeout_s, "temperature": temperature,

@@ -32,6 +32,8 @@ class Preset:
     health_path: str | None = None  # checked (and cached briefly) before use
     max_timeout_s: float | None = None  # caps the configured timeouts (less reliable peers)
     max_first_token_s: float | None = None
+    min_timeout_s: float | None = None  # floors for slow peers (a CPU-bound local model)
+    min_first_token_s: float | None = None
     experimental: bool = False
     needs_key: bool = True
 
@@ -76,5 +78,9 @@ PRESETS: dict[Kind, Preset] = {
         None,
         Capabilities(vision=False, tools=False, context_window=4_096, max_output_tokens=512),
         needs_key=False,
+        # On CPU the first token waits until the whole prompt is read (~150
+        # tokens/s per thread): a full 4k window needs ~30 s before any text.
+        min_timeout_s=120.0,
+        min_first_token_s=60.0,
     ),
 }

@@ -75,10 +75,11 @@ def build_provider(config: ProviderConfig) -> Provider:
     if config.kind == "local":
         from engine.providers.local import LocalProvider
 
+        timeout_s, first_token_s = _timeouts(config)
         return LocalProvider(
             name=config.name, model_path=config.model_path, model=config.model,
             threads=config.threads, capabilities=capabilities(config),
-            timeout_s=config.timeout_s, first_token_timeout_s=config.first_token_timeout_s,
+            timeout_s=timeout_s, first_token_timeout_s=first_token_s,
             idle_timeout_s=config.idle_timeout_s, temperature=config.temperature,
         )
     if config.kind == "bedrock":
@@ -93,11 +94,7 @@ def build_provider(config: ProviderConfig) -> Provider:
         raise ConfigError(f"providers.{config.name}.base_url: required for kind '{config.kind}'")
     if not config.model:
         raise ConfigError(f"providers.{config.name}.model: required for kind '{config.kind}'")
-    timeout_s, first_token_s = config.timeout_s, config.first_token_timeout_s
-    if preset.max_timeout_s is not None:  # a less reliable peer: give up on it sooner
-        timeout_s = min(timeout_s, preset.max_timeout_s)
-    if preset.max_first_token_s is not None:
-        first_token_s = min(first_token_s, preset.max_first_token_s)
+    timeout_s, first_token_s = _timeouts(config)
     health_url = None
     if preset.health_path:
         # the proxy serves /health at its root, beside /v1
@@ -112,3 +109,18 @@ def build_provider(config: ProviderConfig) -> Provider:
         temperature=config.temperature, max_tokens_field=preset.max_tokens_field,
         health_url=health_url, label=label,
     )
+
+
+def _timeouts(config: ProviderConfig) -> tuple[float, float]:
+    """(timeout_s, first_token_timeout_s) within the preset's caps and floors."""
+    preset = PRESETS[config.kind]
+    timeout_s, first_token_s = config.timeout_s, config.first_token_timeout_s
+    if preset.max_timeout_s is not None:  # a less reliable peer: give up on it sooner
+        timeout_s = min(timeout_s, preset.max_timeout_s)
+    if preset.max_first_token_s is not None:
+        first_token_s = min(first_token_s, preset.max_first_token_s)
+    if preset.min_timeout_s is not None:  # a slow peer: do not give up too early
+        timeout_s = max(timeout_s, preset.min_timeout_s)
+    if preset.min_first_token_s is not None:
+        first_token_s = max(first_token_s, preset.min_first_token_s)
+    return timeout_s, first_token_s
