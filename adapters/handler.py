@@ -14,6 +14,12 @@ between a bot's platforms to bound the whole process). ``handle``:
 
 A message with no text and no usable attachment is not answered. Errors in
 one reply are logged and never reach other replies.
+
+With an ``Inflight`` (several workers: ``persistence.redis_inflight``), each
+message is recorded before its reply starts and dropped when it ends, so a
+worker killed mid-reply has its messages taken over by a live worker
+(``serve_redeliveries``); a message already answered or being answered by a
+live worker is skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from adapters.outbound import Delivery, Outbound
 from engine.errors import FileRejected
@@ -31,6 +38,17 @@ from engine.ports import FileStore, Replier
 from engine.types import Attachment, IncomingMessage
 
 log = logging.getLogger(__name__)
+
+
+class Inflight(Protocol):
+    """Replies in flight, shared by workers (see the module docstring)."""
+
+    def route(self, platform: str, bot: str,
+              resubmit: Callable[[IncomingMessage], object]) -> None: ...
+
+    async def begin(self, message: IncomingMessage) -> bool: ...
+
+    async def finish(self, message: IncomingMessage) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,8 +73,10 @@ class Handler:
         semaphore: asyncio.Semaphore | None = None,
         concurrency: int = 8,
         text_budget: int = 20_000,
+        inflight: Inflight | None = None,
     ) -> None:
         self.replier = replier
+        self.inflight = inflight
         self.outbound = outbound
         self.files = files
         self.semaphore = semaphore or asyncio.Semaphore(concurrency)
@@ -73,15 +93,33 @@ class Handler:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def serve_redeliveries(self, platform: str, bot: str) -> None:
+        """Take over ``platform``/``bot`` messages of workers that died mid-reply."""
+        if self.inflight is not None:
+            self.inflight.route(platform, bot, self.submit)
+
     async def _guarded(
         self, message: IncomingMessage, files: Sequence[PendingFile]
     ) -> Delivery | None:
-        async with self.semaphore:
-            try:
-                return await self.handle(message, files)
-            except Exception:
-                log.exception("reply to %s:%s failed", message.platform, message.chat)
-                return None
+        # Recorded before waiting for the semaphore: queued messages count too.
+        if self.inflight is not None and not await self.inflight.begin(message):
+            log.info("%s:%s %s is answered elsewhere", message.platform, message.chat,
+                     message.message_id)
+            return None
+        try:
+            async with self.semaphore:
+                result = await self.handle(message, files)
+        except asyncio.CancelledError:
+            # Shutting down mid-reply: not finished, so once this worker's
+            # lease runs out a live worker takes the message over.
+            raise
+        except Exception:
+            log.exception("reply to %s:%s failed", message.platform, message.chat)
+            result = None
+        if self.inflight is not None:
+            with contextlib.suppress(Exception):
+                await self.inflight.finish(message)
+        return result
 
     async def handle(
         self, message: IncomingMessage, files: Sequence[PendingFile] = ()

@@ -15,7 +15,11 @@ import pybreaker
 import pytest
 import redis.asyncio as aioredis
 
+from adapters.handler import Handler
+from adapters.outbound import Limits, Outbound
+from engine.types import IncomingMessage, Reply
 from persistence.redis_breakers import SharedBreakers
+from persistence.redis_inflight import RedisInflight
 from persistence.redis_state import RedisEventClaims, RedisState
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -213,3 +217,72 @@ async def test_dead_workers_lease_expires_live_one_keeps_its_own(namespace: str)
         await live.close()
         await other.close()
         await client_live.aclose()
+
+
+# --- replies in flight: a worker killed mid-reply loses nothing -------------
+
+MESSAGE = IncomingMessage(platform="slack", bot="helper", chat="C1", user="U1",
+                          text="what is the capital of France?", message_id="1700000000.0001")
+
+
+async def test_dead_workers_reply_is_taken_over_once(namespace: str) -> None:
+    taken: list[IncomingMessage] = []
+    arrived = asyncio.Event()
+
+    def resubmit(message: IncomingMessage) -> None:
+        taken.append(message)
+        arrived.set()
+
+    async with RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3) as live, \
+            RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3) as bystander:
+        live.route("slack", "helper", resubmit)
+        bystander.route("telegram", "helper", resubmit)  # serves another platform only
+        dead = RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3)
+        await dead.__aenter__()
+        assert await dead.begin(MESSAGE)
+        assert not await live.begin(MESSAGE)  # a live lease: not ours
+        await dead.__aexit__(None, None, None)  # kill -9: no finish, renewals stop
+        assert taken == []  # the lease has not run out yet
+        async with asyncio.timeout(5):
+            await arrived.wait()  # the live worker's sweeper took it over
+        assert taken == [MESSAGE]
+        assert (live.taken_over, bystander.taken_over) == (1, 0)
+        assert await live.sweep() == 0 and await bystander.sweep() == 0  # taken once
+        # The resubmitted message goes through begin() again: ours now.
+        assert await live.begin(MESSAGE)
+        await live.finish(MESSAGE)
+        assert not await bystander.begin(MESSAGE)  # answered: a redelivery is dropped
+        assert await live.client.zcard(f"{namespace}:inflight") == 0
+
+
+async def test_handler_answers_duplicates_once(namespace: str) -> None:
+    sent: list[tuple[str, str]] = []
+
+    class Sender:
+        scope = "slack:T1"
+        limits = Limits(max_len=3000, dm_interval_s=0.0, group_interval_s=0.0)
+
+        async def send(self, chat: str, text: str, reply_to: str | None = None) -> str:
+            sent.append((chat, text))
+            return f"m{len(sent)}"
+
+        async def edit(self, chat: str, message_id: str, text: str) -> None:
+            sent.append((chat, text))
+
+    class Replier:
+        calls = 0
+
+        async def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]:
+            Replier.calls += 1
+            yield "Paris."
+            yield Reply(text="Paris.", served_by="primary")
+
+    async with RedisInflight(REDIS_URL, namespace=namespace, lease_s=5) as one, \
+            RedisInflight(REDIS_URL, namespace=namespace, lease_s=5) as two:
+        workers = [Handler(replier=Replier(), outbound=Outbound(Sender()), inflight=inflight)
+                   for inflight in (one, two)]
+        results = await asyncio.gather(*(
+            workers[i % 2].submit(MESSAGE) for i in range(4)))  # a retry storm
+        assert Replier.calls == 1
+        assert sum(r is not None for r in results) == 1
+        assert sent[-1] == ("C1", "Paris.")
