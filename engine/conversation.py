@@ -22,9 +22,10 @@ so that, once an adapter holds it, the accounting for it is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -151,8 +152,10 @@ class Conversation:
                      self.bot, message.chat, prompt.dropped_history)
 
         outcome = _Outcome(notices=list(prompt.notices))
-        async for delta in self._stream(prompt, outcome):
-            yield delta
+        # aclosing: if the adapter stops reading, the stream closes at once.
+        async with contextlib.aclosing(self._stream(prompt, outcome)) as deltas:
+            async for delta in deltas:
+                yield delta
 
         await self._store_assistant(message, outcome)
         reply = self._finish(prompt, outcome, facts, started)
@@ -194,7 +197,7 @@ class Conversation:
             log.exception("bot %s: memory recall failed; answering without it", self.bot)
             return []
 
-    async def _stream(self, prompt: Prompt, outcome: _Outcome) -> AsyncIterator[str]:
+    async def _stream(self, prompt: Prompt, outcome: _Outcome) -> AsyncGenerator[str, None]:
         run = self.chain.run(prompt.request)
         parts: list[str] = []
         try:
@@ -221,6 +224,12 @@ class Conversation:
             outcome.failures = failures
             self._explain(outcome, parts, _all_failed_text(failures))
             return
+        finally:
+            # Abandoned mid-stream (the adapter stopped reading, a task was
+            # cancelled): close the chain now so its HTTP stream is released.
+            close = getattr(run, "aclose", None)
+            if close is not None:
+                await close()
         outcome.generated = outcome.text = "".join(parts)
         outcome.served_by = run.served_by
         outcome.model = run.model

@@ -330,3 +330,37 @@ async def test_unsaved_message_is_not_answered(openai_fake: FakeOpenAI) -> None:
         _, reply = await ask(conv, "hello")
     assert reply.error == "storage" and "could not save your message" in reply.text
     assert openai_fake.count == 0
+
+
+async def test_terminal_streams_in_interactive_mode(pipeline: Pipeline) -> None:
+    import io
+
+    from adapters.console import chat
+
+    pipeline.fake.script(Text(["Str", "eamed"]), model="primary-model")
+    pipeline.fake.script(Status(500), model="primary-model")
+    conv = await pipeline.conversation()
+    out = io.StringIO()
+    code = await chat(conv, bot="demo", stdin=io.StringIO("hi\n\nagain\n/quit\nnever sent\n"),
+                      stdout=out, interactive=True)
+    assert code == 0
+    assert out.getvalue() == (
+        "Chatting with 'demo'. /quit or Ctrl-D to leave.\n"
+        "you> demo> Streamed\n\n"
+        "you> you> demo> Hello from the fake.\n\n"
+        "-- served by backup (backup-model); primary failed: server error 500\n\n"
+        "you> "
+    )
+    assert pipeline.fake.count == 3  # the empty line and /quit sent nothing
+
+
+async def test_abandoned_reply_keeps_the_message_and_frees_the_chain(pipeline: Pipeline) -> None:
+    pipeline.fake.script(Hang(after=1, chunks=["first", " never"]), model="primary-model")
+    conv = await pipeline.conversation()
+    replies = conv.reply(msg("stop early"))
+    assert await anext(replies) == "first"
+    await replies.aclose()  # e.g. the platform task was cancelled
+    _, reply = await ask(conv, "next one")
+    assert reply.served_by == "primary" and reply.error is None
+    assert [m.content for m in await pipeline.store.history("demo", "c1")] == [
+        "stop early", "next one", reply.text]
