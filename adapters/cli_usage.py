@@ -36,4 +36,4 @@ def add_commands(subparsers: Any) -> None:
     usage.add_argument("--bot", help="only this bot (default: every bot)")
     usage.add_argument("--days", type=int, default=7,
                        help="how many days back, today included (default: 7)")
-    usage.set_defaults(handler=cmd_usage)
+    usage.set_defaults(handler=cmd_usage, quiet_logs=True)  # stdout is the report

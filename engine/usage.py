@@ -16,7 +16,8 @@
 
 Days are UTC days. Budgets compare what was spent since UTC midnight, read
 from the store when a costly provider is next in line (so every process
-sharing the database sees the same total).
+sharing the database sees the same total), cached for ``spent_cache_s``
+(2 s) to keep a database round trip off most replies.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from time import monotonic
 from typing import Protocol
 
 from engine.errors import StorageError
@@ -125,11 +127,15 @@ class UsageAccounting:
         prices: Mapping[str, Price],
         budgets: Mapping[str, Budget] | None = None,
         clock: Clock = utcnow,
+        spent_cache_s: float = 2.0,
     ) -> None:
         self.store = store
         self.prices = dict(prices)
         self.budgets = dict(budgets or {})
         self.clock = clock
+        self.spent_cache_s = spent_cache_s
+        # bot -> (monotonic expiry, UTC day, cost per user): today's spending
+        self._spent: dict[str, tuple[float, date, dict[str, float]]] = {}
 
     def record_for(self, message: IncomingMessage, reply: Reply) -> UsageRecord | None:
         """The record a reply earns, or None when no provider served it."""
@@ -147,8 +153,24 @@ class UsageAccounting:
 
     async def on_reply(self, message: IncomingMessage, reply: Reply) -> None:
         record = self.record_for(message, reply)
-        if record is not None:
-            await self.store.add(record)
+        if record is None:
+            return
+        await self.store.add(record)
+        cached = self._spent.get(record.bot)
+        if cached is not None and cached[1] == record.at.astimezone(UTC).date():
+            # Our own spending counts at once; other processes' within spent_cache_s.
+            cached[2][record.user] = cached[2].get(record.user, 0.0) + record.cost_usd
+
+    async def spent_today(self, bot: str) -> dict[str, float]:
+        """Cost per user of ``bot`` since UTC midnight (cached ``spent_cache_s``)."""
+        now = self.clock()
+        today = now.astimezone(UTC).date()
+        cached = self._spent.get(bot)
+        if cached is not None and cached[1] == today and cached[0] > monotonic():
+            return cached[2]
+        spent = await self.store.spent(bot=bot, since=day_start(now))
+        self._spent[bot] = (monotonic() + self.spent_cache_s, today, spent)
+        return spent
 
     def skip_for(self, bot: str) -> SkipRule:
         """The skip rule for the chain of ``bot`` (when a request does not name it)."""
@@ -164,8 +186,9 @@ class UsageAccounting:
         """The chain's skip rule: a reason to pass over ``provider``, or None.
 
         Reads today's spending from the store, so every process sharing the
-        database enforces the same budget. A store failure never blocks a
-        reply: the provider is then not skipped.
+        database enforces the same budget (another process's spending shows
+        within ``spent_cache_s``; this process's at once). A store failure
+        never blocks a reply: the provider is then not skipped.
         """
         if not self.prices.get(provider.name, Price()).costly:
             return None
@@ -174,7 +197,7 @@ class UsageAccounting:
         if budget == Budget():
             return None
         try:
-            spent = await self.store.spent(bot=bot, since=day_start(self.clock()))
+            spent = await self.spent_today(bot)
         except StorageError as exc:
             log.warning("bot %s: budget check skipped, usage unreadable: %s", bot, exc)
             return None

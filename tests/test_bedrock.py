@@ -89,6 +89,8 @@ async def test_client_is_reused_across_requests(
     await collect(bedrock, ask("again"))
     assert bedrock._client is client
     assert bedrock_fake.count == 2
+    # A finished stream hands its connection back to the pool.
+    assert bedrock_fake.requests[0].peer == bedrock_fake.requests[1].peer != 0
 
 
 async def test_non_streaming_uses_converse(bedrock_fake: FakeBedrock) -> None:

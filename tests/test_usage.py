@@ -20,7 +20,7 @@ from engine.conversation import Conversation
 from engine.providers.bedrock import BedrockProvider
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
-from engine.types import Capabilities, IncomingMessage, Reply, Usage
+from engine.types import Capabilities, CompletionRequest, IncomingMessage, Message, Reply, Usage
 from engine.usage import Budget, Price, UsageAccounting, UsageRecord, usage_report
 from persistence.conversations import SqlConversationStore
 from persistence.database import Database
@@ -266,6 +266,9 @@ base_url = "{openai.base_url}"
 [bots.demo]
 chain = ["aws", "backup"]
 budget_usd_per_day = 0.001
+
+[bots.demo.memory]
+enabled = false
 """, encoding="utf-8")
     return path
 
@@ -277,7 +280,7 @@ async def test_app_records_usage_and_cli_prints_it(
     import asyncio
 
     from adapters.app import build_app
-    from adapters.cli import main
+    from adapters.cli import build_parser, main
     from adapters.settings import load_settings
 
     config = write_config(tmp_path, bedrock_fake, openai_fake)
@@ -285,6 +288,9 @@ async def test_app_records_usage_and_cli_prints_it(
     async with build_app(load_settings(config, dotenv=None)) as app:
         first = await say(app.conversations["demo"], "hello")
         second = await say(app.conversations["demo"], "again")
+        args = build_parser().parse_args(["usage", "--bot", "nobody"])
+        assert await args.handler(args, app) == 2
+        assert "no bot 'nobody'" in capsys.readouterr().err
     assert (first.served_by, second.served_by) == ("aws", "backup")
     assert "aws skipped: over the bot's daily budget" in second.footer
 
@@ -298,11 +304,6 @@ async def test_app_records_usage_and_cli_prints_it(
     assert rows[2][1:4] == ["demo", "backup", "1"]
     assert f"total cost: ${AWS.cost(Usage(1000, 100)):.4f}" in out
 
-    code = await asyncio.to_thread(main, ["--config", str(config), "--env-file", "",
-                                          "usage", "--bot", "nobody"])
-    assert code == 2
-    assert "no bot 'nobody'" in capsys.readouterr().err
-
 
 async def test_usage_admin_report(db: Database) -> None:
     from engine.admin import AdminError, UsageAdmin
@@ -312,3 +313,20 @@ async def test_usage_admin_report(db: Database) -> None:
     assert "demo" in await admin.report("demo", days=1)
     with pytest.raises(AdminError):
         await admin.report(days=0)
+
+
+async def test_budget_is_shared_between_processes(rig: Rig) -> None:
+    # Two processes on one database: B sees what A spent (cache disabled here;
+    # by default within spent_cache_s).
+    conversation, _ = await rig.conversation(("aws", "free"),
+                                             budget=Budget(bot_usd_per_day=0.001))
+    rig.bedrock.push(Behaviour(input_tokens=1000, output_tokens=100))
+    assert (await say(conversation, "spend")).served_by == "aws"
+    other = UsageAccounting(rig.store, prices=PRICES,
+                            budgets={"demo": Budget(bot_usd_per_day=0.001)},
+                            clock=rig.clock, spent_cache_s=0)
+    aws = conversation.chain.providers[0]  # type: ignore[attr-defined]
+    request = CompletionRequest(messages=(Message("user", "hi"),), bot="demo", user="zed")
+    assert await other.skip(aws, request) == "over the bot's daily budget ($0.001)"
+    # Another bot's budget is its own.
+    assert await other.skip(aws, CompletionRequest(messages=(), bot="else")) is None

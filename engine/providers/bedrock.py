@@ -267,7 +267,7 @@ class BedrockProvider:
         response = await _within(self.first_token_timeout_s, client.converse_stream(**params))
         events = response["stream"]
         iterator = aiter(events)
-        seen_text = False
+        seen_text = finished = False
         try:
             while True:
                 # Until the first text, the first-token deadline holds; then idle gaps.
@@ -276,6 +276,7 @@ class BedrockProvider:
                 try:
                     event = await _within(budget, anext(iterator))
                 except StopAsyncIteration:
+                    finished = True
                     break
                 delta = event.get("contentBlockDelta", {}).get("delta", {})
                 if text := delta.get("text"):
@@ -286,8 +287,10 @@ class BedrockProvider:
                     if usage is not None:
                         yield Chunk(usage=usage)
         finally:
-            # Release the pooled connection even when the consumer stops early.
-            events.close()
+            # Stopped early (error, timeout, consumer gone): drop the connection, it
+            # holds an unread body. A finished stream already went back to the pool.
+            if not finished:
+                events.close()
 
 
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:

@@ -12,10 +12,10 @@ botocore ships only the event-stream *decoder* (``botocore.eventstream``), no
 encoder, so ``encode_frame`` writes the framing (documented in TESTING.md);
 the tests check it round-trips through botocore's own decoder.
 
-Each request pops the next scripted ``Behaviour`` (the default answers with
-``Behaviour()``), and is recorded in ``requests`` (model id, operation, JSON
-body, headers). Errors come back the way Bedrock sends them: an HTTP status
-with ``x-amzn-ErrorType`` before the stream, or an exception frame
+Each request pops the next scripted ``Behaviour`` (else ``default``) and is
+recorded in ``requests`` (model id, operation, JSON body, headers). Errors
+come back the way Bedrock sends them: an HTTP status with
+``x-amzn-ErrorType`` before the stream, or an exception frame
 (``:message-type=exception``) inside it. ``drop`` closes the TCP connection
 mid-stream; ``hang`` waits (until ``release()`` or shutdown) before the first
 or after the N-th delta.
@@ -78,6 +78,7 @@ class Recorded:
     op: str
     body: dict[str, Any]
     headers: dict[str, str]
+    peer: int = 0  # the client's port: equal ports = one pooled connection
 
 
 def _header(name: str, value: str) -> bytes:
@@ -121,6 +122,7 @@ class FakeBedrock:
     """The fake peer. Use ``async with FakeBedrock() as fake`` or the fixture."""
 
     script: deque[Behaviour] = field(default_factory=deque)
+    default: Behaviour = field(default_factory=Behaviour)  # when the script is empty
     requests: list[Recorded] = field(default_factory=list)
     url: str = ""
     _runner: web.AppRunner | None = None
@@ -157,10 +159,10 @@ class FakeBedrock:
 
     async def _record(self, request: web.Request, op: str) -> Behaviour:
         body = await request.json()
-        self.requests.append(
-            Recorded(unquote(request.match_info["model"]), op, body, dict(request.headers))
-        )
-        return self.script.popleft() if self.script else Behaviour()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.requests.append(Recorded(unquote(request.match_info["model"]), op, body,
+                                      dict(request.headers), peer[1] if peer else 0))
+        return self.script.popleft() if self.script else self.default
 
     @staticmethod
     def _error_response(b: Behaviour) -> web.Response:
