@@ -84,7 +84,7 @@ class Limits:
 
 # Published limits, with a margin (the peers' clocks and ours differ).
 TELEGRAM = Limits(
-    max_len=4096, dm_interval_s=1.1, group_interval_s=3.1, scope_interval_s=1 / 28, utf16=True
+    max_len=4096, dm_interval_s=1.1, group_interval_s=3.1, scope_interval_s=1 / 25, utf16=True
 )
 DISCORD = Limits(max_len=2000, dm_interval_s=1.0, group_interval_s=1.0, scope_interval_s=1 / 45)
 SLACK = Limits(
@@ -261,6 +261,25 @@ class Outbound:
             keys[f"out:{scope}:edits"] = limits.scope_edit_interval_s
         return keys
 
+    async def _acquire(self, key: str, interval: float) -> bool:
+        """Wait for a slot of ``key``; True if we had to wait.
+
+        A slot we wake up for much too late (the loop was busy) is stale:
+        using it would bunch us with the tasks whose slots follow, so book a
+        fresh one (at most twice; then go).
+        """
+        waited = False
+        for _ in range(3):
+            wait = await self.budget.reserve(key, interval)
+            if wait <= 0:
+                return waited
+            waited = True
+            due = time.monotonic() + wait
+            await asyncio.sleep(wait)  # pacing: the wait is the point
+            if time.monotonic() - due <= interval:
+                return waited
+        return waited
+
     @staticmethod
     def _next_op(parts: list[str], shown: list[str]) -> int | None:
         for i, part in enumerate(parts):
@@ -295,10 +314,7 @@ class Outbound:
             # Longest interval first, one after the other: the short (bot-wide)
             # slot is booked right before we act, so executions stay paced.
             for key, interval in sorted(keys.items(), key=lambda kv: -kv[1]):
-                wait = await self.budget.reserve(key, interval)
-                if wait > 0:
-                    waited = True
-                    await asyncio.sleep(wait)  # pacing: the wait is the point
+                waited = await self._acquire(key, interval) or waited
             if waited:
                 # Coalesce: whatever arrived while we waited goes out now.
                 parts, final = self._parts(draft)
@@ -323,6 +339,11 @@ class Outbound:
                     if first:
                         out.first_visible_s = time.monotonic() - started
                 failures = 0
+                # Pace the chat from when the peer answered, not from when we
+                # asked: a request delayed on the way (a busy loop, a slow
+                # network) cannot then land too close to the next one.
+                chat_key = next(iter(keys))
+                await self.budget.penalize(chat_key, keys[chat_key])
             except RetryAfter as exc:
                 out.retries += 1
                 log.info("%s: rate limited in %s, waiting %.1fs", self.sender.scope, chat,

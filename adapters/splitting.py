@@ -6,7 +6,8 @@
 break outside a code fence, a line break outside a fence, a line break inside
 a fence (the fence is closed at the end of the part and reopened, with its
 language, at the start of the next), a space, and only as a last resort
-mid-word. Joining the parts (minus the added fence lines) gives the text back.
+mid-word; a break in the second half of the part beats any break in the
+first half (no tiny messages). Joining the parts (minus the added fence lines) gives the text back.
 
 The split is stable under growth: once a text is longer than the limit, its
 first part does not change as more text is appended, so a streamed reply
@@ -74,12 +75,16 @@ def _choose_cut(window: str, minimum: int) -> tuple[int, str | None]:
             else:
                 line_in, line_in_fence = end, fence
         pos = end + 1
-    if para_out > 0:
-        return para_out, None
-    if line_out > 0:
-        return line_out, None
-    if line_in > 0:
-        return line_in, line_in_fence
+    # A break outside a fence is preferred, but not at the price of a tiny
+    # message: in the first half of the window, cutting inside a fence wins.
+    half = len(window) // 2
+    for wanted in (half, 1):
+        if para_out >= wanted:
+            return para_out, None
+        if line_out >= wanted:
+            return line_out, None
+        if line_in >= wanted:
+            return line_in, line_in_fence
     space = window.rfind(" ", minimum + 1)
     cut = space if space > minimum else len(window)
     return cut, _fence_at(window[:cut])

@@ -7,7 +7,6 @@ can be scripted to answer 429 / time out; the scheduler under test is real.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -27,17 +26,6 @@ from adapters.splitting import split_markdown, utf16_len
 from engine.types import Reply
 
 # ---------------------------------------------------------------- splitter
-
-
-def _unfence(parts: list[str]) -> str:
-    """Undo the fence close/reopen the splitter adds, to compare with the source."""
-    out = parts[0]
-    for prev, part in itertools.pairwise(parts):
-        if prev.endswith("\n```") and part.startswith("```"):
-            out = out.removesuffix("\n```") + "\n" + part.split("\n", 1)[1]
-        else:
-            out += part
-    return out
 
 
 def test_short_text_is_one_part() -> None:
@@ -66,9 +54,16 @@ def test_code_fence_is_closed_and_reopened() -> None:
 
 
 def test_prefers_a_break_outside_the_fence() -> None:
-    text = "intro paragraph\n\n```\n" + "x\n" * 30 + "```\n\ntail " * 1
-    parts = split_markdown(text, 60)
-    assert parts[0] == "intro paragraph"
+    text = "intro paragraph " * 3 + "\n\n```\n" + "x\n" * 30 + "```\n\ntail"
+    parts = split_markdown(text, 70)
+    assert parts[0] == "intro paragraph " * 3
+
+
+def test_no_tiny_first_message_before_a_long_fence() -> None:
+    code = "\n".join(f"line {i}" for i in range(100))
+    parts = split_markdown("Here:\n\n```py\n" + code + "\n```", 200)
+    assert parts[0].startswith("Here:\n\n```py\nline 0") and parts[0].endswith("\n```")
+    assert len(parts[0]) > 150
 
 
 def test_hard_cut_of_one_long_word() -> None:
@@ -97,9 +92,12 @@ def test_split_properties(chunks: list[str], limit: int) -> None:
     text = "".join(chunks)
     parts = split_markdown(text, limit)
     assert all(len(p) <= limit for p in parts)
-    # nothing but the break characters at cuts is lost
-    squash = lambda s: "".join(s.split())  # noqa: E731
-    assert squash(_unfence(parts)) == squash(text)
+    # nothing but break characters and fence markers (closed/reopened) changes
+    def squash(s: str) -> str:
+        return "".join(s.replace("```py", "").replace("```", "").split())
+
+    assert squash("".join(parts)) == squash(text)
+
 
 
 def test_split_is_stable_under_growth() -> None:
@@ -126,7 +124,9 @@ class FakeSender:
 
     def _check(self, chat: str, interval: float) -> None:
         now = time.monotonic()
-        if now - self.last_op.get(chat, -1e9) < interval * 0.9:
+        # Our limits keep a margin over the platform's (1.1 s vs 1 s); here the
+        # margin is an absolute 10 ms of scheduling jitter.
+        if now - self.last_op.get(chat, -1e9) < interval - 0.01:
             self.violations += 1
             raise RetryAfter(interval)
         self.last_op[chat] = now
@@ -160,8 +160,8 @@ class FakeSender:
         self.messages[message_id] = text
 
 
-FAST = Limits(max_len=120, dm_interval_s=0.02, group_interval_s=0.05)
-ROOMY = Limits(max_len=1000, dm_interval_s=0.02, group_interval_s=0.05)
+FAST = Limits(max_len=120, dm_interval_s=0.03, group_interval_s=0.05)
+ROOMY = Limits(max_len=1000, dm_interval_s=0.03, group_interval_s=0.05)
 
 
 async def _deltas(

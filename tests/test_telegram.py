@@ -1,0 +1,238 @@
+"""The Telegram adapter end to end: the REAL python-telegram-bot against a fake Bot API.
+
+The fake (tests/fakes/telegram_server.py) enforces Telegram's limits (1/s
+per DM, 3 s and 20/min per group, 30/s per bot, 4096 UTF-16 units) and
+answers 429 with retry_after. The bot's pipeline is real too
+(``bot_pipeline``: SQLite, the real ``openai`` SDK against ``openai_fake``,
+the real fallback chain, real file storage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic import SecretStr
+
+from adapters.commands import Commands
+from adapters.gate import GateConfig
+from adapters.render import to_telegram
+from adapters.telegram import TelegramAdapter, TelegramConfig
+from engine.admin import FileAdmin
+from engine.types import Reply
+from tests.conftest import BotPipeline
+from tests.fakes.openai_server import Text
+from tests.fakes.telegram_server import FakeTelegram, SentMessage, start_telegram_fake
+
+ADMIN = 42
+ANSWER = ("Paris", " is", " the", " capital", " of", " **France**", ",", " since", " long", ".")
+GROUP = -1001
+
+
+@pytest.fixture
+async def tg() -> AsyncIterator[FakeTelegram]:
+    async with start_telegram_fake() as fake:
+        yield fake
+
+
+def adapter(fake: FakeTelegram, pipeline: BotPipeline, *, concurrency: int = 8,
+            gate: GateConfig | None = None) -> TelegramAdapter:
+    commands = Commands(bot="demo", admins=(str(ADMIN),), providers=pipeline.provider_admin,
+                        persona=pipeline.persona_admin,
+                        files=FileAdmin(pipeline.files) if pipeline.files else None)
+    config = TelegramConfig(bot="demo", token=SecretStr(fake.token), admins=(str(ADMIN),),
+                            api_base_url=fake.url, gate=gate or GateConfig(), poll_timeout_s=2)
+    return TelegramAdapter(config, replier=pipeline.conversation, commands=commands,
+                           files=pipeline.files, semaphore=asyncio.Semaphore(concurrency))
+
+
+def shown(reply: Reply) -> str:
+    return to_telegram(reply.full_text)[0]
+
+
+def last_text(fake: FakeTelegram, chat: int) -> str | None:
+    messages = fake.in_chat(chat)
+    return messages[-1].text if messages else None
+
+
+async def test_group_mention_is_streamed_by_edits_to_full_answer_plus_footer(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    bot_pipeline.fake.script(Text(ANSWER, gap_s=0.45))
+    async with adapter(tg, bot_pipeline):
+        assert [c["command"] for c in tg.commands or []][:2] == ["memory", "provider"]
+        asked = tg.push_message(GROUP, "what is the capital of France?", chat_type="supergroup",
+                                mention=True)
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 20)
+        reply = bot_pipeline.replies[0]
+        assert isinstance(reply, Reply)
+        await tg.wait_for(lambda: last_text(tg, GROUP) == shown(reply))
+    [message] = tg.in_chat(GROUP)
+    assert reply.text == "".join(ANSWER) and reply.footer  # footer = "always" in groups too
+    assert message.text == shown(reply)
+    assert {"type": "bold", "offset": message.text.index("France"), "length": 6} in \
+        message.entities  # Markdown became Telegram entities
+    assert message.reply_to == asked
+    assert message.edits >= 1  # a first message, then edits
+    for earlier in message.history[:-1]:  # every intermediate view is a prefix (+ cursor)
+        assert message.text.startswith(earlier.removesuffix(" ▌").rstrip())
+    assert tg.count_429 == 0
+    # the model saw the question without the mention
+    assert bot_pipeline.fake.requests[0].messages[-1]["content"].endswith(
+        "what is the capital of France?")
+    assert "@demo_bot" not in bot_pipeline.fake.requests[0].messages[-1]["content"]
+
+
+async def test_not_addressed_and_bots_ignored_dm_answered(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    async with adapter(tg, bot_pipeline):
+        tg.push_message(GROUP, "just chatting among humans", chat_type="group")
+        tg.push_message(GROUP, "hi bot", chat_type="group", user_id=555, is_bot=True,
+                        mention=True)
+        tg.push_message(GROUP, "", chat_type="group", mention=False)  # empty (a sticker)
+        tg.push_message(7, "", chat_type="private")  # empty DM: nothing to answer
+        tg.push_message(7, "hello in private")
+        await tg.wait_for(lambda: bool(tg.in_chat(7)) and bot_pipeline.replied.is_set())
+        await tg.wait_for(lambda: last_text(tg, 7) == shown(bot_pipeline.replies[0]))
+    assert tg.in_chat(GROUP) == []
+    assert bot_pipeline.fake.count == 1
+    assert bot_pipeline.fake.requests[0].messages[-1]["content"].endswith("hello in private")
+
+
+async def test_reply_to_the_bot_in_a_group_is_answered(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    async with adapter(tg, bot_pipeline):
+        tg.push_message(GROUP, "and what about Spain?", chat_type="group", reply_to_bot=True)
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+        await tg.wait_for(lambda: last_text(tg, GROUP) == shown(bot_pipeline.replies[0]))
+
+
+async def test_attachment_is_stored_with_metadata_and_read(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    assert bot_pipeline.files is not None
+    data = b"name,city\nAda,London\nGrace,Arlington\n"
+    tg.add_file("F1", data, "documents/people.csv")
+    async with adapter(tg, bot_pipeline):
+        tg.push_message(7, caption="who lives in London?", document={
+            "file_id": "F1", "file_unique_id": "uF1", "file_name": "people.csv",
+            "mime_type": "text/csv", "file_size": len(data)})
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+    [stored] = await bot_pipeline.files.recent("demo")
+    assert (stored.name, stored.mime_type, stored.size, stored.platform, stored.chat,
+            stored.uploader) == ("people.csv", "text/csv", len(data), "telegram", "7",
+                                 "telegram:7")
+    assert bot_pipeline.files.path(stored).read_bytes() == data
+    prompt = bot_pipeline.fake.requests[0].messages[-1]["content"]
+    assert "Ada,London" in prompt and "who lives in London?" in prompt
+
+
+async def test_hostile_name_and_oversized_file(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    assert bot_pipeline.files is not None
+    tg.add_file("EVIL", b"not a password file", "documents/evil")
+    async with adapter(tg, bot_pipeline):
+        tg.push_message(7, caption="read this", document={
+            "file_id": "EVIL", "file_unique_id": "uE", "file_name": "../../etc/passwd\u202e.txt",
+            "mime_type": "text/plain", "file_size": 19})
+        await tg.wait_for(lambda: len(bot_pipeline.replies) == 1)
+        tg.push_message(7, caption="and this big one", document={
+            "file_id": "BIG", "file_unique_id": "uB", "file_name": "huge.bin",
+            "mime_type": "application/octet-stream", "file_size": 50_000_000})
+        await tg.wait_for(lambda: len(bot_pipeline.replies) == 2)
+        await tg.wait_for(lambda: any("too large" in m.text for m in tg.in_chat(7)))
+    [stored] = await bot_pipeline.files.recent("demo")
+    assert stored.name == "passwd.txt"
+    assert not (bot_pipeline.tmp_path / "etc").exists()
+    # the big file was refused before any download; the caption was still answered
+    assert not tg.calls_of("getFile") or all(c["file_id"] != "BIG" for c in tg.calls_of("getFile"))
+    assert "and this big one" in bot_pipeline.fake.requests[1].messages[-1]["content"]
+
+
+async def test_admin_command_works_non_admin_refused_unknown_explained(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    async def command(text: str, user: int, chat: int = 7, kind: str = "private") -> str:
+        before = len(tg.in_chat(chat))
+        tg.push_message(chat, text, user_id=user, chat_type=kind)
+        await tg.wait_for(lambda: len(tg.in_chat(chat)) > before)
+        return tg.in_chat(chat)[-1].text
+
+    async with adapter(tg, bot_pipeline):
+        status = await command("/provider status", ADMIN, chat=ADMIN)
+        assert "primary" in status and "No reply served" in status
+        refused = await command("/provider status", 7)
+        assert refused == "Sorry, only this bot's admins can use /provider."
+        unknown = await command("/frobnicate now", ADMIN, chat=ADMIN)
+        assert unknown.startswith("Unknown command /frobnicate") and "/memory" in unknown
+        persona = await command("/bot@demo_bot persona", ADMIN, chat=GROUP, kind="group")
+        assert "You are terse." in persona
+        files = await command("/files list", ADMIN, chat=ADMIN)
+        assert files == "No stored files."
+        # a command addressed to another bot is left alone
+        tg.push_message(GROUP, "/memory@other_bot list", chat_type="group", user_id=ADMIN)
+        await command("/help", 7)  # processed after it: updates are handled in order
+    assert len(tg.in_chat(GROUP)) == 1
+    assert bot_pipeline.fake.count == 0  # commands never reach the model
+
+
+async def test_100kb_message_and_long_answer_split_at_4096(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    code = "\n".join(f"    value_{i} = compute({i})  # step {i}" for i in range(260))
+    long_answer = ["Here is the script:\n\n```python\n", code, "\n```\n\nThat is all."]
+    bot_pipeline.fake.script(Text(long_answer))
+    async with adapter(tg, bot_pipeline):
+        tg.push_message(7, "x" * 100_000)
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 20)
+        reply = bot_pipeline.replies[0]
+        assert isinstance(reply, Reply) and reply.error is None
+        await tg.wait_for(lambda: sum(len(m.text) for m in tg.in_chat(7)) >= len(code))
+        await tg.wait_for(lambda: "That is all." in (last_text(tg, 7) or ""))
+    parts = tg.in_chat(7)
+    assert len(parts) >= 3 and all(len(m.text) <= 4096 for m in parts)
+    assert all(any(e["type"] == "pre" for e in m.entities) for m in parts[:-1])  # fence reopened
+    joined = "\n".join(m.text for m in parts)
+    for i in (0, 130, 259):
+        assert f"value_{i} = compute({i})" in joined
+    assert tg.count_429 == 0
+
+
+async def test_burst_of_50_concurrent_replies(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    """50 chats (25 groups, 25 DMs) ask at once; every final text must be complete."""
+    words = tuple(f" word{i}" for i in range(12))
+    bot_pipeline.fake.default = Text(words, gap_s=0.08)  # ~1 s of streaming per reply
+    chats = [-(2000 + i) for i in range(25)] + [3000 + i for i in range(25)]
+    async with adapter(tg, bot_pipeline, concurrency=50):
+        started = time.monotonic()
+        for chat in chats:
+            group = chat < 0
+            tg.push_message(chat, f"question from {chat}", user_id=abs(chat),
+                            chat_type="group" if group else "private", mention=group)
+
+        def done() -> bool:
+            if len(bot_pipeline.replies) < 50:
+                return False
+            expected = shown(bot_pipeline.replies[0])  # type: ignore[arg-type]  # all alike
+            return all((msgs := tg.in_chat(c)) and msgs[-1].text == expected for c in chats)
+
+        await tg.wait_for(done, limit_s=90)
+        elapsed = time.monotonic() - started
+    messages: list[SentMessage] = [tg.in_chat(c)[0] for c in chats]
+    assert all(len(tg.in_chat(c)) == 1 for c in chats)  # no duplicates
+    first_visible = [m.sent_at - tg.pushed_at[(m.chat_id, m.reply_to or 0)] for m in messages]
+    edits = [m.edits for m in messages]
+    print(f"\nburst of 50: 429s={tg.count_429} edits/reply mean={statistics.mean(edits):.2f} "
+          f"max={max(edits)} first visible text: median={statistics.median(first_visible):.2f}s "
+          f"p90={sorted(first_visible)[44]:.2f}s max={max(first_visible):.2f}s "
+          f"all final after {elapsed:.1f}s; limits hit: {dict(tg.limit_hits)}")
+    assert tg.count_429 == 0
+
