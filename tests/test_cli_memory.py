@@ -139,7 +139,6 @@ def test_add_search_forget_and_reembed(cli: Cli) -> None:
 
     assert cli("memory", "forget", tea, "--bot", "helper")[0] == 0
     assert cli("memory", "forget", tea, "--bot", "helper")[0] == 1  # already gone
-    assert [f["id"] for f in cli.json_lines("memory", "list", "--bot", "helper")] == [printer]
 
     code, _, err = cli("memory", "reembed", "--bot", "helper")
     assert code == 0 and "helper: 1 rows re-embedded" in err
@@ -147,8 +146,6 @@ def test_add_search_forget_and_reembed(cli: Cli) -> None:
 
     code, _, err = cli("memory", "list", "--bot", "nobody")
     assert code == 2 and "unknown bot 'nobody'" in err
-    code, _, err = cli("memory", "list")
-    assert code == 2 and "pass --bot" in err
 
 
 def test_shared_publish_list_and_verify_detects_tampering(cli: Cli, tmp_path: Path) -> None:
@@ -166,7 +163,6 @@ def test_shared_publish_list_and_verify_detects_tampering(cli: Cli, tmp_path: Pa
     [seen] = cli.json_lines("shared", "list", "--bot", "scout")
     assert seen["text"] == "The office wifi is called Hive"
     assert seen["author_bot"] == "helper" and seen["trust_level"] == "public"
-    assert len(cli.json_lines("shared", "list", "--bot", "helper")) == 2
 
     code, out, _ = cli("shared", "verify")
     assert code == 0 and "intact: 2 rows checked" in out
