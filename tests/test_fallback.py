@@ -148,7 +148,9 @@ async def test_invalid_request_is_not_failed_over(openai_fake: FakeOpenAI) -> No
     assert openai_fake.count_for("b") == 0
 
 
-async def test_open_breaker_sends_no_request(openai_fake: FakeOpenAI) -> None:
+async def test_open_breaker_sends_no_request(
+    openai_fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
     breakers = Breakers(fail_max=2, reset_timeout_s=60)
     openai_fake.script(Status(500), Status(500), model="a")
     for _ in range(2):
@@ -161,6 +163,8 @@ async def test_open_breaker_sends_no_request(openai_fake: FakeOpenAI) -> None:
     assert texts and run.served_by == "backup"
     assert openai_fake.count_for("a") == 2  # skipped without a request
     assert run.failures[0].provider == "primary" and run.failures[0].kind == "circuit_open"
+    assert any(r.levelno == logging.WARNING and "primary skipped (circuit open" in r.getMessage()
+               and "failing over to backup" in r.getMessage() for r in caplog.records)
 
 
 async def test_breaker_is_shared_by_every_bots_chain(openai_fake: FakeOpenAI) -> None:

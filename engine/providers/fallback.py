@@ -60,6 +60,7 @@ from engine.errors import (
     NoProviderFits,
     ProviderError,
     RateLimited,
+    Unavailable,
 )
 from engine.ports import Provider
 from engine.types import Capabilities, Chunk, CompletionRequest, Failure, Message, Usage
@@ -277,7 +278,7 @@ class FallbackChain:
             if skipped:
                 failures.append(Failure(provider.name, *skipped))
                 run.failures = tuple(failures)
-                log.info("chain %s: skipping %s: %s", self.name, provider.name, skipped[1])
+                self._warn(index, "skipped", skipped[1])
                 continue
             usage: Usage | None = None
             own_text = ""
@@ -291,8 +292,9 @@ class FallbackChain:
                             run.text += chunk.text
                             yield Chunk(text=chunk.text)
             except pybreaker.CircuitBreakerError:
-                failures.append(Failure(provider.name, "circuit_open",
-                                        "skipped (circuit open after repeated failures)"))
+                reason = "skipped (circuit open after repeated failures)"
+                failures.append(Failure(provider.name, "circuit_open", reason))
+                self._warn(index, "skipped", reason)
             except InvalidRequest as exc:
                 failures.append(Failure(provider.name, exc.kind, exc.reason))
                 run.failures = tuple(failures)
@@ -303,8 +305,9 @@ class FallbackChain:
             except Exception as exc:  # a provider broke its contract: still fail over
                 log.exception("chain %s: provider %s raised %s", self.name, provider.name,
                               type(exc).__name__)
-                failures.append(Failure(provider.name, "unavailable",
-                                        f"unexpected error ({type(exc).__name__})"))
+                error = Unavailable(provider.name, f"unexpected error ({type(exc).__name__})")
+                failures.append(Failure(provider.name, error.kind, error.reason))
+                self._note_failure(provider, error, index)
             else:
                 run.served_by, run.model = provider.name, provider.model
                 run.usage = usage or Usage(
@@ -327,9 +330,13 @@ class FallbackChain:
         if isinstance(exc, AuthFailed):
             log.error("provider %s: AUTHENTICATION FAILED: check the key its api_key_env "
                       "names (the key is not logged)", provider.name)
+        self._warn(index, "failed", exc.reason)
+
+    def _warn(self, index: int, what: str, reason: str) -> None:
+        """Every failover, a skip included, is one warning line (never with a key)."""
         following = self.providers[index + 1].name if index + 1 < len(self.providers) else None
-        log.warning("chain %s: provider %s failed (%s)%s", self.name, provider.name,
-                    exc.reason, f"; failing over to {following}" if following else "; none left")
+        log.warning("chain %s: provider %s %s (%s)%s", self.name, self.providers[index].name,
+                    what, reason, f"; failing over to {following}" if following else "; none left")
 
 
 def _continuation(request: CompletionRequest, partial: str) -> CompletionRequest:
