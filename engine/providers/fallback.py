@@ -278,7 +278,7 @@ class FallbackChain:
             if skipped:
                 failures.append(Failure(provider.name, *skipped))
                 run.failures = tuple(failures)
-                self._warn(index, "skipped", skipped[1])
+                self._warn(index, f"skipped: {skipped[1]}")
                 continue
             usage: Usage | None = None
             own_text = ""
@@ -294,7 +294,7 @@ class FallbackChain:
             except pybreaker.CircuitBreakerError:
                 reason = "skipped (circuit open after repeated failures)"
                 failures.append(Failure(provider.name, "circuit_open", reason))
-                self._warn(index, "skipped", reason)
+                self._warn(index, reason)
             except InvalidRequest as exc:
                 failures.append(Failure(provider.name, exc.kind, exc.reason))
                 run.failures = tuple(failures)
@@ -330,13 +330,13 @@ class FallbackChain:
         if isinstance(exc, AuthFailed):
             log.error("provider %s: AUTHENTICATION FAILED: check the key its api_key_env "
                       "names (the key is not logged)", provider.name)
-        self._warn(index, "failed", exc.reason)
+        self._warn(index, f"failed ({exc.reason})")
 
-    def _warn(self, index: int, what: str, reason: str) -> None:
+    def _warn(self, index: int, what: str) -> None:
         """Every failover, a skip included, is one warning line (never with a key)."""
         following = self.providers[index + 1].name if index + 1 < len(self.providers) else None
-        log.warning("chain %s: provider %s %s (%s)%s", self.name, self.providers[index].name,
-                    what, reason, f"; failing over to {following}" if following else "; none left")
+        log.warning("chain %s: provider %s %s%s", self.name, self.providers[index].name,
+                    what, f"; failing over to {following}" if following else "; none left")
 
 
 def _continuation(request: CompletionRequest, partial: str) -> CompletionRequest:
