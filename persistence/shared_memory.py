@@ -318,7 +318,7 @@ class SharedMemory:
         # A few extra rows so that excluded (tampered) ones do not shorten the answer.
         result = await hybrid_search(self._raw, vector, query, rule.sql(), limit + 5,
                                      fts=self._maintainer.fts)
-        facts = [_fact(r, r["score"]) for r in self._verified(result.to_pylist(), rule)
+        facts = [_fact(r, r["score"]) for r in self._verified(result, rule)
                  if min_score is None or r["score"] >= min_score]
         return facts[:limit]
 

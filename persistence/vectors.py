@@ -74,8 +74,9 @@ class LanceMemoryStore:
     """Per-bot memory tables in one LanceDB database (a directory or object store URI)."""
 
     def __init__(self, db: Any, embedder: Embedder, *, ann_threshold: int,
-                 maintain_delay_s: float) -> None:
+                 maintain_delay_s: float, hybrid: bool = True) -> None:
         self._db = db
+        self._hybrid = hybrid
         self._embedder = embedder
         self._ann_threshold = ann_threshold
         self._delay_s = maintain_delay_s
@@ -85,13 +86,15 @@ class LanceMemoryStore:
     @classmethod
     async def open(
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
-        ann_threshold: int = 20_000, maintain_delay_s: float = 2.0,
+        ann_threshold: int = 20_000, maintain_delay_s: float = 2.0, hybrid: bool = True,
     ) -> LanceMemoryStore:
+        """Connect; ``hybrid=False`` ranks by vector similarity only (the baseline)."""
         # read_consistency_interval=0: every read sees writes from other handles
         # (the default never does).
         db = await lancedb.connect_async(
             uri, read_consistency_interval=timedelta(0), storage_options=storage_options)
-        return cls(db, embedder, ann_threshold=ann_threshold, maintain_delay_s=maintain_delay_s)
+        return cls(db, embedder, ann_threshold=ann_threshold, maintain_delay_s=maintain_delay_s,
+                   hybrid=hybrid)
 
     async def __aenter__(self) -> LanceMemoryStore:
         return self
@@ -291,10 +294,10 @@ class LanceMemoryStore:
             vector = (await self._embedder.embed([query]))[0]
         where = f"{in_list('user', users)} AND superseded_by = ''"
         result = await hybrid_search(table, vector, query, where, limit,
-                                     fts=self._maintainers[bot].fts)
+                                     fts=self._hybrid and self._maintainers[bot].fts)
         allowed = set(users)
         facts = []
-        for row in result.to_pylist():
+        for row in result:
             # Second guard: the filter above is the rule; this never trusts it blindly.
             if row["user"] not in allowed or row["superseded_by"]:
                 continue
