@@ -49,6 +49,7 @@ from adapters.outbound import (
     DeliveryError,
     DeliveryTimeout,
     Limits,
+    MessageSender,
     Outbound,
     RateBudget,
     RetryAfter,
@@ -174,6 +175,7 @@ class DiscordAdapter:
         files: FileStore | None = None,
         budget: RateBudget | None = None,
         semaphore: asyncio.Semaphore | None = None,
+        wrap_sender: Callable[[MessageSender], MessageSender] | None = None,
     ) -> None:
         self.config = config
         self.commands = commands
@@ -190,7 +192,10 @@ class DiscordAdapter:
             self.client)
         self.sender = DiscordSender(self.client, scope=f"discord:{config.bot}",
                                     limits=config.limits)
-        self.outbound = Outbound(self.sender, budget)
+        sender: MessageSender = self.sender
+        if wrap_sender is not None:
+            sender = wrap_sender(sender)  # e.g. metrics around every send/edit
+        self.outbound = Outbound(sender, budget)
         self.handler = Handler(replier=replier, outbound=self.outbound, files=files,
                                semaphore=semaphore)
         self.gate = Gate(config.gate)
@@ -231,6 +236,10 @@ class DiscordAdapter:
         async with self:
             assert self._connection is not None
             await asyncio.shield(self._connection)
+
+    async def is_ready(self) -> bool:
+        """For ``/readyz``: logged in and the gateway session is up."""
+        return self.client.is_ready() and not self.client.is_closed()
 
     async def _wait_ready(self) -> None:
         """Ready, or the connection task's error (discord.py dies silently otherwise)."""

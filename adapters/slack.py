@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +46,7 @@ from adapters.outbound import (
     DeliveryError,
     DeliveryTimeout,
     Limits,
+    MessageSender,
     Outbound,
     RateBudget,
     RetryAfter,
@@ -158,9 +159,11 @@ class SlackAdapter:
         dedupe: Dedupe | None = None,
         budget: RateBudget | None = None,
         semaphore: asyncio.Semaphore | None = None,
+        wrap_sender: Callable[[MessageSender], MessageSender] | None = None,
     ) -> None:
         self.config = config
         self.replier = replier
+        self.wrap_sender = wrap_sender  # e.g. metrics around every send/edit
         self.files = files
         self.commands = commands
         self.dedupe: Dedupe = dedupe or MemoryDedupe()
@@ -173,6 +176,8 @@ class SlackAdapter:
         self.http_port = config.http_port  # the bound port once started (0 picks one)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._socket: AsyncSocketModeHandler | None = None
+        self._serving = False
 
     # lifecycle ---------------------------------------------------------------
     async def __aenter__(self) -> SlackAdapter:
@@ -206,7 +211,9 @@ class SlackAdapter:
         self.bot_user_id = str(auth.get("user_id", ""))
         self.bot_id = str(auth.get("bot_id", ""))
         self.team = str(auth.get("team_id", ""))
-        sender = SlackSender(self.client, team=self.team, limits=config.limits)
+        sender: MessageSender = SlackSender(self.client, team=self.team, limits=config.limits)
+        if self.wrap_sender is not None:
+            sender = self.wrap_sender(sender)
         self.outbound = Outbound(sender, self.budget)
         self.handler = Handler(replier=self.replier, outbound=self.outbound, files=self.files,
                                semaphore=self.semaphore)
@@ -227,6 +234,7 @@ class SlackAdapter:
                                             .get_secret_value(), web_client=self.client)
             await socket.connect_async()  # type: ignore[no-untyped-call]
             self._stack.push_async_callback(socket.close_async)
+            self._socket = socket
         else:
             runner = web.AppRunner(self.app.web_app(path=config.http_path))
             await runner.setup()
@@ -234,8 +242,16 @@ class SlackAdapter:
             site = web.TCPSite(runner, config.http_host, config.http_port)
             await site.start()
             self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._serving = True
+        self._stack.callback(setattr, self, "_serving", False)
         log.info("slack: bot %s connected to team %s (%s mode)", config.bot, self.team,
                  config.mode)
+
+    async def is_ready(self) -> bool:
+        """For ``/readyz``: Socket Mode connected, or the HTTP server listening."""
+        if self._socket is not None:
+            return bool(await self._socket.client.is_connected())
+        return self._serving
 
     async def _drain(self) -> None:
         if self._tasks:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM_SDKS = {"openai", "aioboto3", "aiobotocore", "botocore", "boto3", "pybreaker"}
-PERSISTENCE_ALLOWED = {"app.py", "scaleout.py"}  # scaleout.py: the root's scale-out part
+# scaleout.py, platforms.py: the root's scale-out and platform parts
+PERSISTENCE_ALLOWED = {"app.py", "scaleout.py", "platforms.py"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import signal
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -320,3 +324,73 @@ async def test_attachment_stored_with_metadata_and_hostile_or_huge_files_refused
     assert "Paris,France" in json.dumps(bot_pipeline.fake.requests[0].body)
     notes = [m.text for m in slack_fake.in_channel("D2")]
     assert any("'big.bin' is too large" in t for t in notes)  # told, not crashed
+
+
+# --- `boternity run`: the composition root starts Slack and Discord side by side ---
+
+async def test_boternity_run_serves_slack_and_discord(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline, tmp_path: Path
+) -> None:
+    """The real CLI in a subprocess, configured by TOML + environment, against the
+    fake Slack, fake Discord and fake OpenAI of this test process."""
+    from tests.fakes.discord_server import FakeDiscord
+
+    openai_fake = bot_pipeline.fake
+    openai_fake.default = Text(("Bonjour", " from", " the run."))
+    channel = 830000000000000001
+    async with FakeDiscord(channels=(channel,)) as discord_fake:
+        config = tmp_path / "boternity.toml"
+        config.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'run-data'}"
+
+[providers.primary]
+kind = "openai_compatible"
+model = "primary-model"
+base_url = "{openai_fake.base_url}"
+api_key_env = "TEST_OPENAI_KEY"
+
+[bots.demo]
+chain = ["primary"]
+footer = "always"
+memory = {{ enabled = false }}
+
+[bots.demo.slack]
+bot_token_env = "TEST_SLACK_BOT"
+app_token_env = "TEST_SLACK_APP"
+api_base_url = "{slack_fake.api_base}"
+admins = ["{ADMIN}"]
+
+[bots.demo.discord]
+token_env = "TEST_DISCORD"
+api_base_url = "{discord_fake.api_base}"
+gateway_url = "{discord_fake.gateway_url}"
+""", encoding="utf-8")
+        env = {**os.environ, "TEST_OPENAI_KEY": "sk-test", "TEST_SLACK_BOT": BOT_TOKEN,
+               "TEST_SLACK_APP": APP_TOKEN, "TEST_DISCORD": "discord-token"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "adapters.cli", "--config", str(config), "--env-file", "",
+            "run", env=env, cwd=str(Path(__file__).resolve().parent.parent),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(60):
+                await slack_fake.connected.wait()
+                await discord_fake.ready.wait()
+            await slack_fake.push("events_api", message_event("CRUN", f"<@{BOT_USER}> hi"))
+            await discord_fake.message_create(channel_id=channel, content="hi <@9>",
+                                              mention_bot=True)
+            await slack_fake.wait_for(lambda: any(
+                "Bonjour from the run." in m.text and "primary" in m.text
+                and "▌" not in m.text for m in slack_fake.in_channel("CRUN")), within_s=30)
+            await discord_fake.wait_for(lambda: any(
+                "Bonjour from the run." in m.text and "primary" in m.text
+                and "▌" not in m.text for m in discord_fake.in_channel(channel)), within_s=30)
+            assert len(discord_fake.command_puts) == 1  # first start: commands uploaded
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    text = stderr.decode(errors="replace")
+    assert "running: demo/slack, demo/discord" in text
+    assert proc.returncode in (0, 130), text[-2000:]  # 130: stopped by the signal, cleanly
+    assert BOT_TOKEN not in text and "discord-token" not in text  # no secret in logs
