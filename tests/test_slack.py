@@ -35,6 +35,7 @@ from tests.conftest import BotPipeline
 from tests.fakes.openai_server import Text
 from tests.fakes.slack_server import APP_TOKEN, BOT_TOKEN, BOT_USER, TEAM, FakeSlack
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "signing-secret-test"
 ADMIN = "UADMIN0001"
 ANSWER = ("Paris", " is the", " capital", " of **France**.")
@@ -370,7 +371,7 @@ gateway_url = "{discord_fake.gateway_url}"
                "TEST_SLACK_APP": APP_TOKEN, "TEST_DISCORD": "discord-token"}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "adapters.cli", "--config", str(config), "--env-file", "",
-            "run", env=env, cwd=str(Path(__file__).resolve().parent.parent),
+            "run", env=env, cwd=str(ROOT),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             async with asyncio.timeout(60):
