@@ -48,13 +48,15 @@ from telegram.ext import Application, ContextTypes, MessageHandler, filters
 from telegram.warnings import PTBDeprecationWarning
 
 from adapters.commands import COMMANDS, Caller, Commands, parse
+from adapters.dedupe import Dedupe, MemoryDedupe
 from adapters.gate import Facts, Gate, GateConfig
-from adapters.handler import Handler, PendingFile
+from adapters.handler import Handler, Inflight, PendingFile
 from adapters.outbound import (
     TELEGRAM,
     DeliveryError,
     DeliveryTimeout,
     MemoryBudget,
+    MessageSender,
     Outbound,
     RateBudget,
     RetryAfter,
@@ -155,6 +157,9 @@ class TelegramAdapter:
         files: FileStore | None = None,
         budget: RateBudget | None = None,
         semaphore: asyncio.Semaphore | None = None,
+        dedupe: Dedupe | None = None,
+        inflight: Inflight | None = None,
+        wrap_sender: Callable[[MessageSender], MessageSender] | None = None,
     ) -> None:
         self.config = config
         builder = Application.builder().token(config.token.get_secret_value())
@@ -165,9 +170,13 @@ class TelegramAdapter:
         # processing keeps per-chat order without blocking anything.
         self.app = builder.connection_pool_size(64).build()
         self.sender = TelegramSender(self.app.bot, scope=f"telegram:{config.bot}")
-        self.outbound = Outbound(self.sender, budget or MemoryBudget())
+        sender: MessageSender = wrap_sender(self.sender) if wrap_sender else self.sender
+        self.outbound = Outbound(sender, budget or MemoryBudget())
         self.handler = Handler(replier=replier, outbound=self.outbound, files=files,
-                               semaphore=semaphore)
+                               semaphore=semaphore, inflight=inflight)
+        self.handler.serve_redeliveries("telegram", config.bot)
+        # Webhooks are redelivered and several workers may share one: handle once.
+        self.dedupe: Dedupe = dedupe or MemoryDedupe()
         self.commands = commands
         self.gate = Gate(config.gate)
         self.username = ""
@@ -192,6 +201,15 @@ class TelegramAdapter:
             raise
         log.info("telegram: bot %s is @%s", self.config.bot, self.username)
         return self
+
+    async def run(self) -> None:
+        """Serve until cancelled (``boternity run``)."""
+        async with self:
+            await asyncio.Event().wait()
+
+    async def is_ready(self) -> bool:
+        """For ``/readyz``: polling or the webhook server is running."""
+        return bool(self.app.running and self.app.updater and self.app.updater.running)
 
     async def _start_updates(self) -> None:
         updater = self.app.updater
@@ -230,7 +248,9 @@ class TelegramAdapter:
         is_group = message.chat.type != "private"
         parsed = parse(text)
         if parsed is not None and self._for_us(text, is_group):
-            self._spawn(self._command(message, *parsed))
+            if await self.dedupe.claim(
+                    f"telegram:{self.config.bot}:{message.chat.id}:{message.message_id}"):
+                self._spawn(self._command(message, *parsed))
             return
         user = message.from_user
         reply = message.reply_to_message
@@ -241,6 +261,9 @@ class TelegramAdapter:
         decision = self.gate.decide(facts)
         if decision != "answer":
             log.debug("telegram %s: not answering %s (%s)", self.config.bot, facts.chat, decision)
+            return
+        if not await self.dedupe.claim(
+                f"telegram:{self.config.bot}:{message.chat.id}:{message.message_id}"):
             return
         incoming = IncomingMessage(
             platform="telegram", bot=self.config.bot, chat=str(message.chat.id),
