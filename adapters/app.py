@@ -118,6 +118,9 @@ def platform_runners(app: App) -> list[tuple[str, Runner]]:
     ``boternity chat``.
     """
     runners: list[tuple[str, Runner]] = []
+    from adapters import platforms  # here: `boternity chat` need not load the platform SDKs
+
+    runners += platforms.runners(app)  # Slack and Discord
     return runners
 
 
