@@ -23,6 +23,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters import scaleout
+from adapters.dedupe import Dedupe
+from adapters.handler import Inflight
+from adapters.metrics import Metrics, TimedMemory
+from adapters.ops import Check, OpsServer
+from adapters.outbound import RateBudget
 from adapters.settings import ProviderSettings, Settings
 from engine.admin import BotInfo, MemoryAdmin
 from engine.background import Background
@@ -65,6 +71,14 @@ class App:
     memory_admin: MemoryAdmin | None = None  # `boternity memory ...`, /memory
     memory_jobs: Background | None = None  # background fact extraction
     usage: UsageAccounting | None = None  # token/cost rows per reply, daily budgets
+    # scale-out and ops (adapters/scaleout.py): None = one process, in-memory defaults
+    metrics: Metrics | None = None
+    redis: Any = None  # persistence.redis_state.RedisState when [storage] redis_url is set
+    budget: RateBudget | None = None  # shared per-chat pacing: give it to every Outbound
+    dedupe: Dedupe | None = None  # shared event claims: give it to every platform adapter
+    inflight: Inflight | None = None  # replies in flight: give it to every Handler
+    ready_checks: dict[str, Check] = field(default_factory=dict)  # /readyz; platforms add theirs
+    ops: OpsServer | None = None
 
 
 def provider_config(name: str, p: ProviderSettings, settings: Settings) -> ProviderConfig:
@@ -145,11 +159,12 @@ async def _start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> 
     storage = settings.storage
     embedder = await FastEmbedder.load(
         storage.data_dir, threads=max(b.memory.embedding_threads for b in bots.values()))
-    uri, options = storage.resolved_memory_uri(), storage.memory_storage_options or None
+    uri, options = storage.resolved_memory_uri(), scaleout.memory_storage_options(settings)
     store = await stack.enter_async_context(
         await LanceMemoryStore.open(uri, embedder, storage_options=options))
     shared = await stack.enter_async_context(
-        await SharedMemory.open(uri, embedder, storage_options=options))
+        await SharedMemory.open(uri, embedder, storage_options=options,
+                                writer_lock=scaleout.writer_lock(app, "shared-memory")))
     parts = _MemoryParts(embedder, store, shared, SqlRecallLog(app.database),
                          await stack.enter_async_context(Background(name="memory")))
     app.memory_jobs = parts.jobs
@@ -191,6 +206,7 @@ async def build_app(settings: Settings) -> AsyncIterator[App]:
             breakers=Breakers(fail_max=settings.chain.fail_max,
                               reset_timeout_s=settings.chain.reset_timeout_s),
         )
+        await scaleout.start(stack, app)  # Redis-shared state, metrics, ops endpoint
         for name, config in configs.items():
             if name not in used:
                 continue  # configured but in no chain: do not start it (a local model is heavy)
@@ -209,6 +225,8 @@ async def build_app(settings: Settings) -> AsyncIterator[App]:
         )
         app.observers.append(app.usage)
         memory_parts = await _start_memory(stack, settings, app)
+        if memory_parts is not None:
+            app.ready_checks["lancedb"] = scaleout.lancedb_check(memory_parts.store)
         for bot_name, bot in settings.bots.items():
             chain = FallbackChain([app.providers[n] for n in bot.chain], app.breakers,
                                   name=bot_name, skip=app.usage.skip_for(bot_name))
@@ -220,7 +238,7 @@ async def build_app(settings: Settings) -> AsyncIterator[App]:
                 persona=bot.persona,
                 chain=chain,
                 store=app.messages,
-                memory=memory,
+                memory=TimedMemory(memory, app.metrics) if memory and app.metrics else memory,
                 footer=bot.footer,
                 history_messages=bot.history_messages,
                 observers=app.observers,  # shared list: wiring added later is seen

@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import logging
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,6 +23,7 @@ from adapters.outbound import SLACK, Limits, RetryAfter
 from adapters.settings import Settings
 from engine.log_context import bind
 from engine.types import Fact, Failure, IncomingMessage, Reply, Usage
+from tests.fakes.openai_server import Text
 
 MSG = IncomingMessage(platform="telegram", bot="helper", chat="42", user="u1", text="hi")
 
@@ -240,3 +242,64 @@ def test_redactor_known_shapes_without_configuration() -> None:
     assert redact("AKIAABCDEFGHIJKLMNOP") == "***"
     assert redact("redis://:s3cr3t@cache:6379/0") == "redis://***@cache:6379/0"
     assert redact("nothing to hide here") == "nothing to hide here"
+
+
+# --- the composition root wires it: one worker with Redis and the ops endpoint ---
+
+async def test_build_app_wires_redis_metrics_and_ops(
+    tmp_path: Any, openai_fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from adapters.app import build_app
+    from persistence.redis_breakers import SharedBreakers
+
+    redis_url = "redis://127.0.0.1:6379/0"
+    ns = f"test-{uuid.uuid4().hex[:12]}"
+    settings = Settings.model_validate({
+        "storage": {"data_dir": str(tmp_path), "redis_url": redis_url, "redis_namespace": ns},
+        "http": {"enabled": True, "port": 0},
+        "providers": {"primary": {"kind": "openai_compatible", "model": "fake-1",
+                                  "base_url": openai_fake.base_url}},
+        "bots": {"helper": {"chain": ["primary"], "footer": "never",
+                            "memory": {"enabled": False}}},
+    })
+    openai_fake.script(Text(["Bonjour", "!"]))
+    try:
+        async with build_app(settings) as app:
+            assert app.ops is not None and app.metrics is not None
+            assert app.dedupe is not None and app.budget is not None
+            assert app.inflight is not None
+            async for _ in app.conversations["helper"].reply(MSG_HELPER):
+                pass
+            status, _, body = await _get(app.ops.port, "/readyz")
+            assert status == 200
+            assert json.loads(body)["checks"] == {"database": "ok", "redis": "ok"}
+            s = _samples((await _get(app.ops.port, "/metrics"))[2])
+            assert s("boternity_replies_total", bot="helper", platform="telegram",
+                     served_by="primary", outcome="ok") == 1
+            assert s("boternity_breaker_state", provider="primary") == 0
+            # Another worker opens the breaker: this one sees it (shared state).
+            async with SharedBreakers(redis_url, namespace=ns) as other:
+                import pybreaker
+                breaker = pybreaker.CircuitBreaker(fail_max=1, state_storage=other.storage(
+                    "primary"))
+                breaker.open()
+                await other.flush()
+                async with asyncio.timeout(5):
+                    await app.extras["shared_breakers"].wait_for("primary", "open")
+                assert app.breakers.state("primary") == "open"
+            s = _samples((await _get(app.ops.port, "/metrics"))[2])
+            assert s("boternity_breaker_state", provider="primary") == 2
+    finally:
+        client = aioredis.from_url(redis_url)
+        keys = [k async for k in client.scan_iter(match=f"{ns}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+MSG_HELPER = IncomingMessage(platform="telegram", bot="helper", chat="7", user="u1",
+                             text="say hello in French")
