@@ -158,11 +158,25 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     main_task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     assert main_task is not None
-    # SIGTERM (docker stop, systemd) shuts down like Ctrl-C: resources close in order.
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        main_task.cancel()
+
+    # SIGTERM (docker stop, systemd) cancels the work; resources close in order
+    # on the way out, and the exit is a clean 0: the stop was asked for.
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
-    async with build_app(settings) as app:
-        return await handler(args, app)
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        async with build_app(settings) as app:
+            return await handler(args, app)
+    except asyncio.CancelledError:
+        if terminated:
+            log.info("stopped by SIGTERM")
+            return 0
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

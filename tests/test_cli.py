@@ -198,3 +198,26 @@ async def test_chat_on_the_demo_defaults_with_the_real_local_model(tmp_path: Pat
     assert answer.strip()  # wording is the model's; structure is ours
     assert footer == "-- demo model: configure a provider for real answers"
     assert "embedded demo config" in err
+
+
+async def test_sigterm_stops_a_running_chat_cleanly(
+    openai_fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    import signal
+
+    config = write_config(tmp_path, openai_fake.base_url)
+    (tmp_path / ".env").write_text("FAKE_PRIMARY_KEY=sk-x\n", encoding="utf-8")
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "adapters.cli"]
+    proc = await asyncio.create_subprocess_exec(
+        *command, "--config", str(config), "chat", cwd=tmp_path, env=_env(),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(b"first\n")
+    await proc.stdin.drain()
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+    assert line == b"Hello from the fake.\n"  # it answered and now waits for input
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+    assert b"Traceback" not in await proc.stderr.read()
