@@ -38,6 +38,12 @@ Rules:
 
 ``Failure.reason`` is footer-ready ("rate limited", "timed out before first
 token", "connection dropped mid-answer", "server error 500", ...).
+
+Breaker bookkeeping: ``InvalidRequest`` and ``ContextTooLong`` never count
+against a provider; a stream the consumer abandons (cancelled, closed early)
+counts as a success, since the provider was answering. ``Breakers(storage=...)``
+can share breaker state between processes (pybreaker storages); the per-name
+``ProviderRecord`` (last error, Retry-After cooldown) stays per process.
 """
 
 from __future__ import annotations
