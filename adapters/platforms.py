@@ -18,7 +18,7 @@ scale-out part set them, ``app.budget`` (shared pacing) and ``app.dedupe``
 (shared event claims) are used, ``app.metrics`` wraps every sender and each
 adapter joins ``app.ready_checks``.
 
-Telegram (the platform-core helper's adapter) can register here the same way.
+Telegram, Slack and Discord register here the same way.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from adapters.dedupe import Dedupe
 from adapters.discord import DiscordAdapter, DiscordConfig
 from adapters.gate import GateConfig
 from adapters.outbound import MessageSender, RateBudget
-from adapters.settings import DiscordSettings, SlackSettings
+from adapters.settings import DiscordSettings, SlackSettings, TelegramSettings
 from adapters.slack import SlackAdapter, SlackConfig
+from adapters.telegram import TelegramAdapter, TelegramConfig
 from engine.admin import FileAdmin, LastReplies, PersonaAdmin, ProviderAdmin, UsageAdmin
 from engine.ports import FileStore
 from persistence.files import SqlFileStore
@@ -119,6 +120,16 @@ def discord_config(app: App, bot: str, s: DiscordSettings) -> DiscordConfig:
     )
 
 
+def telegram_config(app: App, bot: str, s: TelegramSettings) -> TelegramConfig:
+    settings, key = app.settings, f"bots.{bot}.telegram"
+    return TelegramConfig(
+        bot=bot, token=settings.require_secret(s.token_env, key=f"{key}.token_env"),
+        admins=tuple(s.admins), gate=gate_config(s), api_base_url=s.api_base_url, mode=s.mode,
+        webhook_url=s.webhook_url, webhook_listen=s.webhook_listen, webhook_port=s.webhook_port,
+        webhook_secret=settings.secret(s.webhook_secret_env, key=f"{key}.webhook_secret_env"),
+    )
+
+
 def _wrapper(app: App, platform: str) -> Callable[[MessageSender], MessageSender] | None:
     metrics = getattr(app, "metrics", None)
     if metrics is None:
@@ -128,18 +139,26 @@ def _wrapper(app: App, platform: str) -> Callable[[MessageSender], MessageSender
     return lambda sender: MeteredSender(sender, metrics, platform)
 
 
-def _ready(app: App, name: str, adapter: SlackAdapter | DiscordAdapter) -> None:
+def _ready(app: App, name: str, adapter: SlackAdapter | DiscordAdapter | TelegramAdapter) -> None:
     checks = getattr(app, "ready_checks", None)
     if isinstance(checks, dict):
         checks[name] = adapter.is_ready
 
 
 def runners(app: App) -> list[tuple[str, Runner]]:
-    """``(label, runner)`` for every Slack and Discord section of every bot."""
+    """``(label, runner)`` for every Telegram, Slack and Discord section of every bot."""
     found: list[tuple[str, Runner]] = []
     budget: RateBudget | None = getattr(app, "budget", None)
     dedupe: Dedupe | None = getattr(app, "dedupe", None)
     for bot, settings in app.settings.bots.items():
+        if settings.telegram is not None:
+            telegram = TelegramAdapter(
+                telegram_config(app, bot, settings.telegram), replier=app.conversations[bot],
+                commands=commands_for(app, bot, settings.telegram.admins), files=files(app),
+                budget=budget, semaphore=reply_semaphore(app), dedupe=dedupe,
+                inflight=getattr(app, "inflight", None), wrap_sender=_wrapper(app, "telegram"))
+            _ready(app, f"telegram:{bot}", telegram)
+            found.append((f"{bot}/telegram", telegram.run))
         if settings.slack is not None:
             slack = SlackAdapter(
                 slack_config(app, bot, settings.slack), replier=app.conversations[bot],

@@ -10,9 +10,13 @@ the real fallback chain, real file storage).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -28,6 +32,7 @@ from tests.fakes.openai_server import Text
 from tests.fakes.telegram_server import FakeTelegram, SentMessage, start_telegram_fake
 
 ADMIN = 42
+ROOT = Path(__file__).resolve().parent.parent
 ANSWER = ("Paris", " is", " the", " capital", " of", " **France**", ",", " since", " long", ".")
 GROUP = -1001
 
@@ -236,3 +241,73 @@ async def test_burst_of_50_concurrent_replies(
           f"all final after {elapsed:.1f}s; limits hit: {dict(tg.limit_hits)}")
     assert tg.count_429 == 0
 
+
+
+# --- `boternity run`: two bots, each with its own Telegram token, in one process ---
+
+async def test_boternity_run_serves_two_telegram_bots(
+    bot_pipeline: BotPipeline, tmp_path: Path
+) -> None:
+    openai_fake = bot_pipeline.fake
+    openai_fake.default = Text(("Hello", " from", " the run."))
+    async with start_telegram_fake(token="111:FIRST", bot_username="first_bot") as one, \
+            start_telegram_fake(token="222:SECOND", bot_username="second_bot") as two:
+        config = tmp_path / "boternity.toml"
+        config.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'run-data'}"
+
+[providers.primary]
+kind = "openai_compatible"
+model = "primary-model"
+base_url = "{openai_fake.base_url}"
+api_key_env = "TEST_OPENAI_KEY"
+
+[bots.first]
+chain = ["primary"]
+footer = "always"
+memory = {{ enabled = false }}
+
+[bots.first.telegram]
+token_env = "TEST_TG_FIRST"
+api_base_url = "{one.url}"
+admins = ["{ADMIN}"]
+
+[bots.second]
+chain = ["primary"]
+memory = {{ enabled = false }}
+
+[bots.second.telegram]
+token_env = "TEST_TG_SECOND"
+api_base_url = "{two.url}"
+""", encoding="utf-8")
+        env = {**os.environ, "TEST_OPENAI_KEY": "sk-test", "TEST_TG_FIRST": one.token,
+               "TEST_TG_SECOND": two.token}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "adapters.cli", "--config", str(config), "--env-file", "",
+            "run", env=env, cwd=str(ROOT),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            await one.wait_for(lambda: one.commands is not None, limit_s=60)
+            await two.wait_for(lambda: two.commands is not None, limit_s=60)
+            one.push_message(7, "hi first")
+            two.push_message(8, "hi second")
+            await one.wait_for(lambda: any(
+                m.text.startswith("Hello from the run.") and "primary" in m.text
+                for m in one.in_chat(7)), limit_s=30)
+            await two.wait_for(lambda: any(
+                m.text == "Hello from the run." for m in two.in_chat(8)), limit_s=30)
+            status_before = len(one.in_chat(ADMIN))
+            one.push_message(ADMIN, "/provider status", user_id=ADMIN)
+            await one.wait_for(lambda: len(one.in_chat(ADMIN)) > status_before, limit_s=30)
+            assert "served by primary" in one.in_chat(ADMIN)[-1].text
+        finally:
+            one.close()
+            two.close()
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    text = stderr.decode(errors="replace")
+    assert "first/telegram" in text and "second/telegram" in text
+    assert proc.returncode in (0, 130), text[-2000:]
+    assert one.token not in text and two.token not in text  # no secret in logs
