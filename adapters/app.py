@@ -118,10 +118,32 @@ def provider_config(name: str, p: ProviderSettings, settings: Settings) -> Provi
         price_output_per_mtok=p.price_output_per_mtok,
         model_path=p.model_path,
         threads=p.threads,
-        region=p.region,
+        region=p.region or (_env_region(settings) if p.kind == "bedrock" else None),
         profile=p.profile,
         endpoint_url=p.endpoint_url,
+        **(_aws_keys(settings) if p.kind == "bedrock" and not p.profile else {}),
     )
+
+
+def _env_region(settings: Settings) -> str | None:
+    return settings.env.get("AWS_REGION") or settings.env.get("AWS_DEFAULT_REGION") or None
+
+
+def _aws_keys(settings: Settings) -> dict[str, Any]:
+    """AWS keys from .env or the environment, for a Bedrock provider without a profile.
+
+    botocore reads only the real environment; ``.env`` is Boternity's. With
+    no keys in either, botocore's chain (profile, SSO, instance role) applies.
+    """
+    env = settings.env
+    secret = settings.secret("AWS_SECRET_ACCESS_KEY", key="AWS_SECRET_ACCESS_KEY")
+    if not env.get("AWS_ACCESS_KEY_ID") or secret is None:
+        return {}
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": secret,
+        "aws_session_token": settings.secret("AWS_SESSION_TOKEN", key="AWS_SESSION_TOKEN"),
+    }
 
 
 def platform_runners(app: App) -> list[tuple[str, Runner]]:

@@ -413,3 +413,38 @@ def test_build_bedrock_with_defaults_and_overrides() -> None:
     assert not llama.capabilities.vision
     with pytest.raises(ConfigError, match="model"):
         build_bedrock(ProviderConfig(name="x", kind="bedrock"))
+
+
+async def test_keys_and_region_from_dotenv_reach_bedrock(
+    bedrock_fake: FakeBedrock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # .env is Boternity's, not the process environment: botocore cannot see it,
+    # so the composition root hands the keys over explicitly.
+    from adapters.app import build_app
+    from adapters.settings import load_settings
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name)
+    (tmp_path / ".env").write_text("AWS_ACCESS_KEY_ID=AKIDDOTENV\n"
+                                   "AWS_SECRET_ACCESS_KEY=dotenv-secret\n"
+                                   "AWS_REGION=eu-north-1\n")
+    (tmp_path / "b.toml").write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'data'}"
+[providers.aws]
+kind = "bedrock"
+model = "{MODEL}"
+endpoint_url = "{bedrock_fake.url}"
+[bots.demo]
+chain = ["aws"]
+[bots.demo.memory]
+enabled = false
+""")
+    settings = load_settings(tmp_path / "b.toml", environ={}, dotenv=tmp_path / ".env")
+    async with build_app(settings) as app:
+        provider = app.providers["aws"]
+        assert "dotenv-secret" not in repr(provider)
+        assert isinstance(provider, BedrockProvider)
+        await collect(provider, ask())
+    auth = bedrock_fake.requests[0].headers["Authorization"]
+    assert "AKIDDOTENV/" in auth and "/eu-north-1/bedrock/" in auth

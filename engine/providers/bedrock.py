@@ -6,7 +6,8 @@ raises only ``engine.errors.ProviderError`` subclasses, mid-stream included.
 
 - Credentials and region come from the standard AWS chain (environment,
   profile, SSO, instance role); ``region``, ``profile`` and ``endpoint_url``
-  override it. No key ever passes through Boternity's config.
+  override it. Explicit keys are only for what botocore cannot see (the
+  composition root passes AWS keys found in ``.env``); never in the TOML.
 - The SDK never retries (``total_max_attempts=1``): the fallback chain decides
   what happens next, and botocore's default 5 attempts cost ~8 s per failure.
 - One aioboto3 client is opened on ``__aenter__`` (or lazily on first use)
@@ -22,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +44,7 @@ from botocore.exceptions import (
     SSOError,
     TokenRetrievalError,
 )
+from pydantic import SecretStr
 
 from engine.errors import (
     AuthFailed,
@@ -166,6 +168,10 @@ class BedrockProvider:
     first_token_timeout_s: float = 15.0
     idle_timeout_s: float = 15.0
     temperature: float | None = None
+    # Explicit keys (from .env); None = botocore's chain finds them itself.
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: SecretStr | None = field(default=None, repr=False)
+    aws_session_token: SecretStr | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._client: Any = None
@@ -197,7 +203,12 @@ class BedrockProvider:
     async def _open(self) -> Any:
         async with self._lock:
             if self._client is None:
-                session = aioboto3.Session(profile_name=self.profile, region_name=self.region)
+                session = aioboto3.Session(
+                    profile_name=self.profile, region_name=self.region,
+                    aws_access_key_id=self.aws_access_key_id,
+                    aws_secret_access_key=_reveal(self.aws_secret_access_key),
+                    aws_session_token=_reveal(self.aws_session_token),
+                )
                 config = Config(
                     retries={"total_max_attempts": 1},
                     connect_timeout=self.timeout_s,
@@ -293,6 +304,10 @@ class BedrockProvider:
                 events.close()
 
 
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
+
+
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
     async with asyncio.timeout(seconds):
         return await awaitable
@@ -340,4 +355,7 @@ def build_bedrock(config: ProviderConfig) -> BedrockProvider:
         profile=config.profile, endpoint_url=config.endpoint_url or config.base_url,
         timeout_s=config.timeout_s, first_token_timeout_s=config.first_token_timeout_s,
         idle_timeout_s=config.idle_timeout_s, temperature=config.temperature,
+        aws_access_key_id=config.aws_access_key_id,
+        aws_secret_access_key=config.aws_secret_access_key,
+        aws_session_token=config.aws_session_token,
     )

@@ -57,6 +57,11 @@ class ProviderConfig:
     region: str | None = None
     profile: str | None = None
     endpoint_url: str | None = None
+    # explicit AWS keys (e.g. from .env, which is not the process environment);
+    # None = botocore's own chain (environment, profile, SSO, instance role)
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
 
 
 def capabilities(config: ProviderConfig) -> Capabilities:
