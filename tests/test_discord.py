@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from adapters.discord import DiscordAdapter, DiscordConfig
 from adapters.gate import GateConfig
 from adapters.outbound import DISCORD
+from adapters.platforms import MAX_CONCURRENT_REPLIES
 from engine.types import Reply
 from tests.conftest import BotPipeline
 from tests.fakes.discord_server import FakeDiscord
@@ -37,7 +38,8 @@ async def discord_fake() -> AsyncIterator[FakeDiscord]:
         yield fake
 
 
-def adapter(fake: FakeDiscord, pipeline: BotPipeline, **overrides: Any) -> DiscordAdapter:
+def adapter(fake: FakeDiscord, pipeline: BotPipeline, *,
+            semaphore: asyncio.Semaphore | None = None, **overrides: Any) -> DiscordAdapter:
     values: dict[str, Any] = dict(
         bot="demo", token=SecretStr("discord-test-token"),
         data_dir=pipeline.tmp_path / "data",
@@ -47,7 +49,7 @@ def adapter(fake: FakeDiscord, pipeline: BotPipeline, **overrides: Any) -> Disco
     values.update(overrides)
     return DiscordAdapter(DiscordConfig(**values), replier=pipeline.conversation,
                           commands=pipeline.commands((str(ADMIN),)),  # type: ignore[arg-type]
-                          files=pipeline.files)
+                          files=pipeline.files, semaphore=semaphore)
 
 
 def first_reply(pipeline: BotPipeline) -> Reply:
@@ -199,7 +201,8 @@ async def test_burst_of_50_replies_respects_limits(
     channels = tuple(820000000000000000 + i for i in range(10))
     bot_pipeline.fake.default = Text(ANSWER, gap_s=0.05)
     async with FakeDiscord(channels=channels, channel_window_s=5.0 / scale) as fake:
-        async with adapter(fake, bot_pipeline, limits=limits):
+        async with adapter(fake, bot_pipeline, limits=limits,
+                           semaphore=asyncio.Semaphore(MAX_CONCURRENT_REPLIES)):
             start = time.monotonic()
             for i in range(50):
                 await fake.message_create(channel_id=channels[i % 10], mention_bot=True,

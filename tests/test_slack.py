@@ -28,6 +28,7 @@ from slack_sdk.signature import SignatureVerifier
 
 from adapters.gate import GateConfig
 from adapters.outbound import SLACK
+from adapters.platforms import MAX_CONCURRENT_REPLIES
 from adapters.render import to_slack
 from adapters.slack import SlackAdapter, SlackConfig
 from engine.types import Reply
@@ -57,9 +58,10 @@ def config(fake: FakeSlack, **overrides: Any) -> SlackConfig:
     return SlackConfig(**values)
 
 
-def adapter(fake: FakeSlack, pipeline: BotPipeline, **overrides: Any) -> SlackAdapter:
+def adapter(fake: FakeSlack, pipeline: BotPipeline, *,
+            semaphore: asyncio.Semaphore | None = None, **overrides: Any) -> SlackAdapter:
     return SlackAdapter(config(fake, **overrides), replier=pipeline.conversation,
-                        files=pipeline.files,
+                        files=pipeline.files, semaphore=semaphore,
                         commands=pipeline.commands((ADMIN,)))  # type: ignore[arg-type]
 
 
@@ -110,6 +112,8 @@ async def test_not_addressed_ignored_dm_answered_and_bots_ignored(
         await slack_fake.push("events_api", message_event("C1", "just chatting"))
         await slack_fake.push("events_api", message_event(
             "C1", f"<@{BOT_USER}> hi", user="", bot_id="BOTHER01", subtype="bot_message"))
+        await slack_fake.push("events_api", message_event(  # our own message coming back
+            "D1", "an earlier answer", user=BOT_USER, bot_id="B00000001", im=True))
         await slack_fake.push("events_api", message_event("D1", "hello in private", im=True))
         await slack_fake.wait_for(lambda: bool(slack_fake.in_channel("D1"))
                                   and bot_pipeline.replied.is_set())
@@ -244,7 +248,8 @@ async def test_burst_of_50_replies_respects_limits(bot_pipeline: BotPipeline) ->
     bot_pipeline.fake.default = Text(ANSWER, gap_s=0.05)
     channels = [f"CB{i:02d}" for i in range(10)]
     async with FakeSlack(post_window_s=1.0 / scale, update_window_s=60.0 / scale) as fake:
-        slack = adapter(fake, bot_pipeline, limits=limits)
+        slack = adapter(fake, bot_pipeline, limits=limits,
+                        semaphore=asyncio.Semaphore(MAX_CONCURRENT_REPLIES))
         async with slack:
             pushed: dict[str, float] = {}
             for i in range(50):
