@@ -3,13 +3,13 @@
 ``Conversation.reply(message)``, in order:
 
 1. commit the user's message (if storage fails, say so and stop: we never
-   answer a message we could not keep);
-2. load the chat's history and, with a ``MemoryPolicy``, recall facts
-   (either failing is logged; the reply goes on without it);
-3. build the prompt within the chain's context budget (``engine.prompt``);
-4. stream it through the fallback chain, yielding each text delta;
-5. store the assistant's answer with who served it;
-6. build the final ``Reply`` (footer, usage, latency, recalled ids), hand it to
+   answer a message we could not keep), while loading the chat's history
+   and, with a ``MemoryPolicy``, recalling facts (either failing is logged;
+   the reply goes on without it);
+2. build the prompt within the chain's context budget (``engine.prompt``);
+3. stream it through the fallback chain, yielding each text delta;
+4. store the assistant's answer with who served it;
+5. build the final ``Reply`` (footer, usage, latency, recalled ids), hand it to
    ``memory.learn`` (which returns at once) and to every ``ReplyObserver``
    (usage accounting, metrics; their errors are logged), then yield it last.
 
@@ -127,20 +127,23 @@ class Conversation:
     async def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]:
         """Yield text deltas, then exactly one ``Reply`` (see the module docstring)."""
         started = time.monotonic()
-        try:
-            message_id = await self._store_user(message)
-        except StorageError as exc:
+        # Independent reads run while the message is being committed: the
+        # LLM is still called only after the commit succeeded.
+        stored, history, facts = await asyncio.gather(
+            self._store_user(message), self._history(message), self._recall(message),
+        )
+        if isinstance(stored, StorageError):
             log.error("bot %s chat %s: could not store the user's message: %s",
-                      self.bot, message.chat, exc)
+                      self.bot, message.chat, stored)
             yield Reply(
                 text="Sorry, I could not save your message, so I did not answer it. "
                      "Please try again in a moment.",
                 served_by=None, error="storage", latency_s=time.monotonic() - started,
             )
             return
-
-        history = await self._history(message, message_id)
-        facts = await self._recall(message)
+        # The message just stored is the new turn, not history (the read may
+        # or may not have seen it).
+        history = [r for r in history if r.id != stored][-self.history_messages:]
         caps = self.chain.capabilities
         prompt = build_prompt(
             persona=self.persona, message=message, history=history, facts=facts,
@@ -167,25 +170,26 @@ class Conversation:
         await self._notify(message, reply)
         yield reply
 
-    async def _store_user(self, message: IncomingMessage) -> int:
-        return await self.store.add(
-            bot=self.bot, chat=message.chat, role="user", content=message.text,
-            user=message.user, platform=message.platform,
-        )
+    async def _store_user(self, message: IncomingMessage) -> int | StorageError:
+        try:
+            return await self.store.add(
+                bot=self.bot, chat=message.chat, role="user", content=message.text,
+                user=message.user, platform=message.platform,
+            )
+        except StorageError as exc:
+            return exc
 
-    async def _history(self, message: IncomingMessage, message_id: int) -> list[StoredMessage]:
+    async def _history(self, message: IncomingMessage) -> list[StoredMessage]:
+        """The last ``history_messages`` + 1 rows (one may be the new message)."""
         if self.history_messages <= 0:
             return []
         try:
-            rows = await self.store.history(self.bot, message.chat,
+            return await self.store.history(self.bot, message.chat,
                                             limit=self.history_messages + 1)
         except StorageError as exc:
             log.warning("bot %s chat %s: history unavailable, answering without it: %s",
                         self.bot, message.chat, exc)
             return []
-        # The message just stored is the new turn, not history.
-        rows = [r for r in rows if r.id != message_id]
-        return rows[-self.history_messages:]
 
     async def _recall(self, message: IncomingMessage) -> list[Fact]:
         if self.memory is None:
