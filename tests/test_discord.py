@@ -247,3 +247,34 @@ async def test_attachment_stored_with_metadata_and_huge_file_refused(
     assert "The launch is on Friday." in str(bot_pipeline.fake.requests[0].body)
     notes = [m.text for m in discord_fake.in_channel(DM)]
     assert any("'big.bin' is too large" in t for t in notes)  # told, not crashed
+
+
+async def test_who_handles_429s_short_waits_discordpy_long_waits_our_scheduler() -> None:
+    """Short bucket waits are discord.py's (it reads X-RateLimit-*, waits, no 429);
+    a wait past ``max_ratelimit_timeout`` (30 s) becomes our ``RetryAfter``."""
+    import discord
+    import yarl
+
+    from adapters.discord import MAX_RATELIMIT_TIMEOUT_S, DiscordSender
+    from adapters.outbound import RetryAfter
+
+    async with FakeDiscord(channels=(C1, C2), channel_limit=1, channel_window_s=0.3) as fake:
+        discord.http.Route.BASE = fake.api_base
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(fake.gateway_url)
+        client = discord.Client(intents=discord.Intents.none(),
+                                max_ratelimit_timeout=MAX_RATELIMIT_TIMEOUT_S)
+        await client.login("discord-test-token")
+        try:
+            sender = DiscordSender(client, scope="discord:test")
+            first = await sender.send(str(C1), "one")
+            await sender.edit(str(C1), first, "one, edited")  # discord.py waits ~0.3 s itself
+            assert fake.messages[int(first)].text == "one, edited"
+            assert fake.rate_limited == 0
+            fake.channel_window_s = 120.0  # the next window is long: not discord.py's to sit out
+            await sender.send(str(C2), "two")
+            with pytest.raises(RetryAfter) as caught:
+                await sender.send(str(C2), "three")
+            assert caught.value.seconds > MAX_RATELIMIT_TIMEOUT_S
+            assert [m.text for m in fake.in_channel(C2)] == ["two"]  # nothing duplicated
+        finally:
+            await client.close()
