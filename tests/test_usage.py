@@ -330,3 +330,15 @@ async def test_budget_is_shared_between_processes(rig: Rig) -> None:
     assert await other.skip(aws, request) == "over the bot's daily budget ($0.001)"
     # Another bot's budget is its own.
     assert await other.skip(aws, CompletionRequest(messages=(), bot="else")) is None
+
+
+async def test_only_priced_providers_over_budget_explains_why(rig: Rig) -> None:
+    conversation, _ = await rig.conversation(("aws",), budget=Budget(bot_usd_per_day=0.001))
+    rig.bedrock.push(Behaviour(input_tokens=1000, output_tokens=100))
+    assert (await say(conversation, "spend")).served_by == "aws"
+    refused = await say(conversation, "more")
+    assert refused.error == "all_failed" and refused.served_by is None
+    assert "over the bot's daily budget ($0.001)" in refused.text
+    assert rig.bedrock.count == 1
+    lines = await rig.store.summary(since=NOON - timedelta(days=1))
+    assert [line.replies for line in lines] == [1]  # the refused reply cost nothing
