@@ -15,9 +15,10 @@ on 127.0.0.1 through the real aioboto3 client; only the path differs:
                         the usage observer writing one row per reply
 
 Every path uses one long-lived client (the provider keeps its own, as in
-production). The scenarios run interleaved round-robin after a warm-up;
-medians and ratios to the bare SDK are reported. Absolute numbers depend on
-the machine and its load; the ratios are the point.
+production). The scenarios run interleaved, in a new random order each round,
+after a warm-up; quartiles, and the medians' difference and ratio to the
+bare SDK, are reported. Absolute numbers depend on the machine and its load;
+the ratios are the point.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -63,7 +65,7 @@ PERSONA = "You are terse."
 QUESTION = "What is the answer?"
 
 
-async def _run(fake: FakeBedrock, runs: int, data: Path) -> dict[str, float]:
+async def _run(fake: FakeBedrock, runs: int, data: Path) -> dict[str, list[float]]:
     session = aioboto3.Session()
     config = Config(retries={"total_max_attempts": 1})
     provider = BedrockProvider(name="aws", model=MODEL, capabilities=Capabilities(vision=True),
@@ -115,15 +117,22 @@ async def _run(fake: FakeBedrock, runs: int, data: Path) -> dict[str, float]:
         for _ in range(10):  # warm-up: connections, lazy imports, SQLite pages
             for scenario in scenarios.values():
                 await scenario()
+        order = list(scenarios)
+        shuffle = random.Random(7).shuffle
         for _ in range(runs):
-            for name, scenario in scenarios.items():
+            # A new order every round: the fake shares this event loop, and the
+            # request right after another one pays for that one's server-side
+            # cleanup; shuffling spreads that cost evenly.
+            shuffle(order)
+            for name in order:
                 start = time.perf_counter()
-                await scenario()
+                await scenarios[name]()
                 timings[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1000 for name, values in timings.items()}
+    return {name: [q * 1000 for q in statistics.quantiles(values, n=4)]
+            for name, values in timings.items()}
 
 
-async def measure(runs: int) -> dict[str, float]:
+async def measure(runs: int) -> dict[str, list[float]]:
     # The standard AWS chain, pointed at dummies: never a real account or ~/.aws.
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.update({
@@ -140,13 +149,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    medians = asyncio.run(measure(args.runs))
-    bare = medians["bare aioboto3"]
-    print(f"per-reply latency, median of {args.runs} interleaved runs "
-          "(fake Bedrock, 127.0.0.1)")
-    print(f"{'scenario':<20}{'median ms':>10}{'added ms':>10}{'ratio':>8}")
-    for name, value in medians.items():
-        print(f"{name:<20}{value:>10.2f}{value - bare:>+10.2f}{value / bare:>8.2f}")
+    quartiles = asyncio.run(measure(args.runs))
+    bare = quartiles["bare aioboto3"][1]
+    print(f"per-reply latency of {args.runs} interleaved runs (fake Bedrock, 127.0.0.1)")
+    print(f"{'scenario':<20}{'p25 ms':>8}{'median ms':>10}{'p75 ms':>8}{'added ms':>10}"
+          f"{'ratio':>7}")
+    for name, (p25, median, p75) in quartiles.items():
+        print(f"{name:<20}{p25:>8.2f}{median:>10.2f}{p75:>8.2f}{median - bare:>+10.2f}"
+              f"{median / bare:>7.2f}")
 
 
 if __name__ == "__main__":
