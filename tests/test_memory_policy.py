@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from engine.background import Background
@@ -427,3 +429,95 @@ async def test_recall_log_upserts_per_chat_on_sqlite_and_postgres(database_url: 
         assert last.created_at == datetime(2026, 1, 1, 12, 2, tzinfo=UTC)
         assert [r.chat for r in await log.chats("helper")] == ["c1", "c2"]
         assert await log.last("other-bot", "c1") is None
+
+
+# --- property: recall never shows what the bot or the speaker may not see -------------
+
+PLATFORMS = ("telegram", "discord", "slack")
+PEOPLE = ("ana", "ben", "chen", "dora", "emil")
+GROUPS = ("ops", "sales", "dev")
+READERS = ("helper", "scout", "critic")
+TOPICS = ("coffee", "the office", "holidays", "a dog", "chess", "the deadline", "music")
+
+
+@dataclass
+class World:
+    loop: asyncio.AbstractEventLoop
+    stack: Stack
+    close: Any
+
+
+@pytest.fixture
+def world(tmp_path: Path, embedder: Any) -> Any:
+    """Own and shared memories about many users, levels and groups (one loop for all examples)."""
+    import random
+
+    loop = asyncio.new_event_loop()
+    rng = random.Random(7)
+
+    async def build() -> World:
+        uri = str(tmp_path / "lancedb")
+        store = await LanceMemoryStore.open(uri, embedder)
+        shared = await SharedMemory.open(uri, embedder)
+        await shared.__aenter__()
+        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+        await database.start()
+        users = ["", *(f"{p}:{u}" for p in PLATFORMS for u in PEOPLE)]
+        for bot in READERS:
+            await store.add_many([
+                Fact(id="", text=f"{(u or 'everyone').split(':')[-1]} talks about {t}",
+                     bot=bot, user=u)
+                for u in users for t in rng.sample(TOPICS, 2)
+            ])
+        for _ in range(40):
+            level = rng.choice(("public", "trusted", "private"))
+            await shared.publish(
+                Fact(id="", text=f"shared note on {rng.choice(TOPICS)}",
+                     bot=rng.choice(READERS), user=rng.choice(users)),
+                level, rng.choice(GROUPS) if level == "trusted" else "")
+
+        async def close() -> None:
+            await shared.__aexit__(None, None, None)
+            await store.__aexit__(None, None, None)
+            await database.close()
+
+        stack = Stack(store, shared, SqlRecallLog(database), embedder, Background())
+        return World(loop, stack, close)
+
+    built = loop.run_until_complete(build())
+    yield built
+    loop.run_until_complete(built.close())
+    loop.close()
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    reader=st.sampled_from(READERS),
+    groups=st.lists(st.sampled_from(GROUPS), max_size=2, unique=True),
+    platform=st.sampled_from(PLATFORMS),
+    speaker=st.sampled_from([*PEOPLE, "", "stranger", "o'brien \"x\""]),
+    is_group=st.booleans(),
+    topic=st.sampled_from(TOPICS),
+    top_k=st.integers(min_value=1, max_value=20),
+)
+def test_recall_never_returns_what_the_bot_or_speaker_may_not_see(
+    world: World, reader: str, groups: list[str], platform: str, speaker: str,
+    is_group: bool, topic: str, top_k: int,
+) -> None:
+    memory = world.stack.memory(bot=reader, trust_groups=tuple(groups), top_k=top_k,
+                                min_score=-1.0)
+    message = IncomingMessage(platform=platform, bot=reader, chat="c", user=speaker,  # type: ignore[arg-type]
+                              text=f"what do I know about {topic}?", is_group=is_group)
+    recalled = world.loop.run_until_complete(memory.recall(message))
+    allowed = {f"{platform}:{speaker}", ""} if speaker else {""}
+    assert recalled, "general facts always match something"
+    assert len(recalled) <= top_k
+    for fact in recalled:
+        assert fact.user in allowed
+        if fact.trust_level is None:
+            assert fact.bot == reader  # own memories of this bot only
+        else:
+            assert (fact.trust_level == "public"
+                    or (fact.trust_level == "trusted" and fact.trust_group in groups)
+                    or (fact.trust_level == "private" and fact.author_bot == reader))
