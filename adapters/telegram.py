@@ -55,6 +55,7 @@ from adapters.outbound import (
     TELEGRAM,
     DeliveryError,
     DeliveryTimeout,
+    Limits,
     MemoryBudget,
     MessageSender,
     Outbound,
@@ -81,11 +82,10 @@ def _retry_after(exc: tg_error.RetryAfter) -> float:
 class TelegramSender:
     """``MessageSender`` over a PTB ``Bot`` (see the module docstring)."""
 
-    limits = TELEGRAM
-
-    def __init__(self, bot: Bot, scope: str) -> None:
+    def __init__(self, bot: Bot, scope: str, limits: Limits = TELEGRAM) -> None:
         self.bot = bot
         self.scope = scope
+        self.limits = limits
 
     @staticmethod
     def _render(text: str) -> tuple[str, list[MessageEntity]]:
@@ -143,6 +143,7 @@ class TelegramConfig:
     webhook_listen: str = "127.0.0.1"
     webhook_port: int = 8443
     poll_timeout_s: int = 30
+    limits: Limits = TELEGRAM  # Telegram's published limits; tests may use faster ones
 
 
 class TelegramAdapter:
@@ -169,7 +170,8 @@ class TelegramAdapter:
         # Updates are acknowledged at once (work runs in tasks), so sequential
         # processing keeps per-chat order without blocking anything.
         self.app = builder.connection_pool_size(64).build()
-        self.sender = TelegramSender(self.app.bot, scope=f"telegram:{config.bot}")
+        self.sender = TelegramSender(self.app.bot, scope=f"telegram:{config.bot}",
+                                     limits=config.limits)
         sender: MessageSender = wrap_sender(self.sender) if wrap_sender else self.sender
         self.outbound = Outbound(sender, budget or MemoryBudget())
         self.handler = Handler(replier=replier, outbound=self.outbound, files=files,

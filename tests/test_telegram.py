@@ -23,6 +23,7 @@ from pydantic import SecretStr
 
 from adapters.commands import Commands
 from adapters.gate import GateConfig
+from adapters.outbound import TELEGRAM, Limits
 from adapters.render import to_telegram
 from adapters.telegram import TelegramAdapter, TelegramConfig
 from engine.admin import FileAdmin
@@ -44,12 +45,13 @@ async def tg() -> AsyncIterator[FakeTelegram]:
 
 
 def adapter(fake: FakeTelegram, pipeline: BotPipeline, *, concurrency: int = 8,
-            gate: GateConfig | None = None) -> TelegramAdapter:
+            gate: GateConfig | None = None, limits: Limits = TELEGRAM) -> TelegramAdapter:
     commands = Commands(bot="demo", admins=(str(ADMIN),), providers=pipeline.provider_admin,
                         persona=pipeline.persona_admin,
                         files=FileAdmin(pipeline.files) if pipeline.files else None)
     config = TelegramConfig(bot="demo", token=SecretStr(fake.token), admins=(str(ADMIN),),
-                            api_base_url=fake.url, gate=gate or GateConfig(), poll_timeout_s=2)
+                            api_base_url=fake.url, gate=gate or GateConfig(), poll_timeout_s=2,
+                            limits=limits)
     return TelegramAdapter(config, replier=pipeline.conversation, commands=commands,
                            files=pipeline.files, semaphore=asyncio.Semaphore(concurrency))
 
@@ -311,3 +313,29 @@ api_base_url = "{two.url}"
     assert "first/telegram" in text and "second/telegram" in text
     assert proc.returncode in (0, 130), text[-2000:]
     assert one.token not in text and two.token not in text  # no secret in logs
+
+
+async def test_loop_guard_and_channel_modes(bot_pipeline: BotPipeline) -> None:
+    """Other bots are answered only with reply_to_bots, at most max_bot_turns in a row
+    (a human message resets the count); a channel can be "always" or "never".
+
+    The rules, not the pacing, are under test: the fake and the bot use 10x
+    faster limits than Telegram's so four replies in one group take no 25 s.
+    """
+    fast = Limits(max_len=4096, dm_interval_s=0.11, group_interval_s=0.31, utf16=True)
+    gate = GateConfig(reply_to_bots=True, max_bot_turns=2,
+                      channels={str(GROUP): "always", "-77": "never"})
+    async with start_telegram_fake(dm_gap_s=0.1, group_gap_s=0.3) as tg, \
+            adapter(tg, bot_pipeline, gate=gate, limits=fast):
+        for i in range(3):
+            tg.push_message(GROUP, f"bot says {i}", chat_type="group", user_id=555, is_bot=True)
+        tg.push_message(-77, "muted channel", chat_type="group", mention=True)
+        tg.push_message(GROUP, "a human, no mention", chat_type="group")  # "always" channel
+        tg.push_message(GROUP, "bot again", chat_type="group", user_id=555, is_bot=True)
+        await tg.wait_for(lambda: len(bot_pipeline.replies) == 4)
+        expected = shown(bot_pipeline.replies[0])  # type: ignore[arg-type]
+        await tg.wait_for(lambda: [m.text for m in tg.in_chat(GROUP)] == [expected] * 4)
+    asked = sorted(r.messages[-1]["content"].rsplit("\n", 1)[-1]
+                   for r in bot_pipeline.fake.requests)
+    assert asked == ["a human, no mention", "bot again", "bot says 0", "bot says 1"]
+    assert tg.in_chat(-77) == [] and tg.count_429 == 0
