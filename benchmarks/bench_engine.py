@@ -16,7 +16,8 @@
 
 2. Peak RSS of `boternity chat` on the embedded demo config (the local
    llama.cpp model in-process) answering one line, measured by the kernel
-   (``getrusage(RUSAGE_CHILDREN)`` around a single child process).
+   (``getrusage(RUSAGE_CHILDREN)`` in a probe process whose only child it is),
+   with long-term memory on (the default: embedding model and LanceDB) and off.
 
 Absolute numbers depend on the machine and its load; the ratio is the point.
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -106,20 +106,37 @@ async def _overhead(fake: FakeOpenAI, runs: int) -> dict[str, float]:
     return {name: statistics.median(values) * 1000 for name, values in timings.items()}
 
 
-def peak_rss_chat() -> tuple[float, float, str]:
-    """(peak RSS in MiB, wall seconds, the answer) of one `boternity chat` child."""
+RSS_PROBE = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], input="Say hello.\\n", capture_output=True, text=True, check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def peak_rss_chat(config: str | None = None) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of one `boternity chat` answering one line.
+
+    A fresh probe process runs it as its only child, so the kernel's
+    ``RUSAGE_CHILDREN`` maximum is exactly that child's peak.
+    """
     script = Path(sys.executable).parent / "boternity"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "adapters.cli"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if config:
+        command += ["--config", config]
     with tempfile.TemporaryDirectory() as cwd:
         start = time.perf_counter()
-        done = subprocess.run([*command, "chat"], input="Say hello.\n", capture_output=True,
-                              text=True, cwd=cwd, timeout=300, check=True)
+        probe = subprocess.run([sys.executable, "-c", RSS_PROBE, *command, "chat"],
+                               capture_output=True, text=True, cwd=cwd, timeout=600, check=True)
         wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    if peak <= before:
-        raise RuntimeError("another child already peaked higher; run this benchmark alone")
-    return peak / 1024, wall, done.stdout.strip().splitlines()[0]
+    return int(probe.stdout.strip()) / 1024, wall  # KiB on Linux
+
+
+def memory_off_config(directory: str) -> str:
+    """The demo config with long-term memory off (no embedding model, no LanceDB)."""
+    example = (ROOT / "adapters" / "boternity.example.toml").read_text(encoding="utf-8")
+    path = Path(directory) / "no-memory.toml"
+    path.write_text(example + "\n[bots.demo.memory]\nenabled = false\n", encoding="utf-8")
+    return str(path)
 
 
 def main() -> None:
@@ -129,10 +146,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
-    if not args.skip_rss:  # first, while no other child process has run
-        rss, wall, answer = peak_rss_chat()
-        print(f"boternity chat (demo config, one line): peak RSS {rss:.0f} MiB, "
-              f"{wall:.1f} s wall, answered {answer[:40]!r}")
+    if not args.skip_rss:
+        print("peak RSS of `boternity chat` answering one line (demo model in-process)")
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, config in (("demo config", None),
+                                  ("demo config, memory off", memory_off_config(tmp))):
+                rss, wall = peak_rss_chat(config)
+                print(f"  {label:<26}{rss:>6.0f} MiB  ({wall:.1f} s wall)")
 
     medians = asyncio.run(overhead(args.runs))
     bare, engine = medians["bare SDK"], medians["conversation"]
