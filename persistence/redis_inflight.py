@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -35,11 +36,17 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from engine.types import IncomingMessage
+from engine.ports import ConversationStore
+from engine.types import IncomingMessage, Role, StoredMessage
 
 log = logging.getLogger(__name__)
 
 Resubmit = Callable[[IncomingMessage], object]
+
+# The event this task is replying to (set by ``begin``): lets the store below
+# recognise a taken-over reply's user message, already committed by the dead worker.
+current_event: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "boternity_current_event", default=None)
 
 _NOW = """
 local t = redis.call('TIME')
@@ -135,6 +142,14 @@ class RedisInflight:
         return f"{self._ns}:answered:{event}"
 
     @property
+    def namespace(self) -> str:
+        return self._ns
+
+    @property
+    def answered_ttl_ms(self) -> int:
+        return self._answered_ms
+
+    @property
     def client(self) -> aioredis.Redis:
         if self._client is None:
             raise RuntimeError("RedisInflight used outside 'async with'")
@@ -156,6 +171,7 @@ class RedisInflight:
             event, _dump(message), self._token, self._lease_ms)
         if started:
             self._held.add(event)
+            current_event.set(event)
         return bool(started)
 
     async def finish(self, message: IncomingMessage) -> None:
@@ -237,3 +253,41 @@ class RedisInflight:
                 await self.sweep()
             except Exception as exc:
                 log.warning("inflight sweep failed: %s", type(exc).__name__)
+
+
+class OnceStore:
+    """A ``ConversationStore`` that commits each event's user message once.
+
+    ``Conversation`` commits the user's message before calling the LLM; when
+    a worker dies after that and another takes the message over, the second
+    commit would duplicate it. Inside a reply that ``begin`` started, the
+    first commit of the user message records its row id in Redis
+    (``{ns}:stored:{event}``, kept as long as the answered marker) and a
+    later commit for the same event returns that id instead of a new row.
+    """
+
+    def __init__(self, inner: ConversationStore, inflight: RedisInflight) -> None:
+        self._inner = inner
+        self._inflight = inflight
+
+    async def add(self, *, bot: str, chat: str, role: Role, content: str, user: str = "",
+                  platform: str = "", served_by: str | None = None) -> int:
+        event = current_event.get()
+        if role != "user" or event is None:
+            return await self._inner.add(bot=bot, chat=chat, role=role, content=content,
+                                         user=user, platform=platform, served_by=served_by)
+        client = self._inflight.client
+        key = f"{self._inflight.namespace}:stored:{event}"
+        if (known := await client.get(key)) is not None:
+            log.info("user message of %s was stored before the take-over", event)
+            return int(known)
+        row = await self._inner.add(bot=bot, chat=chat, role=role, content=content,
+                                    user=user, platform=platform, served_by=served_by)
+        await client.set(key, row, px=self._inflight.answered_ttl_ms)
+        return row
+
+    async def history(self, bot: str, chat: str, limit: int = 50) -> list[StoredMessage]:
+        return await self._inner.history(bot, chat, limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)  # count() and other extras of the real store

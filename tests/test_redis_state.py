@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pybreaker
 import pytest
@@ -19,7 +20,7 @@ from adapters.handler import Handler
 from adapters.outbound import Limits, Outbound
 from engine.types import IncomingMessage, Reply
 from persistence.redis_breakers import SharedBreakers
-from persistence.redis_inflight import RedisInflight
+from persistence.redis_inflight import OnceStore, RedisInflight
 from persistence.redis_state import RedisEventClaims, RedisState
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -286,3 +287,34 @@ async def test_handler_answers_duplicates_once(namespace: str) -> None:
         assert Replier.calls == 1
         assert sum(r is not None for r in results) == 1
         assert sent[-1] == ("C1", "Paris.")
+
+
+async def test_taken_over_user_message_is_stored_once(namespace: str, tmp_path: Any) -> None:
+    from persistence.conversations import SqlConversationStore
+    from persistence.database import Database
+
+    async with Database(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}") as db, \
+            RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3) as live:
+        sql = SqlConversationStore(db)
+        store = OnceStore(sql, live)
+
+        async def worker(inflight: RedisInflight) -> int:
+            # One reply task: begin() binds the event, then the user message is committed.
+            assert await inflight.begin(MESSAGE)
+            return await store.add(bot="helper", chat="C1", role="user", content=MESSAGE.text)
+
+        dead = RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3)
+        await dead.__aenter__()
+        first = await asyncio.create_task(worker(dead))
+        await dead.__aexit__(None, None, None)  # died before answering
+        resubmitted = asyncio.Event()
+        live.route("slack", "helper", lambda m: resubmitted.set())
+        async with asyncio.timeout(5):
+            await resubmitted.wait()  # the lease ran out; the live sweeper took it over
+        again = await asyncio.create_task(worker(live))
+        assert again == first
+        await store.add(bot="helper", chat="C1", role="assistant", content="Paris.")
+        assert [m.content for m in await store.history("helper", "C1")] == [
+            MESSAGE.text, "Paris."]
+        # Outside a reply (no event bound) it is a plain store.
+        assert await store.add(bot="helper", chat="C2", role="user", content="x") > first
