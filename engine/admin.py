@@ -397,11 +397,15 @@ class PersonaAdmin:
 
 @dataclass
 class UsageAdmin:
-    """``/usage``: tokens and cost per bot, provider and day (``engine.usage``)."""
+    """``/usage``: tokens and cost per bot, provider and day (``engine.usage``).
+
+    ``report`` returns Markdown: the aligned table inside a code fence, so
+    chat platforms keep its columns.
+    """
 
     store: UsageStore
 
     async def report(self, bot: str | None = None, *, days: int = 7) -> str:
         if not 1 <= days <= 366:
             raise AdminError("days must be 1 to 366")
-        return await usage_report(self.store, bot=bot, days=days)
+        return f"```\n{await usage_report(self.store, bot=bot, days=days)}\n```"

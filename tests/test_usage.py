@@ -310,7 +310,9 @@ async def test_usage_admin_report(db: Database) -> None:
 
     admin = UsageAdmin(SqlUsageStore(db))
     await admin.store.add(record(datetime.now(UTC), "demo", "aws", 10, 10))
-    assert "demo" in await admin.report("demo", days=1)
+    text = await admin.report("demo", days=1)
+    assert text.startswith("```\nday") and text.endswith("```")
+    assert "demo" in text
     with pytest.raises(AdminError):
         await admin.report(days=0)
 
