@@ -159,6 +159,16 @@ ERRORS = [
     ("AccessDeniedException", "You don't have access to the model", AuthFailed),
     ("ValidationException", "Malformed input request", InvalidRequest),
     ("ValidationException", "Input is too long for requested model.", ContextTooLong),
+    # how other model families word it
+    ("ValidationException", "This model's maximum context length is 8192 tokens. However, "
+     "your messages resulted in 9000 tokens.", ContextTooLong),
+    ("ValidationException", "Prompt contains 40000 tokens and 0 draft tokens, too large for "
+     "model with 32768 maximum context length", ContextTooLong),
+    ("ValidationException", "Input Tokens Exceeded: Number of input tokens exceeds maximum "
+     "length.", ContextTooLong),
+    ("ValidationException", "input length and `max_tokens` exceed context limit: "
+     "190000 + 20000 > 200000", ContextTooLong),
+    ("ValidationException", "max_tokens: 9000 > 8192, the maximum allowed", InvalidRequest),
 ]
 
 

@@ -87,8 +87,9 @@ _ERRORS: dict[str, tuple[type[ProviderError], str]] = {
 }
 # Bedrock reports an oversized prompt as a ValidationException; only the
 # message tells it apart, and the wording differs per model family.
-_TOO_LONG_HINTS = ("too long", "too many tokens", "context length", "context window",
-                   "maximum context", "max_tokens", "exceeds the limit", "input length")
+_TOO_LONG_HINTS = ("too long", "too many tokens", "too many input tokens", "context length",
+                   "context window", "maximum context", "context limit", "input tokens exceed",
+                   "too large for model")
 
 
 def map_error(provider: str, exc: BaseException) -> ProviderError:
