@@ -169,6 +169,11 @@ ERRORS = [
     ("ValidationException", "input length and `max_tokens` exceed context limit: "
      "190000 + 20000 > 200000", ContextTooLong),
     ("ValidationException", "max_tokens: 9000 > 8192, the maximum allowed", InvalidRequest),
+    # the provider's setup, not the user's request: failed over
+    ("ValidationException", "Invocation of model ID anthropic.claude-3-5-sonnet-20241022-v2:0 "
+     "with on-demand throughput isn't supported. Retry your request with the ID or ARN of an "
+     "inference profile that contains this model.", Unavailable),
+    ("ValidationException", "This model doesn't support system messages.", Unavailable),
 ]
 
 

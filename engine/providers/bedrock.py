@@ -85,6 +85,10 @@ _ERRORS: dict[str, tuple[type[ProviderError], str]] = {
     "ResourceNotFoundException": (Unavailable, "model not found"),
     "ValidationException": (InvalidRequest, "invalid request"),
 }
+# A ValidationException about the model/setup (a model that needs an inference
+# profile, images or system prompts it does not take) is no fault of the user.
+_SETUP_HINTS = ("on-demand throughput", "inference profile", "doesn't support",
+                "does not support", "not supported", "model identifier is invalid")
 # Bedrock reports an oversized prompt as a ValidationException; only the
 # message tells it apart, and the wording differs per model family.
 _TOO_LONG_HINTS = ("too long", "too many tokens", "too many input tokens", "context length",
@@ -104,6 +108,11 @@ def map_error(provider: str, exc: BaseException) -> ProviderError:
         cls, reason = _ERRORS.get(code, (Unavailable, f"AWS error {code or 'unknown'}"))
         if cls is InvalidRequest and any(h in message.lower() for h in _TOO_LONG_HINTS):
             return ContextTooLong(provider, "prompt too long for the model")
+        if cls is InvalidRequest and any(h in message.lower() for h in _SETUP_HINTS):
+            # This provider's setup is wrong, not the user's request: fail over.
+            log.error("bedrock %s: the model rejects this setup (check model id/region/"
+                      "capabilities): %s", provider, message[:300])
+            return Unavailable(provider, "model setup rejected (see log)")
         if cls is InvalidRequest and message:
             reason = f"invalid request: {message[:200]}"
         return cls(provider, reason)
