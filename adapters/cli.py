@@ -85,9 +85,13 @@ async def cmd_run(args: argparse.Namespace, app: App) -> int:
               "terminal.", file=sys.stderr)
         return 0
     print("running: " + ", ".join(label for label, _ in runners), file=sys.stderr)
-    async with asyncio.TaskGroup() as group:
-        for label, runner in runners:
-            group.create_task(runner(), name=label)
+    try:
+        async with asyncio.TaskGroup() as group:
+            for label, runner in runners:
+                group.create_task(runner(), name=label)
+    except* BoternityError as failed:
+        # A platform refused its token, say: the clear message, not a task-group traceback.
+        raise failed.exceptions[0] from None
     return 0
 
 

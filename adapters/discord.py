@@ -251,7 +251,12 @@ class DiscordAdapter:
         if ready not in done:
             ready.cancel()
             if self._connection in done:
-                self._connection.result()  # raises what killed it
+                try:
+                    self._connection.result()  # raises what killed it
+                except discord.PrivilegedIntentsRequired:
+                    raise ConfigError(
+                        f"bots.{self.config.bot}.discord: enable the Message Content intent "
+                        f"for this bot in the Discord developer portal") from None
             raise TimeoutError(f"discord: bot {self.config.bot} not ready in "
                                f"{self.config.ready_timeout_s:g}s")
 

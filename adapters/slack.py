@@ -230,8 +230,19 @@ class SlackAdapter:
         self.app.command(re.compile(r"^/.+"))(self._on_command)
         if config.mode == "socket":
             assert config.app_token is not None
-            socket = AsyncSocketModeHandler(self.app, app_token=config.app_token
-                                            .get_secret_value(), web_client=self.client)
+            app_token = config.app_token.get_secret_value()
+            socket = AsyncSocketModeHandler(self.app, app_token=app_token,
+                                            web_client=self.client)
+            # Ask for the websocket URL ourselves: on a bad app token the SDK's
+            # connect() would log and retry forever instead of failing.
+            try:
+                opened = await self.client.apps_connections_open(app_token=app_token)
+            except SlackApiError as exc:
+                raise ConfigError(
+                    f"bots.{config.bot}.slack: the app-level token was refused "
+                    f"({exc.response.get('error', 'error')}; Socket Mode needs an xapp- "
+                    f"token with connections:write)") from None
+            socket.client.wss_uri = str(opened["url"])
             await socket.connect_async()  # type: ignore[no-untyped-call]
             self._stack.push_async_callback(socket.close_async)
             self._socket = socket
@@ -372,5 +383,3 @@ class SlackAdapter:
             return False  # fail closed
         profile = info.get("user") or {}
         return bool(profile.get("is_admin") or profile.get("is_owner"))
-
-

@@ -278,3 +278,18 @@ async def test_who_handles_429s_short_waits_discordpy_long_waits_our_scheduler()
             assert [m.text for m in fake.in_channel(C2)] == ["two"]  # nothing duplicated
         finally:
             await client.close()
+
+
+async def test_bad_token_and_missing_intent_are_clear_config_errors(
+    bot_pipeline: BotPipeline,
+) -> None:
+    from engine.errors import ConfigError
+
+    async with FakeDiscord(channels=(C1,), token="the-right-token") as fake:
+        with pytest.raises(ConfigError, match="the token was refused"):
+            async with adapter(fake, bot_pipeline, token=SecretStr("a-wrong-token")):
+                pass
+    async with FakeDiscord(channels=(C1,), privileged_intents=False) as fake:
+        with pytest.raises(ConfigError, match="Message Content intent"):
+            async with adapter(fake, bot_pipeline):
+                pass

@@ -400,3 +400,20 @@ gateway_url = "{discord_fake.gateway_url}"
     assert "running: demo/slack, demo/discord" in text
     assert proc.returncode in (0, 130), text[-2000:]  # 130: stopped by the signal, cleanly
     assert BOT_TOKEN not in text and "discord-token" not in text  # no secret in logs
+
+
+async def test_bad_tokens_are_clear_config_errors(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bot token was refused"):
+        async with adapter(slack_fake, bot_pipeline, bot_token=SecretStr("xoxb-wrong")):
+            pass
+    with pytest.raises(ConfigError, match="app-level token was refused"):
+        async with adapter(slack_fake, bot_pipeline, app_token=SecretStr("xapp-wrong")):
+            pass
+    with pytest.raises(ConfigError, match="needs app_token_env"):
+        config(slack_fake, app_token=None)
+    with pytest.raises(ConfigError, match="needs signing_secret_env"):
+        config(slack_fake, mode="http", signing_secret=None)

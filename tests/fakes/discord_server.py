@@ -80,8 +80,11 @@ class FakeDiscord:
     """In-process fake of Discord's REST API and gateway; ``async with`` it."""
 
     def __init__(self, *, channels: tuple[int, ...] = (), channel_limit: int = 5,
-                 channel_window_s: float = 5.0, bot_name: str = "boternity") -> None:
+                 channel_window_s: float = 5.0, bot_name: str = "boternity",
+                 token: str | None = None, privileged_intents: bool = True) -> None:
         self.channels = list(channels) or [800000000000000001]
+        self.token = token  # when set, any other token gets 401
+        self.privileged_intents = privileged_intents  # False: close 4014 on IDENTIFY
         self.channel_limit = channel_limit
         self.channel_window_s = channel_window_s
         self.bot_name = bot_name
@@ -228,6 +231,9 @@ class FakeDiscord:
                     await ws.send_str(json.dumps({"op": 11}))
                 elif payload["op"] == 2:
                     self.identify = payload["d"]
+                    if not self.privileged_intents and payload["d"]["intents"] & (1 << 15):
+                        await ws.close(code=4014, message=b"Disallowed intent(s).")
+                        break
                     await self._send_ready(ws)
         finally:
             self._sockets.remove(ws)
@@ -296,6 +302,9 @@ class FakeDiscord:
         if raw and request.content_type == "application/json":
             body = json.loads(raw)
         self.requests.append((request.method, path, body))
+        if self.token is not None and not path.startswith(("interactions/", "webhooks/")) \
+                and request.headers.get("Authorization") != f"Bot {self.token}":
+            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
         parts = path.split("/")
         if request.method == "GET" and path == "users/@me":
             return _json(user_payload(BOT_ID, self.bot_name, bot=True))
