@@ -43,7 +43,7 @@ from pydantic import SecretStr
 
 from adapters.commands import COMMANDS, Caller, Commands, CommandSpec
 from adapters.gate import Facts, Gate, GateConfig
-from adapters.handler import Handler, PendingFile
+from adapters.handler import Handler, Inflight, PendingFile
 from adapters.outbound import (
     DISCORD,
     DeliveryError,
@@ -151,6 +151,10 @@ class DiscordConfig:
     trust_guild_admins: bool = False
     limits: Limits = DISCORD
     ready_timeout_s: float = 60.0
+    # Sharding across workers: this worker runs ``shard_ids`` of ``shard_count``
+    # gateway shards (discord.py's AutoShardedClient); None = one unsharded connection.
+    shard_ids: tuple[int, ...] | None = None
+    shard_count: int | None = None
 
 
 def command_payload(tree: app_commands.CommandTree[discord.Client]) -> list[dict[str, Any]]:
@@ -176,6 +180,7 @@ class DiscordAdapter:
         budget: RateBudget | None = None,
         semaphore: asyncio.Semaphore | None = None,
         wrap_sender: Callable[[MessageSender], MessageSender] | None = None,
+        inflight: Inflight | None = None,
     ) -> None:
         self.config = config
         self.commands = commands
@@ -183,11 +188,18 @@ class DiscordAdapter:
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the developer portal
-        self.client = discord.Client(
+        options: dict[str, Any] = dict(
             intents=intents, max_ratelimit_timeout=MAX_RATELIMIT_TIMEOUT_S,
             guild_ready_timeout=0.5, member_cache_flags=discord.MemberCacheFlags.none(),
             allowed_mentions=discord.AllowedMentions.none(),
         )
+        self.client: discord.Client
+        if config.shard_count:
+            if config.shard_ids is not None:
+                options["shard_ids"] = list(config.shard_ids)
+            self.client = discord.AutoShardedClient(shard_count=config.shard_count, **options)
+        else:
+            self.client = discord.Client(**options)
         self.tree: app_commands.CommandTree[discord.Client] = app_commands.CommandTree(
             self.client)
         self.sender = DiscordSender(self.client, scope=f"discord:{config.bot}",
@@ -197,7 +209,8 @@ class DiscordAdapter:
             sender = wrap_sender(sender)  # e.g. metrics around every send/edit
         self.outbound = Outbound(sender, budget)
         self.handler = Handler(replier=replier, outbound=self.outbound, files=files,
-                               semaphore=semaphore)
+                               semaphore=semaphore, inflight=inflight)
+        self.handler.serve_redeliveries("discord", config.bot)
         self.gate = Gate(config.gate)
         self.synced = False  # whether the last start uploaded the commands
         self._connection: asyncio.Task[None] | None = None

@@ -117,6 +117,8 @@ def discord_config(app: App, bot: str, s: DiscordSettings) -> DiscordConfig:
         data_dir=settings.storage.data_dir, gate=gate_config(s),
         api_base_url=s.api_base_url, gateway_url=s.gateway_url,
         trust_guild_admins=s.trust_guild_admins,
+        shard_ids=tuple(s.shard_ids) if s.shard_ids is not None else None,
+        shard_count=s.shard_count,
     )
 
 
@@ -164,7 +166,7 @@ def runners(app: App) -> list[tuple[str, Runner]]:
                 slack_config(app, bot, settings.slack), replier=app.conversations[bot],
                 commands=commands_for(app, bot, settings.slack.admins), files=files(app),
                 dedupe=dedupe, budget=budget, semaphore=reply_semaphore(app),
-                wrap_sender=_wrapper(app, "slack"))
+                inflight=getattr(app, "inflight", None), wrap_sender=_wrapper(app, "slack"))
             _ready(app, f"slack:{bot}", slack)
             found.append((f"{bot}/slack", slack.run))
         if settings.discord is not None:
@@ -172,7 +174,7 @@ def runners(app: App) -> list[tuple[str, Runner]]:
                 discord_config(app, bot, settings.discord), replier=app.conversations[bot],
                 commands=commands_for(app, bot, settings.discord.admins), files=files(app),
                 budget=budget, semaphore=reply_semaphore(app),
-                wrap_sender=_wrapper(app, "discord"))
+                inflight=getattr(app, "inflight", None), wrap_sender=_wrapper(app, "discord"))
             _ready(app, f"discord:{bot}", discord)
             found.append((f"{bot}/discord", discord.run))
     return found

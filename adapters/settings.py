@@ -139,8 +139,20 @@ class SlackSettings(_PlatformSettings):
 
 class DiscordSettings(_PlatformSettings):
     token_env: str
+    # Sharding across workers: each worker lists its own shard ids of shard_count.
     shard_ids: list[int] | None = None
-    shard_count: int | None = None
+    shard_count: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _shards(self) -> DiscordSettings:
+        if self.shard_ids is not None:
+            if self.shard_count is None:
+                raise ValueError("shard_ids needs shard_count")
+            bad = [i for i in self.shard_ids if not 0 <= i < self.shard_count]
+            if bad or not self.shard_ids:
+                raise ValueError(f"shard_ids must be 0..{self.shard_count - 1} (got "
+                                 f"{self.shard_ids})")
+        return self
     gateway_url: str | None = None  # with api_base_url (".../api/v10"): proxies and tests
     # server administrators may run admin commands; off: anyone can make a server
     trust_guild_admins: bool = False

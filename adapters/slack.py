@@ -40,7 +40,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.commands import Caller, Commands
 from adapters.dedupe import Dedupe, MemoryDedupe
 from adapters.gate import Facts, Gate, GateConfig
-from adapters.handler import Handler, PendingFile
+from adapters.handler import Handler, Inflight, PendingFile
 from adapters.outbound import (
     SLACK,
     DeliveryError,
@@ -160,9 +160,11 @@ class SlackAdapter:
         budget: RateBudget | None = None,
         semaphore: asyncio.Semaphore | None = None,
         wrap_sender: Callable[[MessageSender], MessageSender] | None = None,
+        inflight: Inflight | None = None,
     ) -> None:
         self.config = config
         self.replier = replier
+        self.inflight = inflight  # replies in flight, shared by workers (scale-out)
         self.wrap_sender = wrap_sender  # e.g. metrics around every send/edit
         self.files = files
         self.commands = commands
@@ -216,7 +218,8 @@ class SlackAdapter:
             sender = self.wrap_sender(sender)
         self.outbound = Outbound(sender, self.budget)
         self.handler = Handler(replier=self.replier, outbound=self.outbound, files=self.files,
-                               semaphore=self.semaphore)
+                               semaphore=self.semaphore, inflight=self.inflight)
+        self.handler.serve_redeliveries("slack", config.bot)
         self._stack.push_async_callback(self.handler.aclose)
         self._stack.push_async_callback(self._drain)
         secret = config.signing_secret.get_secret_value() if config.signing_secret else ""
@@ -383,3 +386,5 @@ class SlackAdapter:
             return False  # fail closed
         profile = info.get("user") or {}
         return bool(profile.get("is_admin") or profile.get("is_owner"))
+
+
