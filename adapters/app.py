@@ -35,7 +35,7 @@ from engine.background import Background
 from engine.conversation import Conversation
 from engine.errors import ConfigError
 from engine.memory import BotMemory, MemoryConfig
-from engine.ports import Provider, ReplyObserver
+from engine.ports import ConversationStore, Provider, ReplyObserver
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.presets import PRESETS
 from engine.providers.registry import ProviderConfig, build_provider
@@ -60,7 +60,7 @@ class App:
 
     settings: Settings
     database: Database
-    messages: SqlConversationStore
+    messages: ConversationStore  # SQL; with Redis, wrapped so a taken-over reply stores once
     breakers: Breakers
     providers: dict[str, Provider] = field(default_factory=dict)
     chains: dict[str, FallbackChain] = field(default_factory=dict)

@@ -8,7 +8,8 @@ root, split so each file stays small.
 - With ``[storage] redis_url`` set: breakers share their state
   (``SharedBreakers``), platforms get ``app.budget`` (shared per-chat
   pacing), ``app.dedupe`` (shared event claims) and ``app.inflight``
-  (replies in flight: a worker killed mid-reply has its messages taken over),
+  (replies in flight: a worker killed mid-reply has its messages taken over,
+  and ``app.messages`` commits a taken-over user message only once),
   the shared-memory writers take a Redis lock, and a Redis ping joins the
   readiness checks. Without it, every field stays None and platforms use
   their in-process defaults: one worker, nothing else to run.
@@ -33,7 +34,7 @@ from adapters.ops import Check, OpsServer
 from adapters.settings import Settings
 from engine.providers.fallback import Breakers
 from persistence.redis_breakers import SharedBreakers
-from persistence.redis_inflight import RedisInflight
+from persistence.redis_inflight import OnceStore, RedisInflight
 from persistence.redis_state import RedisState
 from persistence.vectors import LanceMemoryStore
 
@@ -113,9 +114,11 @@ async def start(stack: AsyncExitStack, app: App) -> None:
         app.redis = redis
         app.budget = redis.budget
         app.dedupe = redis.claims
-        app.inflight = await stack.enter_async_context(
+        inflight = await stack.enter_async_context(
             RedisInflight(storage.redis_url, namespace=namespace,
                           lease_s=storage.redis_lease_s))
+        app.inflight = inflight
+        app.messages = OnceStore(app.messages, inflight)
         app.ready_checks["redis"] = redis.ping
 
     if settings.http.enabled:
