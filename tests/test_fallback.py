@@ -13,6 +13,9 @@ from datetime import UTC, datetime, timedelta
 
 import pybreaker
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from engine.errors import AllProvidersFailed, ContextTooLong, InvalidRequest
 from engine.ports import Provider
@@ -34,25 +37,29 @@ from tests.fakes.openai_server import (
     RateLimit,
     Status,
     Text,
+    start_openai_fake,
 )
 
 REQUEST = CompletionRequest((Message("system", "Be brief."), Message("user", "Tell me.")))
 SECRET = "sk-chain-secret-abcdef123456"
 
 
-def _provider(fake: FakeOpenAI, name: str, model: str, window: int = 8192) -> Provider:
-    from pydantic import SecretStr
-
+def _provider(fake: FakeOpenAI, name: str, model: str, window: int = 8192,
+              quick: bool = False) -> Provider:
+    """``quick``: short first-token/idle timeouts, for providers scripted to hang.
+    Everyone else gets generous ones, so a loaded test machine cannot fail them."""
+    limit = 0.5 if quick else 10.0
     return OpenAICompatProvider(
         name=name, model=model, base_url=fake.base_url, api_key=SecretStr(SECRET),
         capabilities=Capabilities(context_window=window, max_output_tokens=256),
-        first_token_timeout_s=0.3, idle_timeout_s=0.3, timeout_s=5.0,
+        first_token_timeout_s=limit, idle_timeout_s=limit, timeout_s=20.0,
     )
 
 
-def _chain(fake: FakeOpenAI, breakers: Breakers | None = None, **kwargs: object
-           ) -> FallbackChain:
-    providers = [_provider(fake, "primary", "a"), _provider(fake, "backup", "b")]
+def _chain(fake: FakeOpenAI, breakers: Breakers | None = None, *, quick_primary: bool = False,
+           **kwargs: object) -> FallbackChain:
+    providers = [_provider(fake, "primary", "a", quick=quick_primary),
+                 _provider(fake, "backup", "b")]
     return FallbackChain(providers, breakers or Breakers(), **kwargs)  # type: ignore[arg-type]
 
 
@@ -87,7 +94,7 @@ async def test_each_failure_fails_over_and_the_answer_is_right(
     caplog.set_level(logging.INFO)
     openai_fake.script(behaviour, model="a")
     openai_fake.script(Text([" and the rest."], usage=(40, 4)), model="b")
-    run = _chain(openai_fake).run(REQUEST)
+    run = _chain(openai_fake, quick_primary=True).run(REQUEST)
     texts, usages = await _collect(run)
 
     partial = list(getattr(behaviour, "chunks", []))[: getattr(behaviour, "after", 0)]
@@ -279,3 +286,64 @@ async def test_chain_is_a_provider_and_reports_status(openai_fake: FakeOpenAI) -
     assert status["primary"].last_error == "server error 502"
     assert status["backup"].state == "closed" and status["backup"].last_served_at is not None
     assert status["backup"].model == "b"
+
+
+# --- property: whatever fails where, nothing shown is retracted or repeated ---
+
+_words = st.lists(st.sampled_from(["Alpha", " beta", " gamma", ",", " delta."]),
+                  min_size=1, max_size=4)
+
+
+@st.composite
+def _behaviour(draw: st.DrawFn) -> Behaviour:
+    chunks = tuple(draw(_words))
+    kind = draw(st.sampled_from(["text", "drop", "malformed", "500", "429"]))
+    after = draw(st.integers(0, len(chunks)))
+    return {
+        "text": Text(chunks),
+        "drop": Drop(after=after, chunks=chunks),
+        "malformed": Malformed(after=after, chunks=chunks),
+        "500": Status(500),
+        "429": RateLimit(retry_after=None),
+    }[kind]
+
+
+async def _scenario(behaviours: list[Behaviour]) -> None:
+    async with start_openai_fake() as fake:
+        names = [f"p{i}" for i in range(len(behaviours))]
+        for name, behaviour in zip(names, behaviours, strict=True):
+            fake.script(behaviour, model=name)
+        chain = FallbackChain([_provider(fake, n, n) for n in names], Breakers())
+        run = chain.run(REQUEST)
+        shown: list[str] = []
+        error: AllProvidersFailed | None = None
+        try:
+            async for chunk in run:
+                shown.append(chunk.text)
+        except AllProvidersFailed as exc:
+            error = exc
+
+        expected, served = "", None
+        for name, behaviour in zip(names, behaviours, strict=True):
+            if isinstance(behaviour, Text):
+                expected += "".join(behaviour.chunks)
+                served = name
+                break
+            if isinstance(behaviour, Drop | Malformed):
+                expected += "".join(behaviour.chunks[: behaviour.after])
+        assert "".join(shown) == expected == run.text
+        assert run.served_by == served and (error is None) == (served is not None)
+        assert [f.provider for f in run.failures] == names[: len(run.failures)]
+        # every provider after a partial answer was asked to continue exactly it
+        partial = ""
+        for request, behaviour in zip(fake.requests, behaviours, strict=False):
+            if partial:
+                assert request.messages[-2] == {"role": "assistant", "content": partial}
+            if isinstance(behaviour, Drop | Malformed):
+                partial += "".join(behaviour.chunks[: behaviour.after])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(_behaviour(), min_size=1, max_size=3))
+def test_property_streamed_text_is_never_retracted(behaviours: list[Behaviour]) -> None:
+    asyncio.run(_scenario(behaviours))

@@ -109,7 +109,7 @@ async def test_hang_before_first_token_and_mid_stream(openai_fake: FakeOpenAI) -
     for expected in ([], ["partial", " answer"]):
         texts: list[str] = []
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.3):
+            async with asyncio.timeout(0.8):
                 await _collect(openai_fake, texts)
         assert texts == expected
 
