@@ -144,6 +144,7 @@ class TelegramConfig:
     webhook_port: int = 8443
     poll_timeout_s: int = 30
     limits: Limits = TELEGRAM  # Telegram's published limits; tests may use faster ones
+    request_timeout_s: float = 10.0  # per Bot API call (sends, edits, downloads)
 
 
 class TelegramAdapter:
@@ -169,7 +170,10 @@ class TelegramAdapter:
             builder = builder.base_url(f"{base}/bot").base_file_url(f"{base}/file/bot")
         # Updates are acknowledged at once (work runs in tasks), so sequential
         # processing keeps per-chat order without blocking anything.
-        self.app = builder.connection_pool_size(64).build()
+        timeout = config.request_timeout_s
+        self.app = (builder.connection_pool_size(64).read_timeout(timeout)
+                    .write_timeout(timeout).connect_timeout(timeout).pool_timeout(timeout)
+                    .build())
         self.sender = TelegramSender(self.app.bot, scope=f"telegram:{config.bot}",
                                      limits=config.limits)
         sender: MessageSender = wrap_sender(self.sender) if wrap_sender else self.sender

@@ -45,13 +45,14 @@ async def tg() -> AsyncIterator[FakeTelegram]:
 
 
 def adapter(fake: FakeTelegram, pipeline: BotPipeline, *, concurrency: int = 8,
-            gate: GateConfig | None = None, limits: Limits = TELEGRAM) -> TelegramAdapter:
+            gate: GateConfig | None = None, limits: Limits = TELEGRAM,
+            request_timeout_s: float = 10.0) -> TelegramAdapter:
     commands = Commands(bot="demo", admins=(str(ADMIN),), providers=pipeline.provider_admin,
                         persona=pipeline.persona_admin,
                         files=FileAdmin(pipeline.files) if pipeline.files else None)
     config = TelegramConfig(bot="demo", token=SecretStr(fake.token), admins=(str(ADMIN),),
                             api_base_url=fake.url, gate=gate or GateConfig(), poll_timeout_s=2,
-                            limits=limits)
+                            limits=limits, request_timeout_s=request_timeout_s)
     return TelegramAdapter(config, replier=pipeline.conversation, commands=commands,
                            files=pipeline.files, semaphore=asyncio.Semaphore(concurrency))
 
@@ -91,6 +92,23 @@ async def test_group_mention_is_streamed_by_edits_to_full_answer_plus_footer(
     assert bot_pipeline.fake.requests[0].messages[-1]["content"].endswith(
         "what is the capital of France?")
     assert "@demo_bot" not in bot_pipeline.fake.requests[0].messages[-1]["content"]
+
+
+async def test_timed_out_edit_that_landed_makes_no_second_copy(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    """Every edit is applied but answered after the client gave up (TimedOut):
+    the scheduler retries it as an edit ("message is not modified" = done)."""
+    bot_pipeline.fake.script(Text(("One", " two", " three", " four."), gap_s=0.4))
+    tg.lose_edit_answers, tg.lost_answer_delay_s = 2, 2.0
+    async with adapter(tg, bot_pipeline, request_timeout_s=1.0):
+        tg.push_message(7, "count for me")
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 20)
+        reply = bot_pipeline.replies[0]
+        await tg.wait_for(lambda: last_text(tg, 7) == shown(reply))  # type: ignore[arg-type]
+        await tg.wait_for(lambda: tg.lose_edit_answers == 0)
+    assert len(tg.in_chat(7)) == 1
+    assert [name for name, _ in tg.calls].count("sendMessage") == 1
 
 
 async def test_not_addressed_and_bots_ignored_dm_answered(

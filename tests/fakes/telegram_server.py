@@ -16,6 +16,10 @@ integer number of seconds, as Telegram does) when one is exceeded:
 - text: 1..4096 UTF-16 units, else 400 (``message is too long`` / ``text is empty``);
 - editing to the same text and entities: 400 ``message is not modified``.
 
+``lose_edit_answers = N`` applies the next N edits but answers only after
+``lost_answer_delay_s`` (longer than the client's timeout): a timed-out edit
+that did land, the case that must never produce a second copy.
+
 Tests drive it with ``push_message(...)`` (becomes an update for the long
 poll), ``add_file(...)`` (for getFile + download), and read ``messages``
 (what each chat shows, with edit counts and times), ``calls``, ``count_429``.
@@ -75,6 +79,8 @@ class FakeTelegram:
         self.messages: dict[tuple[int, int], SentMessage] = {}
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.count_429 = 0
+        self.lose_edit_answers = 0  # apply the next N edits but answer too late
+        self.lost_answer_delay_s = 3.0
         self.limit_hits: Counter[str] = Counter()  # which limit each 429 enforced
         self.commands: list[dict[str, Any]] | None = None
         self.files: dict[str, tuple[str, bytes]] = {}  # file_id -> (path, bytes)
@@ -290,6 +296,10 @@ class FakeTelegram:
         message.edits += 1
         message.last_edit_at = time.monotonic()
         message.history.append(text)
+        if self.lose_edit_answers > 0:
+            # The edit is applied, but the answer never reaches the client in time.
+            self.lose_edit_answers -= 1
+            await asyncio.sleep(self.lost_answer_delay_s)
         return _ok(self._message_json(message))
 
     async def _m_getFile(self, p: dict[str, Any]) -> web.Response:
