@@ -115,7 +115,7 @@ class FakeSender:
     def __init__(self, limits: Limits, script: list[str] | None = None) -> None:
         self.scope = "test"
         self.limits = limits
-        # one step per call: "ok", "429", "timeout", "timeout-applied", "gone"
+        # one step per call: "ok", "429", "timeout", "timeout-applied", "gone", "deleted"
         self.script = list(script or [])
         self.messages: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
@@ -153,6 +153,9 @@ class FakeSender:
             raise RetryAfter(0.05)
         if step == "timeout":
             raise DeliveryTimeout("no answer")
+        if step == "deleted":  # a user deleted the message being edited
+            self.messages.pop(message_id, None)
+            raise DeliveryError("message to edit not found")
         if step == "timeout-applied":  # the edit landed but the answer was lost
             self.messages[message_id] = text
             raise DeliveryTimeout("no answer")
@@ -249,3 +252,28 @@ async def test_budget_hold_delays_next_slot(seconds: float) -> None:
     await budget.penalize("k", seconds)
     wait = await budget.reserve("k", 0.01)
     assert (wait > 0.1) == (seconds > 0.1)
+
+
+async def test_deleted_message_is_posted_anew_with_the_final_text() -> None:
+    sender = FakeSender(FAST, script=["ok", "deleted"])
+    words = [f"w{i} " for i in range(6)]
+    out = await Outbound(sender).stream("c", _deltas(words, gap=0.01), is_group=False)
+    assert out.final_landed and len(out.message_ids) == 1
+    assert list(sender.messages.values()) == ["".join(words)]
+
+
+async def test_final_shorter_than_the_stream_blanks_surplus_messages() -> None:
+    """A provider failure after a long partial answer: the Reply's text is the
+    short explanation; stale parts must not stay on screen."""
+    sender = FakeSender(FAST)
+    partial = ("x" * 50 + "\n\n") * 6
+
+    async def items() -> AsyncIterator[str | Reply]:
+        yield partial
+        await asyncio.sleep(0.2)
+        yield Reply(text="Sorry, every provider failed.", served_by=None, error="all_failed")
+
+    out = await Outbound(sender).stream("c", items(), is_group=False)
+    shown = [sender.messages[m] for m in out.message_ids]
+    assert len(shown) > 1 and shown[0] == "Sorry, every provider failed."
+    assert set(shown[1:]) == {"…"}
