@@ -172,7 +172,7 @@ class FakeSlack:
         return dict(ack.get("payload") or {})
 
     async def wait_for(self, predicate: Any, within_s: float = 10.0) -> None:
-        """Wait until ``predicate()`` holds, woken by every post/update."""
+        """Wait until ``predicate()`` holds, woken by every post, update and response."""
         async with asyncio.timeout(within_s):
             while not predicate():
                 self.changed.clear()
@@ -275,6 +275,7 @@ class FakeSlack:
     async def _respond(self, request: web.Request) -> web.Response:
         self.responses.append(await request.json())
         self.responded.set()
+        self.changed.set()
         return web.Response(text="ok")
 
     async def _socket_mode(self, request: web.Request) -> web.WebSocketResponse:
