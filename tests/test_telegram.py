@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from pydantic import SecretStr
 
@@ -357,3 +359,36 @@ async def test_loop_guard_and_channel_modes(bot_pipeline: BotPipeline) -> None:
                    for r in bot_pipeline.fake.requests)
     assert asked == ["a human, no mention", "bot again", "bot says 0", "bot says 1"]
     assert tg.in_chat(-77) == [] and tg.count_429 == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_webhook_mode_checks_the_secret_and_answers_a_redelivery_once(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    port = _free_port()
+    commands = Commands(bot="demo", admins=(str(ADMIN),))
+    config = TelegramConfig(
+        bot="demo", token=SecretStr(tg.token), api_base_url=tg.url, mode="webhook",
+        webhook_url=f"http://127.0.0.1:{port}/demo", webhook_secret=SecretStr("s3cret"),
+        webhook_listen="127.0.0.1", webhook_port=port)
+    url = f"http://127.0.0.1:{port}/demo"
+    async with TelegramAdapter(config, replier=bot_pipeline.conversation, commands=commands), \
+            aiohttp.ClientSession() as http:
+        assert tg.webhook == {"url": url, "secret_token": "s3cret"}
+        update = tg.make_update(7, "hello by webhook")
+        forged = await http.post(url, json=update,
+                                 headers={"X-Telegram-Bot-Api-Secret-Token": "wrong"})
+        assert forged.status == 403
+        for _ in range(2):  # Telegram redelivers when it thinks we did not answer
+            ok = await http.post(url, json=update,
+                                 headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret"})
+            assert ok.status == 200
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+        await tg.wait_for(lambda: last_text(tg, 7) == shown(bot_pipeline.replies[0]))  # type: ignore[arg-type]
+    assert bot_pipeline.fake.count == 1 and len(tg.in_chat(7)) == 1

@@ -83,6 +83,7 @@ class FakeTelegram:
         self.lost_answer_delay_s = 3.0
         self.limit_hits: Counter[str] = Counter()  # which limit each 429 enforced
         self.commands: list[dict[str, Any]] | None = None
+        self.webhook: dict[str, Any] | None = None  # what setWebhook registered
         self.files: dict[str, tuple[str, bytes]] = {}  # file_id -> (path, bytes)
         self.chat_admins: dict[int, set[int]] = defaultdict(set)
         self.chat_types: dict[int, str] = {}
@@ -99,7 +100,22 @@ class FakeTelegram:
         reply_to_bot: bool = False, document: dict[str, Any] | None = None,
         caption: str | None = None, photo: list[dict[str, Any]] | None = None,
     ) -> int:
-        """Queue an update carrying a user message; returns its message_id."""
+        """Queue an update carrying a user message (for getUpdates); returns its message_id."""
+        update = self.make_update(
+            chat_id, text, user_id=user_id, chat_type=chat_type, username=username,
+            is_bot=is_bot, mention=mention, reply_to_bot=reply_to_bot, document=document,
+            caption=caption, photo=photo)
+        self.updates.append(update)
+        self._new_update.set()
+        return int(update["message"]["message_id"])
+
+    def make_update(
+        self, chat_id: int, text: str = "", *, user_id: int = 7, chat_type: str = "private",
+        username: str = "alice", is_bot: bool = False, mention: bool = False,
+        reply_to_bot: bool = False, document: dict[str, Any] | None = None,
+        caption: str | None = None, photo: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """An update carrying a user message (what getUpdates or a webhook delivers)."""
         self.chat_types[chat_id] = chat_type
         if mention:
             text = f"@{self.bot_username} {text}"
@@ -136,10 +152,8 @@ class FakeTelegram:
                 "from": {"id": BOT_ID, "is_bot": True, "first_name": "Demo",
                          "username": self.bot_username},
                 "text": "an earlier answer"}
-        self.updates.append({"update_id": next(self._update_ids), "message": message})
         self.pushed_at[(chat_id, message_id)] = time.monotonic()
-        self._new_update.set()
-        return message_id
+        return {"update_id": next(self._update_ids), "message": message}
 
     def add_file(self, file_id: str, data: bytes, path: str = "documents/file") -> None:
         self.files[file_id] = (path, data)
@@ -228,6 +242,10 @@ class FakeTelegram:
 
     async def _m_setMyCommands(self, p: dict[str, Any]) -> web.Response:
         self.commands = p.get("commands")
+        return _ok(True)
+
+    async def _m_setWebhook(self, p: dict[str, Any]) -> web.Response:
+        self.webhook = {"url": p.get("url"), "secret_token": p.get("secret_token")}
         return _ok(True)
 
     async def _m_sendChatAction(self, p: dict[str, Any]) -> web.Response:
