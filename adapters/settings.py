@@ -247,9 +247,10 @@ class Settings(_Strict):
 def _format_validation(path: str, err: ValidationError) -> str:
     lines = []
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in item["loc"])
         msg = str(item["msg"]).removeprefix("Value error, ")
-        lines.append(f"{path}: {key}: {msg}")
+        # Whole-file validators name the key in their message themselves.
+        lines.append(f"{path}: {key}: {msg}" if key else f"{path}: {msg}")
     return "\n".join(lines)
 
 
