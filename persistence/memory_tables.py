@@ -109,6 +109,18 @@ def cosine(query: Any, vectors: Sequence[Any]) -> list[float]:
     return [float(x) for x in matrix @ np.asarray(query, dtype=np.float32)]
 
 
+async def table_names(db: Any) -> list[str]:
+    """Every table in a LanceDB database (``list_tables`` is paginated)."""
+    names: list[str] = []
+    page: str | None = None
+    while True:
+        response = await db.list_tables(page_token=page)
+        names.extend(response.tables)
+        page = response.page_token
+        if not page:
+            return names
+
+
 async def has_index(table: Any, column: str) -> bool:
     return any(column in ix.columns for ix in await table.list_indices())
 

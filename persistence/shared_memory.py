@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import lancedb
 import pyarrow as pa
 
-from engine.errors import StorageError
+from engine.errors import EmbeddingMismatch, StorageError
 from engine.ports import Embedder, Progress
 from engine.types import Fact, IntegrityReport, TrustLevel
 from persistence.memory_tables import (
@@ -51,6 +51,7 @@ from persistence.memory_tables import (
     micros,
     now,
     quote,
+    table_names,
     with_model,
 )
 
@@ -124,6 +125,42 @@ def row_hash(row: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def split_rows(rows: list[dict[str, Any]],
+               rule: TrustRule) -> tuple[list[dict[str, Any]], list[str]]:
+    """(rows that pass their hash and the rule, ids of rows that fail their hash)."""
+    good, bad = [], []
+    for row in rows:
+        if row_hash(row) != row["write_hash"]:
+            bad.append(row["id"])
+        elif rule.allows(row):
+            good.append(row)
+    return good, bad
+
+
+def walk_chain(rows: list[dict[str, Any]], head_seq: int) -> IntegrityReport:
+    """Check every row's hash and that each links to the one before (by ``seq``).
+
+    ``head_seq``: the last sequence number this process wrote or read at start;
+    rows deleted from the end show up only against it.
+    """
+    rows = sorted(rows, key=lambda r: r["seq"])
+    tampered: list[str] = []
+    missing: list[str] = []
+    prev_seq, prev_hash, prev_id = 0, "", ""
+    for row in rows:
+        if row_hash(row) != row["write_hash"]:
+            tampered.append(row["id"])
+        if row["seq"] != prev_seq + 1 or row["prev_hash"] != prev_hash:
+            gap = row["seq"] - prev_seq - 1
+            where = f"after {prev_id}" if prev_id else "at the start"
+            missing.append(f"{max(gap, 1)} row(s) {where}, before {row['id']}")
+        prev_seq, prev_hash, prev_id = row["seq"], row["write_hash"], row["id"]
+    if head_seq > prev_seq:
+        missing.append(f"{head_seq - prev_seq} row(s) at the head, after "
+                       f"{prev_id or 'the start'}")
+    return IntegrityReport(checked=len(rows), tampered=tuple(tampered), missing=tuple(missing))
+
+
 def _fact(row: dict[str, Any], score: float = 0.0) -> Fact:
     return Fact(
         id=row["id"], text=row["text"], bot=row["author_bot"], user=row["user"],
@@ -152,6 +189,9 @@ class SharedMemory:
         self._writer: asyncio.Task[None] | None = None
         self._head: tuple[int, str] = (0, "")  # last (seq, write_hash) written
         self.tampered_reads = 0
+        # Set when the table was written with another embedding model: reads
+        # and publishes raise it until ``reembed`` (the app still starts).
+        self._mismatch: EmbeddingMismatch | None = None
 
     @classmethod
     async def open(
@@ -162,10 +202,21 @@ class SharedMemory:
         db = await lancedb.connect_async(
             uri, read_consistency_interval=timedelta(0), storage_options=storage_options)
         schema = with_model(FIELDS, embedder.model_name, embedder.dimension, "")
-        table = await db.create_table(TABLE, schema=schema, exist_ok=True)
-        check_model(TABLE, await table.schema(), embedder.model_name, embedder.dimension)
-        return cls(db, table, embedder, ann_threshold=ann_threshold,
-                   maintain_delay_s=maintain_delay_s, writer_lock=writer_lock)
+        if TABLE in await table_names(db):
+            table = await db.open_table(TABLE)
+        else:
+            table = await db.create_table(TABLE, schema=schema, exist_ok=True)
+        store = cls(db, table, embedder, ann_threshold=ann_threshold,
+                    maintain_delay_s=maintain_delay_s, writer_lock=writer_lock)
+        try:
+            check_model(TABLE, await table.schema(), embedder.model_name, embedder.dimension)
+        except EmbeddingMismatch as exc:
+            store._mismatch = exc
+        return store
+
+    def _check_model(self) -> None:
+        if self._mismatch is not None:
+            raise self._mismatch
 
     async def _read_head(self) -> None:
         chain = await self._raw.query().select(["seq", "write_hash"]).to_arrow()
@@ -223,6 +274,7 @@ class SharedMemory:
             raise StorageError("a shared fact needs its author bot")
         if not fact.text.strip():
             raise StorageError("a memory needs text")
+        self._check_model()
         # Embed before queueing: the writer only orders and hashes, so one
         # slow embedding never holds up other bots' writes.
         vector = (await self._embedder.embed([fact.text]))[0]
@@ -282,6 +334,7 @@ class SharedMemory:
                 [*data.columns, pa.array(vectors, type=pa.list_(pa.float32(), dim))],
                 schema=schema)
             self._raw = await self._db.create_table(TABLE, rebuilt, mode="overwrite")
+            self._mismatch = None
             await self._maintainer.run_now()
             return len(texts)
 
@@ -294,15 +347,19 @@ class SharedMemory:
     # -- reads (every one through TrustRule and the hash check) ---------
 
     def _verified(self, rows: list[dict[str, Any]], rule: TrustRule) -> list[dict[str, Any]]:
-        good = []
-        for row in rows:
-            if row_hash(row) != row["write_hash"]:
-                self.tampered_reads += 1
-                log.warning("shared memory row %r fails its write hash: excluded",
-                            row.get("id"))
-                continue
-            if rule.allows(row):
-                good.append(row)
+        good, bad = split_rows(rows, rule)
+        for fact_id in bad:
+            self.tampered_reads += 1
+            log.warning("shared memory row %r fails its write hash: excluded", fact_id)
+        return good
+
+    async def _verified_many(self, rows: list[dict[str, Any]],
+                             rule: TrustRule) -> list[dict[str, Any]]:
+        # Hashing thousands of rows is CPU work: off the event loop.
+        good, bad = await asyncio.to_thread(split_rows, rows, rule)
+        for fact_id in bad:
+            self.tampered_reads += 1
+            log.warning("shared memory row %r fails its write hash: excluded", fact_id)
         return good
 
     async def search(
@@ -313,6 +370,7 @@ class SharedMemory:
         rule = TrustRule.of(reader_bot, groups, users)
         if not users or limit <= 0:
             return []  # fail closed
+        self._check_model()
         if vector is None:
             vector = (await self._embedder.embed([query]))[0]
         # A few extra rows so that excluded (tampered) ones do not shorten the answer.
@@ -327,7 +385,7 @@ class SharedMemory:
                          offset: int = 0) -> list[Fact]:
         rule = TrustRule.of(reader_bot, groups, users)
         rows = await self._raw.query().where(rule.sql()).select(COLUMNS).to_list()
-        rows = self._verified(rows, rule)
+        rows = await self._verified_many(rows, rule)
         rows.sort(key=lambda r: r["seq"], reverse=True)
         return [_fact(r) for r in rows[offset:offset + limit]]
 
@@ -344,23 +402,8 @@ class SharedMemory:
 
     async def verify(self) -> IntegrityReport:
         rows = await self._raw.query().select(COLUMNS).to_list()
-        rows.sort(key=lambda r: r["seq"])
-        tampered: list[str] = []
-        missing: list[str] = []
-        prev_seq, prev_hash, prev_id = 0, "", ""
-        for row in rows:
-            if row_hash(row) != row["write_hash"]:
-                tampered.append(row["id"])
-            if row["seq"] != prev_seq + 1 or row["prev_hash"] != prev_hash:
-                gap = row["seq"] - prev_seq - 1
-                where = f"after {prev_id}" if prev_id else "at the start"
-                missing.append(f"{max(gap, 1)} row(s) {where}, before {row['id']}")
-            prev_seq, prev_hash, prev_id = row["seq"], row["write_hash"], row["id"]
-        if self._head[0] > prev_seq:
-            missing.append(f"{self._head[0] - prev_seq} row(s) at the head, after "
-                           f"{prev_id or 'the start'}")
-        if tampered or missing:
+        report = await asyncio.to_thread(walk_chain, rows, self._head[0])
+        if not report.ok:
             log.warning("shared memory integrity: %d tampered, %d gap(s)",
-                        len(tampered), len(missing))
-        return IntegrityReport(checked=len(rows), tampered=tuple(tampered),
-                               missing=tuple(missing))
+                        len(report.tampered), len(report.missing))
+        return report

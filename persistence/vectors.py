@@ -36,6 +36,7 @@ from persistence.memory_tables import (
     now,
     owner_of,
     quote,
+    table_names,
     with_model,
 )
 
@@ -130,14 +131,7 @@ class LanceMemoryStore:
         return table
 
     async def _names(self) -> list[str]:
-        names: list[str] = []
-        page: str | None = None
-        while True:
-            response = await self._db.list_tables(page_token=page)
-            names.extend(response.tables)
-            page = response.page_token
-            if not page:
-                return names
+        return await table_names(self._db)
 
     async def bots(self) -> list[str]:
         result = []

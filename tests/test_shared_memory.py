@@ -236,3 +236,24 @@ def test_property_no_query_leaks(
                         assert may_see((bot, groups, [got.user]), written[fid])
 
     asyncio.run(scenario())
+
+
+async def test_another_model_is_refused_until_reembedded(
+    tmp_path: Path, embedder: FastEmbedder
+) -> None:
+    from engine.errors import EmbeddingMismatch
+    from tests.test_vectors import OtherModel
+
+    uri = str(tmp_path / "lancedb")
+    async with await SharedMemory.open(uri, OtherModel(embedder)) as old:
+        await old.publish(fact("Written with the old model", "alpha"), "public")
+    async with await SharedMemory.open(uri, embedder) as new:  # the app still starts
+        with pytest.raises(EmbeddingMismatch, match="reembed"):
+            await new.search("b", [], "old model", users=[""])
+        with pytest.raises(EmbeddingMismatch):
+            await new.publish(fact("new fact", "alpha"), "public")
+        assert await new.reembed() == 1
+        assert [f.text for f in await new.search("b", [], "old model", users=[""])] == [
+            "Written with the old model"]
+        await new.publish(fact("new fact", "alpha"), "public")
+        assert (await new.verify()).ok

@@ -149,6 +149,9 @@ async def test_hybrid_and_ann_index_keep_filters(tmp_path: Path, embedder: FastE
         found = await store.search("bot", "Quetzal", users=["zeb", "user3"], limit=10)
         assert found[0].text.startswith("Zebulon")  # the rare keyword wins via full text
         assert {f.user for f in found} <= {"zeb", "user3"}
+        for hostile_query in [*HOSTILE, 'title:x AND (y', '+-&&||!(){}[]^"~*?:\\/']:
+            found = await store.search("bot", hostile_query, users=["user3"], limit=3)
+            assert len(found) == 3 and {f.user for f in found} == {"user3"}
 
 
 @st.composite
