@@ -185,18 +185,31 @@ class BotMemory:
         query = personalize(message.text, speaker_label(message))
         try:
             [vector] = await self._embedder.embed([query])
-            found = await self._store.search(
-                config.bot, query, users=users, limit=config.top_k,
-                min_score=config.min_score, vector=vector,
-            )
-            if self._shared is not None:
-                found += await self._shared.search(
-                    config.bot, config.trust_groups, query, users=users,
-                    limit=config.top_k, min_score=config.min_score, vector=vector,
-                )
         except BoternityError as exc:
             log.warning("bot %s: recall failed, replying without memory: %s", config.bot, exc)
             return []
+        searches = [self._store.search(
+            config.bot, query, users=users, limit=config.top_k,
+            min_score=config.min_score, vector=vector,
+        )]
+        if self._shared is not None:
+            searches.append(self._shared.search(
+                config.bot, config.trust_groups, query, users=users,
+                limit=config.top_k, min_score=config.min_score, vector=vector,
+            ))
+        # Own and shared tables are searched at once; one failing keeps the other.
+        found: list[Fact] = []
+        for source, result in zip(("own", "shared"), await asyncio.gather(
+                *searches, return_exceptions=True), strict=False):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                # Whatever broke (a StorageError, or a vector store error we did
+                # not foresee), the reply goes on with what the other search found.
+                log.warning("bot %s: %s memory search failed, recalled without it: %r",
+                            config.bot, source, result)
+            else:
+                found += result
         facts = self._select(found, users)
         await self._log_recall(message, facts)
         return facts

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import lancedb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -521,3 +522,17 @@ def test_recall_never_returns_what_the_bot_or_speaker_may_not_see(
             assert (fact.trust_level == "public"
                     or (fact.trust_level == "trusted" and fact.trust_group in groups)
                     or (fact.trust_level == "private" and fact.author_bot == reader))
+
+
+async def test_a_broken_shared_table_still_recalls_own_facts(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    peanuts = await add(stack, "Alice is allergic to peanuts", ALICE)
+    await stack.shared.publish(Fact(id="", text="Peanut oil is used in the canteen", bot="x"),
+                               "public")
+    db = await lancedb.connect_async(str(tmp_path / "lancedb"))
+    await db.drop_table("shared_memories")  # gone under the running store's feet
+    with caplog.at_level(logging.WARNING):
+        recalled = await stack.memory(min_score=0.1).recall(msg("am I allergic to peanuts?"))
+    assert [f.id for f in recalled] == [peanuts.id]
+    assert "shared memory search failed" in caplog.text

@@ -1,0 +1,129 @@
+"""What the memory policy adds to a reply, on top of the bare store search.
+
+    python benchmarks/bench_recall_policy.py [--rows 10000] [--queries 200]
+
+Fills one bot's table with ``--rows`` memories (bench_memory's synthetic
+facts, 60 users + general) and 1,000 shared facts, then times per question,
+interleaved round-robin so machine load hits every variant alike:
+
+1. ``store.search`` with the query vector given (the store alone);
+2. ``store.search`` embedding the query (what any caller pays);
+3. ``BotMemory.recall`` with own memories only (+ first-person rewrite, scope);
+4. ``BotMemory.recall`` with own and shared memories (searched concurrently);
+5. the same with the SQL recall log (the production wiring: one embedding,
+   two searches, one upsert per reply).
+
+Prints p50 / p95 in ms and each median as a ratio to (2). Real model, real
+LanceDB and SQLite in a temp dir; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_memory import BOT, USERS, fill, sentences
+
+from engine.background import Background
+from engine.memory import BotMemory, MemoryConfig
+from engine.types import Fact, IncomingMessage
+from persistence.database import Database
+from persistence.embeddings import FastEmbedder
+from persistence.recall_log import SqlRecallLog
+from persistence.shared_memory import SharedMemory
+from persistence.vectors import LanceMemoryStore
+
+QUESTIONS = ["What does {n} like to eat?", "Where does {n} live?", "What sport do I play?",
+             "Which language am I learning?", "What is my dog called?"]
+
+
+def p50_p95(ms: list[float]) -> tuple[float, float]:
+    return statistics.median(ms), statistics.quantiles(ms, n=100)[94]
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        embedder = await FastEmbedder.load(root, threads=2)
+        texts = sentences()
+        base = np.array(await embedder.embed(texts), dtype=np.float32)
+        uri = str(root / "lancedb")
+        started = time.perf_counter()
+        await fill(uri, texts, base, args.rows)
+        print(f"filled {args.rows} memories in {time.perf_counter() - started:.1f} s")
+
+        async with (
+            Database(f"sqlite+aiosqlite:///{root / 'db.sqlite'}") as database,
+            await LanceMemoryStore.open(uri, embedder) as store,
+            await SharedMemory.open(uri, embedder) as shared,
+            Background() as jobs,
+        ):
+            for i in range(1000):
+                await shared.publish(Fact(id="", text=f"{texts[i % len(texts)]} (shared {i})",
+                                          bot="other", user="" if i % 3 else "user1"), "public")
+            await store.maintain(BOT)
+            await shared.maintain()
+            config = MemoryConfig(bot=BOT, top_k=5, min_score=0.3)
+            own_only = BotMemory(config, store=store, embedder=embedder, jobs=jobs)
+            both = BotMemory(config, store=store, embedder=embedder, jobs=jobs, shared=shared)
+            full = BotMemory(config, store=store, embedder=embedder, jobs=jobs, shared=shared,
+                             recall_log=SqlRecallLog(database))
+
+            names = ["Ana", "Ben", "Chen", "Dora"]
+            questions = [QUESTIONS[i % len(QUESTIONS)].format(n=names[i % len(names)])
+                         for i in range(args.queries)]
+            vectors = await embedder.embed(questions)
+            timings: dict[str, list[float]] = {
+                k: [] for k in ("vector", "search", "own", "both", "full")}
+            for i, (q, v) in enumerate(zip(questions, vectors, strict=True)):
+                users = [f"user{i % USERS}", ""]
+                message = IncomingMessage(platform="terminal", bot=BOT, chat=f"c{i % 20}",
+                                          user=f"user{i % USERS}", user_name=names[i % 4],
+                                          text=q, message_id=str(i))
+                variants = {
+                    "vector": lambda q=q, v=v, u=users: store.search(BOT, q, users=u, limit=5,
+                                                                     vector=v),
+                    "search": lambda q=q, u=users: store.search(BOT, q, users=u, limit=5),
+                    "own": lambda m=message: own_only.recall(m),
+                    "both": lambda m=message: both.recall(m),
+                    "full": lambda m=message: full.recall(m),
+                }
+                order = list(variants)
+                order = order[i % 5:] + order[:i % 5]  # rotate who goes first
+                for name in order:
+                    start = time.perf_counter()
+                    await variants[name]()
+                    timings[name].append((time.perf_counter() - start) * 1000)
+
+    reference = statistics.median(timings["search"])
+    labels = {
+        "vector": "store.search, vector given",
+        "search": "store.search, embeds the query",
+        "own": "BotMemory.recall, own memories",
+        "both": "BotMemory.recall, own + shared",
+        "full": "BotMemory.recall, own + shared + recall log",
+    }
+    print(f"{'':<46} {'p50 ms':>8} {'p95 ms':>8} {'x search':>9}")
+    for name, label in labels.items():
+        p50, p95 = p50_p95(timings[name])
+        print(f"{label:<46} {p50:>8.1f} {p95:>8.1f} {p50 / reference:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
