@@ -44,8 +44,8 @@ def ask(text: str = "Hi", *, system: str = "Be brief.") -> CompletionRequest:
 async def bedrock(bedrock_fake: FakeBedrock) -> AsyncIterator[BedrockProvider]:
     provider = BedrockProvider(
         name="bedrock", model=MODEL, capabilities=Capabilities(vision=True),
-        endpoint_url=bedrock_fake.url, timeout_s=5, first_token_timeout_s=0.5,
-        idle_timeout_s=0.5,
+        endpoint_url=bedrock_fake.url, timeout_s=10, first_token_timeout_s=10,
+        idle_timeout_s=10,  # generous: a loaded CI machine must not turn errors into timeouts
     )
     async with provider:
         yield provider
@@ -239,6 +239,7 @@ async def test_dropped_connection_mid_stream_is_unavailable(
 
 
 async def test_first_token_timeout(bedrock: BedrockProvider, bedrock_fake: FakeBedrock) -> None:
+    bedrock.first_token_timeout_s = 0.3
     bedrock_fake.push(Behaviour(mode="hang", after=0))
     with pytest.raises(ProviderTimeout):
         await collect(bedrock, ask())
@@ -247,6 +248,7 @@ async def test_first_token_timeout(bedrock: BedrockProvider, bedrock_fake: FakeB
 async def test_idle_timeout_mid_stream(
     bedrock: BedrockProvider, bedrock_fake: FakeBedrock
 ) -> None:
+    bedrock.idle_timeout_s = 0.3
     bedrock_fake.push(Behaviour(mode="hang", after=1))
     got: list[str] = []
     with pytest.raises(ProviderTimeout):
@@ -320,8 +322,8 @@ async def test_region_from_config_wins(bedrock_fake: FakeBedrock) -> None:
 async def openai_backup(openai_fake: FakeOpenAI) -> AsyncIterator[OpenAICompatProvider]:
     provider = OpenAICompatProvider(
         name="backup", model="gpt-test", base_url=openai_fake.base_url,
-        capabilities=Capabilities(context_window=32_000), timeout_s=5,
-        first_token_timeout_s=2, idle_timeout_s=2,
+        capabilities=Capabilities(context_window=32_000), timeout_s=10,
+        first_token_timeout_s=10, idle_timeout_s=10,
     )
     async with provider:
         yield provider

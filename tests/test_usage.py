@@ -73,12 +73,12 @@ class Rig:
             if name == "aws":
                 providers.append(await self.stack.enter_async_context(BedrockProvider(
                     name="aws", model="anthropic.claude-test", capabilities=CAPS,
-                    endpoint_url=self.bedrock.url, timeout_s=5,
-                    first_token_timeout_s=2, idle_timeout_s=2)))
+                    endpoint_url=self.bedrock.url, timeout_s=10,
+                    first_token_timeout_s=10, idle_timeout_s=10)))
             else:
                 providers.append(await self.stack.enter_async_context(OpenAICompatProvider(
                     name=name, model=f"{name}-model", base_url=self.openai.base_url,
-                    api_key=SecretStr("sk-test"), capabilities=CAPS, timeout_s=5)))
+                    api_key=SecretStr("sk-test"), capabilities=CAPS, timeout_s=10)))
         chain = FallbackChain(providers, self.breakers, skip=accounting.skip)
         store = SqlConversationStore(self.db)
         conversation = Conversation(bot=bot, persona="Be terse.", chain=chain, store=store,
