@@ -217,7 +217,9 @@ class MemoryAdmin:
         errors: list[tuple[int, str]] = []
         added = skipped = 0
         batch: list[Fact] = []
-        seen: set[str] = set()
+        # Ids already stored, read once (a store round trip per line would make
+        # restoring a 100k-line export take minutes).
+        seen: set[str] | None = None
 
         async def flush(done: int) -> None:
             nonlocal added
@@ -235,10 +237,12 @@ class MemoryAdmin:
             except ValidationError as exc:
                 errors.append((number, _line_error(exc)))
                 continue
-            if record.id and (record.id in seen or await self.store.get(bot, record.id)):
-                skipped += 1
-                continue
             if record.id:
+                if seen is None:
+                    seen = {fact.id async for fact in self.store.iterate(bot)}
+                if record.id in seen:
+                    skipped += 1
+                    continue
                 seen.add(record.id)
             batch.append(record.to_fact(bot))
             if len(batch) >= IMPORT_BATCH:
