@@ -95,6 +95,8 @@ async def test_streams_text_and_usage_with_the_right_body(openai_fake: FakeOpenA
         (Drop(after=0), Unavailable, "connection failed"),
         (Drop(after=2), Unavailable, "connection dropped mid-answer"),
         (Malformed(after=1), Unavailable, "malformed response stream"),
+        (Malformed(after=1, payload='data: {"error": {"message": "Overloaded"}}\n\n'),
+         Unavailable, "error event mid-answer"),
         (Hang(after=2), ProviderTimeout, "stalled mid-answer (idle timeout)"),
     ],
 )
