@@ -63,6 +63,7 @@ from adapters.outbound import (
     RetryAfter,
 )
 from adapters.render import to_telegram
+from engine.errors import ConfigError
 from engine.ports import FileStore, Replier
 from engine.types import IncomingMessage
 
@@ -194,8 +195,12 @@ class TelegramAdapter:
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> TelegramAdapter:
-        await self.app.initialize()
         try:
+            try:
+                await self.app.initialize()  # getMe: checks the token
+            except tg_error.InvalidToken:
+                raise ConfigError(f"bots.{self.config.bot}.telegram: the bot token was "
+                                  "refused by Telegram (check token_env)") from None
             me = self.app.bot.bot
             self.username, self.bot_id = (me.username or "").lower(), me.id
             await self.app.bot.set_my_commands(
@@ -305,7 +310,7 @@ class TelegramAdapter:
         lowered = text.lower()
         while (at := lowered.find(tag)) >= 0:
             text, lowered = text[:at] + text[at + len(tag):], lowered[:at] + lowered[at + len(tag):]
-        return " ".join(text.split(" ")).strip()
+        return text.strip()
 
     def _pending_files(self, message: Message) -> list[PendingFile]:
         files: list[PendingFile] = []

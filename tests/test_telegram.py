@@ -29,6 +29,7 @@ from adapters.outbound import TELEGRAM, Limits
 from adapters.render import to_telegram
 from adapters.telegram import TelegramAdapter, TelegramConfig
 from engine.admin import FileAdmin
+from engine.errors import ConfigError
 from engine.types import Reply
 from tests.conftest import BotPipeline
 from tests.fakes.openai_server import Text
@@ -340,9 +341,9 @@ async def test_loop_guard_and_channel_modes(bot_pipeline: BotPipeline) -> None:
     (a human message resets the count); a channel can be "always" or "never".
 
     The rules, not the pacing, are under test: the fake and the bot use 10x
-    faster limits than Telegram's so four replies in one group take no 25 s.
+    faster limits than Telegram's (the same 0.1 s margin) so four replies take no 25 s.
     """
-    fast = Limits(max_len=4096, dm_interval_s=0.11, group_interval_s=0.31, utf16=True)
+    fast = Limits(max_len=4096, dm_interval_s=0.2, group_interval_s=0.4, utf16=True)
     gate = GateConfig(reply_to_bots=True, max_bot_turns=2,
                       channels={str(GROUP): "always", "-77": "never"})
     async with start_telegram_fake(dm_gap_s=0.1, group_gap_s=0.3) as tg, \
@@ -392,3 +393,15 @@ async def test_webhook_mode_checks_the_secret_and_answers_a_redelivery_once(
         await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
         await tg.wait_for(lambda: last_text(tg, 7) == shown(bot_pipeline.replies[0]))  # type: ignore[arg-type]
     assert bot_pipeline.fake.count == 1 and len(tg.in_chat(7)) == 1
+
+
+async def test_a_refused_token_is_a_config_error_naming_the_key(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    config = TelegramConfig(bot="demo", token=SecretStr("999:WRONG"), api_base_url=tg.url)
+    with pytest.raises(ConfigError, match=r"bots\.demo\.telegram: the bot token was refused") \
+            as caught:
+        async with TelegramAdapter(config, replier=bot_pipeline.conversation,
+                                   commands=Commands(bot="demo")):
+            pass
+    assert "999:WRONG" not in str(caught.value)
