@@ -207,7 +207,7 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", data)
         return token
 
-    async def wait_for(self, predicate: Any, within_s: float = 10.0) -> None:
+    async def wait_for(self, predicate: Any, within_s: float = 30.0) -> None:
         """Wait until ``predicate()`` holds, woken by every message create/edit."""
         async with asyncio.timeout(within_s):
             while not predicate():

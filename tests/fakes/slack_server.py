@@ -14,9 +14,10 @@ merges query string, form and JSON bodies, like Slack does.
 - ``response_url`` for slash commands: ``POST /respond/{id}``, recorded in
   ``responses``.
 
-Rate limits like Slack's: ``chat.postMessage`` 1 per second per channel;
-``chat.update`` Tier 3 (``update_limit`` per ``update_window_s`` per
-workspace, 50/min by default). Past a limit: HTTP 429, ``Retry-After``
+Rate limits like Slack's: ``chat.postMessage`` 1 per second per channel
+("short bursts allowed": a token bucket of ``post_burst``); ``chat.update``
+Tier 3 (``update_limit`` per ``update_window_s`` per workspace, a fixed
+window, 50/min by default). Past a limit: HTTP 429, ``Retry-After``
 (whole seconds, as Slack sends) and ``{"ok": false, "error": "ratelimited"}``;
 each counted in ``rate_limited``.
 """
@@ -79,10 +80,29 @@ class _Window:
         return 0.0
 
 
+class _Bucket:
+    """A token bucket per key: ``rate`` per second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str) -> float:
+        """0 when allowed (and spent), else the seconds until a token is back."""
+        now = time.monotonic()
+        tokens, at = self._state.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._state[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        self._state[key] = (tokens - 1.0, now)
+        return 0.0
+
+
 class FakeSlack:
     """In-process fake of Slack's Web API and Socket Mode; ``async with`` it."""
 
-    def __init__(self, *, post_limit: int = 1, post_window_s: float = 1.0,
+    def __init__(self, *, post_limit: int = 1, post_window_s: float = 1.0, post_burst: int = 2,
                  update_limit: int = 50, update_window_s: float = 60.0,
                  admins: tuple[str, ...] = ()) -> None:
         self.messages: dict[str, FakeMessage] = {}
@@ -96,7 +116,7 @@ class FakeSlack:
         self.file_bytes: dict[str, bytes] = {}
         self.downloads: list[str] = []  # Authorization headers seen on downloads
         self.admins = set(admins)
-        self._post = _Window(post_limit, post_window_s)
+        self._post = _Bucket(post_limit / post_window_s, post_burst)
         self._update = _Window(update_limit, update_window_s)
         self._ts = itertools.count(1)
         self._ids = itertools.count(1)
@@ -156,7 +176,7 @@ class FakeSlack:
         return [args for name, args in self.calls if name == method]
 
     async def push(self, kind: str, payload: dict[str, Any], *,
-                   retry_attempt: int = 0, within_s: float = 10.0) -> dict[str, Any]:
+                   retry_attempt: int = 0, within_s: float = 30.0) -> dict[str, Any]:
         """Send a Socket Mode envelope; returns the ack's payload ({} when none)."""
         await asyncio.wait_for(self.connected.wait(), within_s)
         assert self._socket is not None
@@ -171,7 +191,7 @@ class FakeSlack:
         ack = await asyncio.wait_for(future, within_s)
         return dict(ack.get("payload") or {})
 
-    async def wait_for(self, predicate: Any, within_s: float = 10.0) -> None:
+    async def wait_for(self, predicate: Any, within_s: float = 30.0) -> None:
         """Wait until ``predicate()`` holds, woken by every post, update and response."""
         async with asyncio.timeout(within_s):
             while not predicate():
