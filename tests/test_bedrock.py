@@ -8,12 +8,15 @@ own timeouts, and the event-stream framing of the fake itself.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from botocore.eventstream import EventStreamBuffer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.errors import (
     AuthFailed,
@@ -25,10 +28,18 @@ from engine.errors import (
     RateLimited,
     Unavailable,
 )
-from engine.providers.bedrock import BedrockProvider, build_bedrock
+from engine.providers.bedrock import BedrockProvider, build_bedrock, converse_messages
 from engine.providers.fallback import Breakers, ChainRun, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
-from engine.types import Attachment, Capabilities, Chunk, CompletionRequest, Message, Usage
+from engine.types import (
+    Attachment,
+    Capabilities,
+    Chunk,
+    CompletionRequest,
+    Message,
+    Role,
+    Usage,
+)
 from tests.fakes.bedrock_server import Behaviour, FakeBedrock, event_frame, exception_frame
 from tests.fakes.openai_server import Drop, FakeOpenAI, Status
 
@@ -465,3 +476,22 @@ enabled = false
         await collect(provider, ask())
     auth = bedrock_fake.requests[0].headers["Authorization"]
     assert "AKIDDOTENV/" in auth and "/eu-north-1/bedrock/" in auth
+
+
+@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]),
+                          st.text(max_size=5)), max_size=12))
+def test_converse_turns_always_alternate_starting_with_the_user(
+    turns: list[tuple[Role, str]],
+) -> None:
+    messages = tuple(Message(role, text) for role, text in turns)
+    system, converse = converse_messages(messages, vision=False)
+    roles = [m["role"] for m in converse]
+    assert all(a != b for a, b in itertools.pairwise(roles))
+    assert not roles or roles[0] == "user"
+    # Converse refuses empty turns and blank text blocks.
+    assert all(m["content"] and all(block["text"].strip() for block in m["content"])
+               for m in converse)
+    # No user text is lost; system text goes to `system`.
+    sent = [block["text"] for m in converse if m["role"] == "user" for block in m["content"]]
+    assert sent == [text for role, text in turns if role == "user" and text.strip()]
+    assert [b["text"] for b in system] == [t for r, t in turns if r == "system" and t.strip()]

@@ -139,7 +139,8 @@ def converse_messages(
     (history cut mid-exchange) are dropped. Images become image blocks only
     when the model has vision; otherwise a note keeps the turn honest.
     """
-    system = [{"text": m.content} for m in messages if m.role == "system" and m.content]
+    # Converse rejects blank text blocks ("must contain non-whitespace text").
+    system = [{"text": m.content} for m in messages if m.role == "system" and m.content.strip()]
     if json_mode:
         system.append({"text": "Answer with one JSON object and nothing else."})
     turns: list[dict[str, Any]] = []
@@ -153,7 +154,7 @@ def converse_messages(
                 blocks.append({"image": {"format": fmt, "source": {"bytes": image.data}}})
             else:
                 blocks.append({"text": f"[image {image.name} not shown to this model]"})
-        if m.content:
+        if m.content.strip():
             blocks.append({"text": m.content})
         if not blocks:
             continue
