@@ -15,9 +15,9 @@ Recall (``recall``, awaited before the reply):
   a reply never fails because memory did.
 
 Learning (``learn``, returns at once):
-  a background job asks the bot's chain for durable facts as JSON, drops
-  facts about third parties and, unless ``extract_with_local``, anything the
-  local demo model produced; then reconciles each fact against the nearest
+  a background job asks the bot's chain for durable facts as JSON (the local
+  demo model is skipped unless ``extract_with_local``: its facts are
+  unreliable), drops facts about third parties, then reconciles each fact against the nearest
   memories about the same user:
 
   - best similarity >= ``duplicate_score``: a duplicate, skipped;
@@ -57,7 +57,7 @@ from engine.extraction import (
     parse_judgement,
     speaker_label,
 )
-from engine.ports import Embedder, MemoryStore, RecallLog, SharedMemoryStore
+from engine.ports import Embedder, MemoryStore, Provider, RecallLog, SharedMemoryStore
 from engine.types import (
     Chunk,
     CompletionRequest,
@@ -83,7 +83,10 @@ class ChainRun(Protocol):
 class Chain(Protocol):
     """What extraction needs of ``engine.providers.fallback.FallbackChain``."""
 
-    def run(self, request: CompletionRequest) -> ChainRun: ...
+    def run(
+        self, request: CompletionRequest, *,
+        skip: Callable[[Provider, CompletionRequest], str | None] | None = None,
+    ) -> ChainRun: ...
 
 
 @dataclass(frozen=True)
@@ -365,8 +368,14 @@ class BotMemory:
                         self.config.bot, answer)
         return judgement
 
+    def _skip_local(self, provider: Provider, request: CompletionRequest) -> str | None:
+        # Not even asked: its output would be dropped, and it costs seconds of CPU.
+        if provider.name in self.config.local_providers and not self.config.extract_with_local:
+            return "the local demo model does not write memories"
+        return None
+
     async def _complete(self, request: CompletionRequest) -> tuple[str, str | None]:
         assert self._chain is not None
-        run = self._chain.run(request)
+        run = self._chain.run(request, skip=self._skip_local)
         parts = [chunk.text async for chunk in run]
         return "".join(parts), run.served_by

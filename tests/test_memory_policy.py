@@ -372,9 +372,10 @@ async def test_local_demo_model_facts_are_not_stored_unless_configured(
                                     base_url=openai_fake.base_url) as local:
         chain = FallbackChain([local], Breakers())
         strict = stack.memory(chain=chain, local_providers=frozenset({"local"}))
-        openai_fake.script(facts_answer(about_alice("Alice owns a boat")))
         result = await strict.learn_now(msg("I own a boat"), Reply("Cool", served_by="local"))
-        assert "local model" in result.dropped and await stack.store.count("helper") == 0
+        assert "local demo model does not write memories" in result.dropped
+        assert openai_fake.count == 0  # not even asked
+        assert await stack.store.count("helper") == 0
 
         trusting = stack.memory(chain=chain, local_providers=frozenset({"local"}),
                                 extract_with_local=True)
