@@ -36,6 +36,7 @@ from adapters.settings import DiscordSettings, SlackSettings, TelegramSettings
 from adapters.slack import SlackAdapter, SlackConfig
 from adapters.telegram import TelegramAdapter, TelegramConfig
 from engine.admin import FileAdmin, LastReplies, PersonaAdmin, ProviderAdmin, UsageAdmin
+from engine.errors import ConfigError
 from engine.ports import FileStore
 from persistence.files import SqlFileStore
 
@@ -152,6 +153,7 @@ def runners(app: App) -> list[tuple[str, Runner]]:
     found: list[tuple[str, Runner]] = []
     budget: RateBudget | None = getattr(app, "budget", None)
     dedupe: Dedupe | None = getattr(app, "dedupe", None)
+    slack_listeners: dict[tuple[str, int], str] = {}  # HTTP mode: one bot per host:port
     for bot, settings in app.settings.bots.items():
         if settings.telegram is not None:
             telegram = TelegramAdapter(
@@ -162,6 +164,14 @@ def runners(app: App) -> list[tuple[str, Runner]]:
             _ready(app, f"telegram:{bot}", telegram)
             found.append((f"{bot}/telegram", telegram.run))
         if settings.slack is not None:
+            where = (settings.slack.http_host, settings.slack.http_port)
+            if settings.slack.mode == "http" and where[1]:
+                if where in slack_listeners:
+                    raise ConfigError(
+                        f"{app.settings.source}: bots.{bot}.slack.http_port: {where[1]} is "
+                        f"already used by bots.{slack_listeners[where]}.slack; give each "
+                        f"bot its own port")
+                slack_listeners[where] = bot
             slack = SlackAdapter(
                 slack_config(app, bot, settings.slack), replier=app.conversations[bot],
                 commands=commands_for(app, bot, settings.slack.admins), files=files(app),

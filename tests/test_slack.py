@@ -419,3 +419,24 @@ async def test_bad_tokens_are_clear_config_errors(
         config(slack_fake, app_token=None)
     with pytest.raises(ConfigError, match="needs signing_secret_env"):
         config(slack_fake, mode="http", signing_secret=None)
+
+
+def test_two_bots_cannot_share_one_slack_http_port() -> None:
+    from types import SimpleNamespace
+
+    from adapters import platforms
+    from adapters.settings import Settings
+    from engine.errors import ConfigError
+
+    slack = {"bot_token_env": "B", "signing_secret_env": "S", "mode": "http", "http_port": 3100}
+    settings = Settings.model_validate({
+        "providers": {"p": {"kind": "openai_compatible", "model": "m",
+                            "base_url": "http://127.0.0.1:9/v1"}},
+        "bots": {"one": {"chain": ["p"], "slack": slack},
+                 "two": {"chain": ["p"], "slack": slack}},
+        "env": {"B": BOT_TOKEN, "S": SECRET}, "source": "test.toml",
+    })
+    app = SimpleNamespace(settings=settings, conversations={"one": None, "two": None},
+                          chains={}, observers=[], extras={}, database=None)
+    with pytest.raises(ConfigError, match=r"bots.two.slack.http_port: 3100 is already used"):
+        platforms.runners(app)  # type: ignore[arg-type]
