@@ -188,14 +188,23 @@ class MemoryAdmin:
         return await self.store.add(record.to_fact(bot))
 
     async def forget(self, bot: str, fact_id: str) -> bool:
+        """Delete one fact, and its text from the recall log."""
         self._bot(bot)
-        return await self.store.delete(bot, fact_id)
+        done = await self.store.delete(bot, fact_id)
+        if done and self.recall_log is not None:
+            await self.recall_log.scrub(bot, [fact_id])
+        return done
 
     async def forget_user(self, bot: str, user: str) -> int:
+        """Delete every fact about ``user`` (history included), and from the recall log."""
         self._bot(bot)
         if not user:
             raise AdminError("name a user to forget (general facts are forgotten one by one)")
-        return await self.store.delete_user(bot, user)
+        ids = [fact.id async for fact in self.store.iterate(bot) if fact.user == user]
+        count = await self.store.delete_user(bot, user)
+        if ids and self.recall_log is not None:
+            await self.recall_log.scrub(bot, ids)
+        return count
 
     async def why(self, bot: str, chat: str | None = None) -> RecallRecord | None:
         """What the last reply in ``chat`` recalled (``chat=None``: the bot's latest reply)."""

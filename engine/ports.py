@@ -6,7 +6,7 @@ Provider port. The engine depends on these Protocols only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Protocol, runtime_checkable
 
 from engine.types import (
@@ -227,6 +227,10 @@ class RecallLog(Protocol):
 
     async def chats(self, bot: str, *, limit: int = 20) -> list[RecallRecord]:
         """The most recent records of a bot, newest first (to find a chat id)."""
+        ...
+
+    async def scrub(self, bot: str, fact_ids: Collection[str]) -> int:
+        """Remove forgotten facts from every record of a bot; returns records changed."""
         ...
 
 

@@ -10,6 +10,7 @@ Table created by revision ``0004_recall_log``.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +82,26 @@ class SqlRecallLog:
         except SQLAlchemyError as exc:
             raise StorageError(f"could not read recall log: {type(exc).__name__}") from exc
         return None if row is None else _record(row)
+
+    async def scrub(self, bot: str, fact_ids: Collection[str]) -> int:
+        """Forgotten means forgotten: ``memory why`` must not show a deleted fact's text."""
+        gone = set(fact_ids)
+        if not gone:
+            return 0
+        changed = 0
+        try:
+            async with self._db.sessions.begin() as session:
+                rows = (await session.scalars(
+                    select(RecallRow).where(RecallRow.bot == bot))).all()
+                for row in rows:
+                    items: list[dict[str, Any]] = json.loads(row.facts or "[]")
+                    kept = [item for item in items if item.get("id") not in gone]
+                    if len(kept) != len(items):
+                        row.facts = json.dumps(kept, ensure_ascii=False)
+                        changed += 1
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not scrub recall log: {type(exc).__name__}") from exc
+        return changed
 
     async def chats(self, bot: str, *, limit: int = 20) -> list[RecallRecord]:
         query = (

@@ -212,6 +212,13 @@ async def test_why_shows_what_the_last_reply_recalled(
     code, _, err = await asyncio.to_thread(cli, "memory", "why", "--bot", "helper",
                                            "--chat", "nowhere")
     assert code == 1 and "no reply" in err
+    # Forgotten means forgotten: `why` no longer shows the fact's text either.
+    code, _, _ = await asyncio.to_thread(cli, "memory", "forget", "--user", "telegram:alice",
+                                         "--bot", "helper")
+    assert code == 0
+    [record] = await asyncio.to_thread(cli.json_lines, "memory", "why", "--bot", "helper",
+                                       "--chat", "c1")
+    assert record["facts"] == []
 
 
 def test_the_installed_command_runs_as_a_subprocess(config: Path, tmp_path: Path) -> None:

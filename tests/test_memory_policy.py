@@ -431,6 +431,9 @@ async def test_recall_log_upserts_per_chat_on_sqlite_and_postgres(database_url: 
         assert last.created_at == datetime(2026, 1, 1, 12, 2, tzinfo=UTC)
         assert [r.chat for r in await log.chats("helper")] == ["c1", "c2"]
         assert await log.last("other-bot", "c1") is None
+        # A forgotten fact disappears from every record of the bot.
+        assert await log.scrub("helper", ["f1"]) == 2
+        assert [r.facts for r in await log.chats("helper")] == [(), ()]
 
 
 # --- property: recall never shows what the bot or the speaker may not see -------------
