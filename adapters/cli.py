@@ -32,6 +32,7 @@ from typing import Any
 
 from adapters import console
 from adapters.app import App, build_app, platform_runners
+from adapters.logs import configure_logging, secret_values
 from adapters.settings import Settings, load_settings
 from engine.errors import BoternityError, ConfigError
 
@@ -151,8 +152,10 @@ def _configure_logging(settings: Settings, args: argparse.Namespace) -> None:
     if getattr(args, "quiet_logs", False) and not args.verbose:
         # In a terminal chat, info lines would interleave with the answer.
         level = max(level, logging.WARNING)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One root handler: text or JSON lines, bot/platform/chat/provider on every
+    # line, every configured secret redacted (adapters/logs.py).
+    configure_logging(level=logging.getLevelName(level), json_format=settings.log.json_format,
+                      secrets=secret_values(settings), stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "httpcore", "openai", "alembic", "aiosqlite"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

@@ -34,6 +34,7 @@ from typing import Protocol
 
 from adapters.outbound import Delivery, Outbound
 from engine.errors import FileRejected
+from engine.log_context import bind
 from engine.ports import FileStore, Replier
 from engine.types import Attachment, IncomingMessage
 
@@ -99,6 +100,13 @@ class Handler:
             self.inflight.route(platform, bot, self.submit)
 
     async def _guarded(
+        self, message: IncomingMessage, files: Sequence[PendingFile]
+    ) -> Delivery | None:
+        # Every log line of this reply says whom it is about (adapters/logs.py).
+        with bind(bot=message.bot, platform=message.platform, chat=message.chat):
+            return await self._guarded_reply(message, files)
+
+    async def _guarded_reply(
         self, message: IncomingMessage, files: Sequence[PendingFile]
     ) -> Delivery | None:
         # Recorded before waiting for the semaphore: queued messages count too.

@@ -30,7 +30,12 @@ def bind(**fields: str | None) -> Iterator[None]:
     try:
         yield
     finally:
-        _context.reset(token)
+        try:
+            _context.reset(token)
+        except ValueError:
+            # An async generator finalized from another task's context: that
+            # context is gone anyway.
+            pass
 
 
 def current() -> dict[str, str]:

@@ -68,6 +68,7 @@ from engine.errors import (
     RateLimited,
     Unavailable,
 )
+from engine.log_context import bind
 from engine.ports import Provider
 from engine.types import Capabilities, Chunk, CompletionRequest, Failure, Message, Usage
 
@@ -289,7 +290,7 @@ class FallbackChain:
             usage: Usage | None = None
             own_text = ""
             try:
-                with self.breakers.get(provider.name).calling():
+                with bind(provider=provider.name), self.breakers.get(provider.name).calling():
                     async for chunk in provider.stream(attempt):
                         if chunk.usage is not None:
                             usage = chunk.usage
