@@ -106,6 +106,7 @@ class MemoryConfig:
     duplicate_score: float = 0.95
     related_score: float = 0.55
     min_importance: float = 0.2
+    extract_min_words: int = 2
     judge_candidates: int = 3
 
 
@@ -263,8 +264,10 @@ class BotMemory:
         config = self.config
         if not (config.enabled and config.extract) or self._chain is None:
             return
-        if reply.error or reply.served_by is None or not message.text.strip():
+        if reply.error or reply.served_by is None:
             return
+        if len(message.text.split()) < config.extract_min_words:
+            return  # "ok", "thanks!": no fact to find, not worth a model call
 
         async def job() -> None:
             result = await self.learn_now(message, reply)

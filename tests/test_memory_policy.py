@@ -412,7 +412,8 @@ async def test_learn_runs_in_the_background_and_drains(
     memory = stack.memory(chain=chain)
     openai_fake.script(facts_answer(about_alice("Alice has two cats")))
     memory.learn(msg("I have two cats"), REPLY)
-    memory.learn(msg("hello"), Reply(text="", served_by=None, error="all_failed"))  # ignored
+    memory.learn(msg("hello there"), Reply(text="", served_by=None, error="all_failed"))
+    memory.learn(msg("thanks!"), REPLY)  # one word: not worth a model call
     assert await stack.jobs.drain(30)
     assert [f.text for f in await stack.store.list_facts("helper")] == ["Alice has two cats"]
     assert openai_fake.count == 1
