@@ -24,7 +24,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, make_url, pool
+from sqlalchemy import event, make_url, pool, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+MIGRATION_LOCK = 0x626F7465  # any fixed key; "bote"
 
 
 def _safe(url: URL) -> str:
@@ -76,6 +77,10 @@ def alembic_config() -> Config:
 
 
 def _upgrade(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # Several workers may start at once: one migrates, the others wait
+        # here (the lock lasts until this transaction ends), then find head.
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
@@ -85,8 +90,22 @@ def _current(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+def _sqlite_driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # we say BEGIN ourselves (below)
+
+
+def _sqlite_begin_immediate(connection: Connection) -> None:
+    # Take the write lock up front: a second process starting at the same
+    # time waits (busy timeout), then finds the schema at head. Without it,
+    # sqlite3 runs DDL outside any transaction and both would create tables.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 async def _migrate(url: URL) -> None:
     engine = create_engine(url, poolclass=pool.NullPool)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_driver_autocommit)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
     try:
         async with engine.begin() as connection:
             await connection.run_sync(_upgrade)

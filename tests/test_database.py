@@ -100,3 +100,12 @@ async def test_unusable_database_is_a_clear_storage_error(tmp_path: Path) -> Non
 async def test_store_before_start_is_a_clear_error() -> None:
     with pytest.raises(StorageError, match="not started"):
         await SqlConversationStore(Database("sqlite+aiosqlite://")).history("b", "c")
+
+
+async def test_workers_starting_together_migrate_once(database_url: str) -> None:
+    """Several processes may start at once on one database (scale-out)."""
+    databases = [Database(database_url) for _ in range(3)]
+    await asyncio.gather(*(db.migrate() for db in databases))
+    async with databases[0] as db:
+        assert await db.revision() == head_revision()
+        await SqlConversationStore(db).add(bot="b", chat="c", role="user", content="ok")
