@@ -36,6 +36,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from engine.log_context import bind
 from engine.ports import ConversationStore
 from engine.types import IncomingMessage, Role, StoredMessage
 
@@ -240,7 +241,8 @@ class RedisInflight:
                 continue  # another sweeper was faster, or it was renewed
             self._held.add(event)
             message = _load(payload)
-            log.warning("taking over %s from a worker that stopped mid-reply", event)
+            with bind(bot=message.bot, platform=message.platform, chat=message.chat):
+                log.warning("taking over %s from a worker that stopped mid-reply", event)
             self.taken_over += 1
             taken += 1
             resubmit(message)
