@@ -83,6 +83,9 @@ class ChainRun(Protocol):
 class Chain(Protocol):
     """What extraction needs of ``engine.providers.fallback.FallbackChain``."""
 
+    @property
+    def providers(self) -> Sequence[Provider]: ...
+
     def run(
         self, request: CompletionRequest, *,
         skip: Callable[[Provider, CompletionRequest], str | None] | None = None,
@@ -268,6 +271,8 @@ class BotMemory:
             return
         if len(message.text.split()) < config.extract_min_words:
             return  # "ok", "thanks!": no fact to find, not worth a model call
+        if all(self._skip_local(p, None) for p in self._chain.providers):
+            return  # only the local demo model in the chain: nobody to ask
 
         async def job() -> None:
             result = await self.learn_now(message, reply)
@@ -371,7 +376,7 @@ class BotMemory:
                         self.config.bot, answer)
         return judgement
 
-    def _skip_local(self, provider: Provider, request: CompletionRequest) -> str | None:
+    def _skip_local(self, provider: Provider, request: CompletionRequest | None) -> str | None:
         # Not even asked: its output would be dropped, and it costs seconds of CPU.
         if provider.name in self.config.local_providers and not self.config.extract_with_local:
             return "the local demo model does not write memories"

@@ -376,6 +376,8 @@ async def test_local_demo_model_facts_are_not_stored_unless_configured(
         assert "local demo model does not write memories" in result.dropped
         assert openai_fake.count == 0  # not even asked
         assert await stack.store.count("helper") == 0
+        strict.learn(msg("I own a boat"), Reply("Cool", served_by="local"))
+        assert stack.jobs.pending == 0  # a chain of only local models: no job at all
 
         trusting = stack.memory(chain=chain, local_providers=frozenset({"local"}),
                                 extract_with_local=True)
