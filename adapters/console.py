@@ -15,6 +15,7 @@ import sys
 import threading
 from typing import TextIO
 
+from engine.log_context import bind
 from engine.ports import Replier
 from engine.types import IncomingMessage, Reply
 
@@ -108,4 +109,6 @@ async def chat(
         if interactive:
             out.write(f"{bot}> ")
             out.flush()
-        await answer(conversation, _message(bot, chat_id, user, text), out, stream=interactive)
+        with bind(bot=bot, platform="terminal", chat=chat_id):
+            await answer(conversation, _message(bot, chat_id, user, text), out,
+                         stream=interactive)

@@ -168,6 +168,13 @@ class Conversation:
             except Exception:
                 log.exception("bot %s: memory.learn failed; the reply is unaffected", self.bot)
         await self._notify(message, reply)
+        log.info(
+            "bot %s chat %s: %s in %.2fs, %d+%d tokens%s%s", self.bot, message.chat,
+            f"served by {reply.served_by}" if reply.served_by else f"no answer ({reply.error})",
+            reply.latency_s, reply.usage.prompt_tokens, reply.usage.completion_tokens,
+            " (estimated)" if reply.usage.estimated else "",
+            f", {len(reply.failures)} provider(s) failed" if reply.failures else "",
+        )
         yield reply
 
     async def _store_user(self, message: IncomingMessage) -> int | StorageError:
