@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, IvfPq
 
-from engine.errors import EmbeddingMismatch
+from engine.errors import BoternityError, EmbeddingMismatch, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,29 @@ NPROBES = 20
 # help; 0.2-0.3 best).
 FTS_WEIGHT = 0.25
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def storage_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Map whatever LanceDB/Arrow/the OS raise to ``StorageError`` (errors at the edge).
+
+    The memory policy catches ``BoternityError`` so a storage fault never
+    breaks a reply; a raw ``RuntimeError`` from lance would.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except BoternityError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"memory store: {exc}") from exc
+
+    return wrapper
 
 
 def quote(value: str) -> str:
@@ -176,18 +200,23 @@ class Maintainer:
         self._delay_s = delay_s
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._dirty = False
         self.fts = False  # whether a full-text index exists (search uses hybrid)
 
     async def refresh(self) -> None:
         self.fts = await has_index(self._table(), "text")
 
     def poke(self) -> None:
+        self._dirty = True
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._later(), name=f"maintain {self.name}")
 
     async def _later(self) -> None:
-        await asyncio.sleep(self._delay_s)
-        await self.run_now()
+        # Writes during a run set _dirty again: run once more, so none is left unindexed.
+        while self._dirty:
+            await asyncio.sleep(self._delay_s)
+            self._dirty = False
+            await self.run_now()
 
     async def run_now(self) -> None:
         async with self._lock:
@@ -210,6 +239,11 @@ class Maintainer:
         # Indexes new rows, compacts small fragments, drops versions older than a minute.
         await table.optimize(cleanup_older_than=timedelta(minutes=1))
         self.fts = True
+
+    async def wait(self) -> None:
+        """Wait for a scheduled run to finish (tests, benchmarks)."""
+        if self._task is not None and not self._task.done():
+            await self._task
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

@@ -51,6 +51,7 @@ from persistence.memory_tables import (
     micros,
     now,
     quote,
+    storage_errors,
     table_names,
     with_model,
 )
@@ -194,6 +195,7 @@ class SharedMemory:
         self._mismatch: EmbeddingMismatch | None = None
 
     @classmethod
+    @storage_errors
     async def open(
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
         ann_threshold: int = 20_000, maintain_delay_s: float = 2.0,
@@ -264,6 +266,7 @@ class SharedMemory:
 
     # -- writes ---------------------------------------------------------
 
+    @storage_errors
     async def publish(self, fact: Fact, level: TrustLevel, group: str = "", *,
                       author_name: str = "") -> Fact:
         if level not in LEVELS:
@@ -309,6 +312,7 @@ class SharedMemory:
 
         return await self._serialized(append)
 
+    @storage_errors
     async def orphan_bot(self, bot: str) -> int:
         async def mark() -> int:
             where = f"author_bot = {quote(bot)} AND NOT orphaned"
@@ -319,6 +323,7 @@ class SharedMemory:
 
         return await self._serialized(mark)
 
+    @storage_errors
     async def reembed(self, *, progress: Progress | None = None) -> int:
         async def rewrite() -> int:
             data = await self._raw.query().select(COLUMNS).to_arrow()
@@ -362,6 +367,7 @@ class SharedMemory:
             log.warning("shared memory row %r fails its write hash: excluded", fact_id)
         return good
 
+    @storage_errors
     async def search(
         self, reader_bot: str, groups: Sequence[str], query: str, *,
         users: Sequence[str], limit: int = 5, min_score: float | None = None,
@@ -380,6 +386,7 @@ class SharedMemory:
                  if min_score is None or r["score"] >= min_score]
         return facts[:limit]
 
+    @storage_errors
     async def list_facts(self, reader_bot: str, groups: Sequence[str], *,
                          users: Sequence[str] | None, limit: int = 100,
                          offset: int = 0) -> list[Fact]:
@@ -389,6 +396,7 @@ class SharedMemory:
         rows.sort(key=lambda r: r["seq"], reverse=True)
         return [_fact(r) for r in rows[offset:offset + limit]]
 
+    @storage_errors
     async def get(self, reader_bot: str, groups: Sequence[str], fact_id: str) -> Fact | None:
         rule = TrustRule.of(reader_bot, groups, None)
         where = f"id = {quote(fact_id)} AND {rule.sql()}"
@@ -396,10 +404,12 @@ class SharedMemory:
                               rule)
         return _fact(rows[0]) if rows else None
 
+    @storage_errors
     async def count(self) -> int:
         n: int = await self._raw.count_rows()
         return n
 
+    @storage_errors
     async def verify(self) -> IntegrityReport:
         rows = await self._raw.query().select(COLUMNS).to_list()
         report = await asyncio.to_thread(walk_chain, rows, self._head[0])

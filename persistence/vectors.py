@@ -13,6 +13,7 @@ created_at, superseded_by ("" = current), metadata (JSON text), vector.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import uuid
@@ -36,6 +37,7 @@ from persistence.memory_tables import (
     now,
     owner_of,
     quote,
+    storage_errors,
     table_names,
     with_model,
 )
@@ -83,8 +85,11 @@ class LanceMemoryStore:
         self._delay_s = maintain_delay_s
         self._tables: dict[str, Any] = {}
         self._maintainers: dict[str, Maintainer] = {}
+        # Concurrent first writes of one bot would each create its table.
+        self._open_lock = asyncio.Lock()
 
     @classmethod
+    @storage_errors
     async def open(
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
         ann_threshold: int = 20_000, maintain_delay_s: float = 2.0, hybrid: bool = True,
@@ -113,6 +118,12 @@ class LanceMemoryStore:
     async def _table(self, bot: str, *, create: bool = False, check: bool = True) -> Any | None:
         if bot in self._tables:
             return self._tables[bot]
+        async with self._open_lock:
+            return await self._open_table(bot, create=create, check=check)
+
+    async def _open_table(self, bot: str, *, create: bool, check: bool) -> Any | None:
+        if bot in self._tables:
+            return self._tables[bot]
         name = table_name(bot)
         if name in await self._names():
             table = await self._db.open_table(name)
@@ -133,6 +144,7 @@ class LanceMemoryStore:
     async def _names(self) -> list[str]:
         return await table_names(self._db)
 
+    @storage_errors
     async def bots(self) -> list[str]:
         result = []
         for name in await self._names():
@@ -141,6 +153,7 @@ class LanceMemoryStore:
                 result.append(owner_of(await table.schema()))
         return sorted(b for b in result if b)
 
+    @storage_errors
     async def maintain(self, bot: str) -> None:
         """Run index maintenance for one bot now (import, tests, benchmarks)."""
         if await self._table(bot) is not None:
@@ -148,9 +161,11 @@ class LanceMemoryStore:
 
     # -- writes ---------------------------------------------------------
 
+    @storage_errors
     async def add(self, fact: Fact) -> Fact:
         return (await self.add_many([fact]))[0]
 
+    @storage_errors
     async def add_many(self, facts: Sequence[Fact], *,
                        progress: Progress | None = None) -> list[Fact]:
         if not facts:
@@ -184,15 +199,19 @@ class LanceMemoryStore:
                 "created_at": fact.created_at, "superseded_by": fact.superseded_by or "",
                 "metadata": fact.metadata, "vector": list(vector)}
 
+    @storage_errors
     async def supersede(self, bot: str, old_id: str, new_id: str) -> None:
         table = await self._table(bot)
         if table is None or await table.count_rows(f"id = {quote(old_id)}") == 0:
             raise StorageError(f"no memory {old_id!r} for bot {bot!r}")
         await table.update(updates={"superseded_by": new_id}, where=f"id = {quote(old_id)}")
+        self._maintainers[bot].poke()  # an update rewrites the row: index it again
 
+    @storage_errors
     async def delete(self, bot: str, fact_id: str) -> bool:
         return await self._delete(bot, f"id = {quote(fact_id)}") > 0
 
+    @storage_errors
     async def delete_user(self, bot: str, user: str) -> int:
         return await self._delete(bot, f"user = {quote(user)}")
 
@@ -205,6 +224,7 @@ class LanceMemoryStore:
             await table.delete(where)
         return count
 
+    @storage_errors
     async def drop_bot(self, bot: str) -> None:
         maintainer = self._maintainers.pop(bot, None)
         if maintainer is not None:
@@ -213,6 +233,7 @@ class LanceMemoryStore:
         if table_name(bot) in await self._names():
             await self._db.drop_table(table_name(bot))
 
+    @storage_errors
     async def reembed(self, bot: str, *, progress: Progress | None = None) -> int:
         """Read every row, embed again, and replace the table with the new schema."""
         table = await self._table(bot, check=False)
@@ -237,6 +258,7 @@ class LanceMemoryStore:
 
     # -- reads ----------------------------------------------------------
 
+    @storage_errors
     async def get(self, bot: str, fact_id: str) -> Fact | None:
         table = await self._table(bot)
         if table is None:
@@ -244,6 +266,7 @@ class LanceMemoryStore:
         rows = await table.query().where(f"id = {quote(fact_id)}").select(COLUMNS).to_list()
         return _fact(bot, rows[0]) if rows else None
 
+    @storage_errors
     async def list_facts(self, bot: str, *, user: str | None = None, history: bool = False,
                          limit: int = 100, offset: int = 0) -> list[Fact]:
         table = await self._table(bot)
@@ -259,6 +282,7 @@ class LanceMemoryStore:
         rows.sort(key=lambda r: r["created_at"], reverse=True)
         return [_fact(bot, r) for r in rows[offset:offset + limit]]
 
+    @storage_errors
     async def count(self, bot: str, *, history: bool = True) -> int:
         table = await self._table(bot)
         if table is None:
@@ -270,11 +294,16 @@ class LanceMemoryStore:
         table = await self._table(bot)
         if table is None:
             return
-        reader = await table.query().select(COLUMNS).to_batches()
-        async for batch in reader:
+        try:
+            reader = await table.query().select(COLUMNS).to_batches()
+            batches = [batch async for batch in reader]
+        except Exception as exc:  # the edge, as in storage_errors
+            raise StorageError(f"memory store: {exc}") from exc
+        for batch in batches:
             for row in batch.to_pylist():
                 yield _fact(bot, row)
 
+    @storage_errors
     async def search(
         self, bot: str, query: str, *, users: Sequence[str], limit: int = 5,
         min_score: float | None = None, vector: Sequence[float] | None = None,

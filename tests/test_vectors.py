@@ -186,3 +186,30 @@ def test_search_never_returns_another_users_fact(
                 assert len(found) == len(expected)  # and nothing allowed is lost
 
     asyncio.run(scenario())
+
+
+async def test_concurrent_writers_and_background_maintenance(
+    tmp_path: Path, embedder: FastEmbedder
+) -> None:
+    async with await LanceMemoryStore.open(str(tmp_path / "db"), embedder,
+                                           maintain_delay_s=0.01) as store:
+        added = await asyncio.gather(*(store.add(fact(f"parallel fact {i}", user="u"))
+                                       for i in range(20)))
+        assert await store.count("bot") == 20 == len({f.id for f in added})
+        await store._maintainers["bot"].wait()  # the debounced run after the writes
+        table = await store._table("bot")
+        assert "text" in {c for ix in await table.list_indices() for c in ix.columns}
+        assert store._maintainers["bot"].fts
+        found = await store.search("bot", "parallel fact 7", users=["u"], limit=1)
+        assert found[0].text == "parallel fact 7"
+
+
+async def test_a_broken_table_raises_storage_error(tmp_path: Path, embedder: FastEmbedder) -> None:
+    """LanceDB's own exceptions never escape: the policy catches StorageError only."""
+    import shutil
+
+    async with await LanceMemoryStore.open(str(tmp_path / "db"), embedder) as store:
+        await store.add(fact("soon gone", user="u"))
+        shutil.rmtree(tmp_path / "db" / f"{table_name('bot')}.lance")
+        with pytest.raises(StorageError, match="memory store"):
+            await store.search("bot", "gone", users=["u"])
