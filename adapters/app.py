@@ -198,7 +198,7 @@ async def _start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> 
 
 
 def _bot_memory(parts: _MemoryParts | None, settings: Settings, bot_name: str,
-                chain: FallbackChain) -> BotMemory | None:
+                chain: FallbackChain, usage: ReplyObserver | None) -> BotMemory | None:
     bot = settings.bots[bot_name]
     if parts is None or not bot.memory.enabled:
         return None
@@ -209,7 +209,8 @@ def _bot_memory(parts: _MemoryParts | None, settings: Settings, bot_name: str,
         local_providers=frozenset(n for n, p in settings.providers.items() if p.kind == "local"),
     )
     return BotMemory(config, store=parts.store, embedder=parts.embedder, jobs=parts.jobs,
-                     shared=parts.shared, chain=chain, recall_log=parts.recall_log)
+                     shared=parts.shared, chain=chain, recall_log=parts.recall_log,
+                     usage=usage)  # extraction tokens are recorded and budgeted too
 
 
 @asynccontextmanager
@@ -253,7 +254,8 @@ async def build_app(settings: Settings) -> AsyncIterator[App]:
             chain = FallbackChain([app.providers[n] for n in bot.chain], app.breakers,
                                   name=bot_name, skip=app.usage.skip_for(bot_name))
             app.chains[bot_name] = chain
-            if (memory := _bot_memory(memory_parts, settings, bot_name, chain)) is not None:
+            memory = _bot_memory(memory_parts, settings, bot_name, chain, app.usage)
+            if memory is not None:
                 app.memories[bot_name] = memory
             app.conversations[bot_name] = Conversation(
                 bot=bot_name,

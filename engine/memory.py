@@ -57,7 +57,14 @@ from engine.extraction import (
     parse_judgement,
     speaker_label,
 )
-from engine.ports import Embedder, MemoryStore, Provider, RecallLog, SharedMemoryStore
+from engine.ports import (
+    Embedder,
+    MemoryStore,
+    Provider,
+    RecallLog,
+    ReplyObserver,
+    SharedMemoryStore,
+)
 from engine.types import (
     Chunk,
     CompletionRequest,
@@ -66,6 +73,7 @@ from engine.types import (
     RecalledFact,
     RecallRecord,
     Reply,
+    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,12 @@ class ChainRun(Protocol):
 
     @property
     def served_by(self) -> str | None: ...
+
+    @property
+    def model(self) -> str | None: ...
+
+    @property
+    def usage(self) -> Usage: ...
 
 
 class Chain(Protocol):
@@ -168,6 +182,7 @@ class BotMemory:
         shared: SharedMemoryStore | None = None,
         chain: Chain | None = None,
         recall_log: RecallLog | None = None,
+        usage: ReplyObserver | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.config = config
@@ -177,6 +192,9 @@ class BotMemory:
         self._shared = shared
         self._chain = chain
         self._recall_log = recall_log
+        # Extraction and judging spend tokens too: told like a reply, so they
+        # are recorded and count against the daily budgets.
+        self._usage = usage
         self._clock = clock
         # One reconciliation at a time per bot: two jobs adding the same fact
         # concurrently would both see "new" and store it twice.
@@ -289,7 +307,8 @@ class BotMemory:
         """Extract and reconcile facts now (what the background job runs)."""
         assert self._chain is not None
         try:
-            answer, served_by = await self._complete(extraction_request(message, reply.text))
+            answer, served_by = await self._complete(
+                extraction_request(message, reply.text), message)
         except ProviderError as exc:
             return LearnResult(dropped=f"extraction failed: {exc.reason}")
         if served_by in self.config.local_providers and not self.config.extract_with_local:
@@ -304,7 +323,7 @@ class BotMemory:
         if not kept:
             return LearnResult(dropped="no durable facts")
         async with self._reconcile_lock:
-            return await self._reconcile_all(kept)
+            return await self._reconcile_all(kept, message)
 
     def _to_fact(self, item: ExtractedFact, message: IncomingMessage) -> Fact | None:
         if item.about == "other" or item.importance < self.config.min_importance:
@@ -317,13 +336,13 @@ class BotMemory:
             category=item.category, importance=item.importance,
         )
 
-    async def _reconcile_all(self, facts: list[Fact]) -> LearnResult:
+    async def _reconcile_all(self, facts: list[Fact], message: IncomingMessage) -> LearnResult:
         added: list[Fact] = []
         superseded: list[str] = []
         skipped: list[str] = []
         for fact in facts:
             try:
-                outcome, stored, old = await self.reconcile(fact)
+                outcome, stored, old = await self.reconcile(fact, message)
             except BoternityError as exc:
                 log.warning("bot %s: could not store fact: %s", self.config.bot, exc)
                 continue
@@ -336,7 +355,9 @@ class BotMemory:
                 superseded.append(old)
         return LearnResult(tuple(added), tuple(superseded), tuple(skipped))
 
-    async def reconcile(self, fact: Fact) -> tuple[str, Fact | None, str | None]:
+    async def reconcile(
+        self, fact: Fact, message: IncomingMessage | None = None
+    ) -> tuple[str, Fact | None, str | None]:
         """Add, update or skip one fact: (outcome, stored fact, superseded id)."""
         config = self.config
         [vector] = await self._embedder.embed([fact.text])
@@ -349,7 +370,7 @@ class BotMemory:
             return "skip", None, None
         target: Fact | None = None
         if similar:
-            judgement = await self._judge(fact.text, similar)
+            judgement = await self._judge(fact.text, similar, message)
             if judgement is not None and judgement.action == "skip":
                 return "skip", None, None
             if judgement is not None and judgement.action == "update":
@@ -361,10 +382,12 @@ class BotMemory:
         await self._store.supersede(config.bot, target.id, stored.id)
         return "update", stored, target.id
 
-    async def _judge(self, text: str, similar: list[Fact]) -> Judgement | None:
+    async def _judge(
+        self, text: str, similar: list[Fact], message: IncomingMessage | None
+    ) -> Judgement | None:
         try:
             answer, served_by = await self._complete(
-                judge_request(text, similar, bot=self.config.bot))
+                judge_request(text, similar, bot=self.config.bot), message)
         except ProviderError as exc:
             log.warning("bot %s: judge failed (%s); adding the fact", self.config.bot, exc.reason)
             return None
@@ -382,8 +405,16 @@ class BotMemory:
             return "the local demo model does not write memories"
         return None
 
-    async def _complete(self, request: CompletionRequest) -> tuple[str, str | None]:
+    async def _complete(
+        self, request: CompletionRequest, message: IncomingMessage | None
+    ) -> tuple[str, str | None]:
         assert self._chain is not None
         run = self._chain.run(request, skip=self._skip_local)
         parts = [chunk.text async for chunk in run]
+        if self._usage is not None and message is not None and run.served_by is not None:
+            spent = Reply(text="", served_by=run.served_by, model=run.model, usage=run.usage)
+            try:
+                await self._usage.on_reply(message, spent)
+            except Exception:
+                log.exception("bot %s: could not record extraction usage", self.config.bot)
         return "".join(parts), run.served_by

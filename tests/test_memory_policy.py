@@ -30,10 +30,12 @@ from engine.memory import BotMemory, MemoryConfig, recall_scope, user_key
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Fact, IncomingMessage, RecalledFact, RecallRecord, Reply
+from engine.usage import Price, UsageAccounting
 from persistence.conversations import SqlConversationStore
 from persistence.database import Database
 from persistence.recall_log import SqlRecallLog
 from persistence.shared_memory import SharedMemory
+from persistence.usage import SqlUsageStore
 from persistence.vectors import LanceMemoryStore
 from tests.fakes.openai_server import FakeOpenAI, Hang, Malformed, Text
 
@@ -543,3 +545,23 @@ async def test_a_broken_shared_table_still_recalls_own_facts(
         recalled = await stack.memory(min_score=0.1).recall(msg("am I allergic to peanuts?"))
     assert [f.id for f in recalled] == [peanuts.id]
     assert "shared memory search failed" in caplog.text
+
+
+async def test_extraction_and_judging_tokens_are_recorded_and_count_for_budgets(
+    stack: Stack, chain: FallbackChain, openai_fake: FakeOpenAI, tmp_path: Path,
+) -> None:
+    async with Database(f"sqlite+aiosqlite:///{tmp_path / 'usage.sqlite'}") as database:
+        usage = UsageAccounting(SqlUsageStore(database),
+                                prices={"primary": Price(1_000_000.0, 0.0)})  # $1 per token
+        memory = BotMemory(MemoryConfig(bot="helper"), store=stack.store,
+                           embedder=stack.embedder, jobs=stack.jobs, chain=chain, usage=usage)
+        await add(stack, "Alice lives in Paris", ALICE)
+        raw = json.dumps({"facts": [about_alice("Alice lives in Berlin")]})
+        openai_fake.script(Text([raw], usage=(300, 20)),
+                           Text([json.dumps({"action": "update", "target": 1})], usage=(100, 5)))
+        result = await memory.learn_now(msg("I moved to Berlin"), REPLY)
+        assert len(result.superseded) == 1
+        [line] = await usage.store.summary(since=datetime(2000, 1, 1, tzinfo=UTC), bot="helper")
+        assert (line.provider, line.replies, line.prompt_tokens, line.completion_tokens) == (
+            "primary", 2, 400, 25)
+        assert (await usage.spent_today("helper"))["alice"] == pytest.approx(400.0)
