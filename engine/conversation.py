@@ -25,13 +25,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.errors import AllProvidersFailed, InvalidRequest, ProviderError, StorageError
 from engine.footer import footer as render_footer
-from engine.ports import ConversationStore, MemoryPolicy, ReplyObserver
+from engine.ports import ConversationStore, MemoryPolicy, Provider, ReplyObserver
 from engine.prompt import Prompt, build_prompt, estimate_tokens, request_tokens
 from engine.types import (
     Capabilities,
@@ -69,12 +69,18 @@ class Chain(Protocol):
 
     @property
     def capabilities(self) -> Capabilities: ...
+    @property
+    def providers(self) -> Sequence[Provider]: ...
 
-    def run(self, request: CompletionRequest) -> ChainRun: ...
+    def run(
+        self, request: CompletionRequest, *,
+        skip: Callable[[Provider, CompletionRequest], str | None] | None = None,
+    ) -> ChainRun: ...
 
 
 @dataclass
 class _Outcome:
+    prompt: Prompt  # the prompt actually sent (refitted if the first did not fit)
     text: str = ""  # what the user sees
     generated: str = ""  # what a model wrote (may be a cut-off part)
     served_by: str | None = None
@@ -83,6 +89,18 @@ class _Outcome:
     usage: Usage | None = None
     error: str | None = None
     notices: list[str] = field(default_factory=list)
+
+
+def _only(names: frozenset[str]) -> Callable[[Provider, CompletionRequest], str | None]:
+    """A chain skip rule that lets only ``names`` through."""
+    def skip(provider: Provider, request: CompletionRequest) -> str | None:
+        return None if provider.name in names else "not retried"
+    return skip
+
+
+def _mine(failures: Sequence[Failure], names: frozenset[str] | None) -> tuple[Failure, ...]:
+    """Failures of the providers a run was allowed to ask (drops "not retried")."""
+    return tuple(f for f in failures if names is None or f.provider in names)
 
 
 def _all_failed_text(failures: Sequence[Failure]) -> str:
@@ -145,23 +163,26 @@ class Conversation:
         # or may not have seen it).
         history = [r for r in history if r.id != stored][-self.history_messages:]
         caps = self.chain.capabilities
-        prompt = build_prompt(
-            persona=self.persona, message=message, history=history, facts=facts,
-            context_window=caps.context_window, max_output_tokens=caps.max_output_tokens,
-            vision=caps.vision, temperature=self.temperature,
-        )
-        if prompt.dropped_history:
-            log.info("bot %s chat %s: %d older messages left out to fit the context",
-                     self.bot, message.chat, prompt.dropped_history)
 
-        outcome = _Outcome(notices=list(prompt.notices))
+        def fit(window: int, max_output: int) -> Prompt:
+            prompt = build_prompt(
+                persona=self.persona, message=message, history=history, facts=facts,
+                context_window=window, max_output_tokens=max_output,
+                vision=caps.vision, temperature=self.temperature,
+            )
+            if prompt.dropped_history:
+                log.info("bot %s chat %s: %d older messages left out to fit %d tokens",
+                         self.bot, message.chat, prompt.dropped_history, window)
+            return prompt
+
+        outcome = _Outcome(prompt=fit(caps.context_window, caps.max_output_tokens))
         # aclosing: if the adapter stops reading, the stream closes at once.
-        async with contextlib.aclosing(self._stream(prompt, outcome)) as deltas:
+        async with contextlib.aclosing(self._stream(outcome, fit)) as deltas:
             async for delta in deltas:
                 yield delta
 
         await self._store_assistant(message, outcome)
-        reply = self._finish(prompt, outcome, facts, started)
+        reply = self._finish(outcome, facts, started)
         if self.memory is not None and reply.error is None:
             try:
                 self.memory.learn(message, reply)
@@ -208,46 +229,86 @@ class Conversation:
             log.exception("bot %s: memory recall failed; answering without it", self.bot)
             return []
 
-    async def _stream(self, prompt: Prompt, outcome: _Outcome) -> AsyncGenerator[str, None]:
-        run = self.chain.run(prompt.request)
+    async def _stream(
+        self, outcome: _Outcome, fit: Callable[[int, int], Prompt]
+    ) -> AsyncGenerator[str, None]:
+        """Stream the answer into ``outcome``; at most one retry, with a smaller prompt.
+
+        The prompt is first fitted to the chain's widest window, and the chain
+        skips providers too small for it. If that left nobody, and nothing
+        streamed yet, the prompt is refitted (older history dropped) to the
+        smallest of those skipped windows and only they are asked: a small
+        last-resort model still answers a long conversation.
+        """
         parts: list[str] = []
-        try:
-            async for chunk in run:
-                if chunk.text:
-                    parts.append(chunk.text)
-                    yield chunk.text
-                if chunk.usage is not None:
-                    outcome.usage = chunk.usage
-        except InvalidRequest as exc:
-            # Not failed over: another provider would refuse it too. Say why.
-            log.info("bot %s: the provider refused the request: %s", self.bot, exc.reason)
-            outcome.error = "invalid_request"
-            outcome.failures = (*getattr(run, "failures", ()),
-                                Failure(exc.provider, exc.kind, exc.reason))
-            self._explain(outcome, parts, f"Sorry, I can't answer that: {exc.reason}.")
-            return
-        except ProviderError as exc:
-            failures = (exc.failures if isinstance(exc, AllProvidersFailed)
-                        else (Failure(exc.provider, exc.kind, exc.reason),))
-            log.error("bot %s: every provider failed: %s", self.bot,
-                      "; ".join(f"{f.provider}: {f.reason}" for f in failures))
-            outcome.error = "all_failed"
-            outcome.failures = failures
-            self._explain(outcome, parts, _all_failed_text(failures))
-            return
-        finally:
-            # Abandoned mid-stream (the adapter stopped reading, a task was
-            # cancelled): close the chain now so its HTTP stream is released.
-            close = getattr(run, "aclose", None)
-            if close is not None:
-                await close()
+        earlier: tuple[Failure, ...] = ()
+        retry_only: frozenset[str] | None = None
+        while True:
+            request = outcome.prompt.request
+            run = (self.chain.run(request) if retry_only is None else
+                   self.chain.run(request, skip=_only(retry_only)))
+            try:
+                async for chunk in run:
+                    if chunk.text:
+                        parts.append(chunk.text)
+                        yield chunk.text
+                    if chunk.usage is not None:
+                        outcome.usage = chunk.usage
+                break
+            except InvalidRequest as exc:
+                # Not failed over: another provider would refuse it too. Say why.
+                log.info("bot %s: the provider refused the request: %s", self.bot, exc.reason)
+                outcome.error = "invalid_request"
+                refused = Failure(exc.provider, exc.kind, exc.reason)
+                mine = _mine(run.failures, retry_only)
+                outcome.failures = (*earlier, *mine, *(() if refused in mine else (refused,)))
+                self._explain(outcome, parts, f"Sorry, I can't answer that: {exc.reason}.")
+                return
+            except ProviderError as exc:
+                failures = (exc.failures if isinstance(exc, AllProvidersFailed)
+                            else (Failure(exc.provider, exc.kind, exc.reason),))
+                failures = (*earlier, *_mine(failures, retry_only))
+                if not parts and retry_only is None:
+                    smaller = self._refit(failures, fit, outcome.prompt)
+                    if smaller is not None:
+                        retry_only, outcome.prompt = smaller
+                        earlier = tuple(f for f in failures if f.provider not in retry_only)
+                        continue
+                log.error("bot %s: every provider failed: %s", self.bot,
+                          "; ".join(f"{f.provider}: {f.reason}" for f in failures))
+                outcome.error = "all_failed"
+                outcome.failures = failures
+                self._explain(outcome, parts, _all_failed_text(failures))
+                return
+            finally:
+                # Abandoned mid-stream (the adapter stopped reading, a task was
+                # cancelled): close the chain now so its HTTP stream is released.
+                close = getattr(run, "aclose", None)
+                if close is not None:
+                    await close()
         outcome.generated = outcome.text = "".join(parts)
         outcome.served_by = run.served_by
         outcome.model = run.model
-        outcome.failures = tuple(run.failures)
+        outcome.failures = (*earlier, *_mine(run.failures, retry_only))
         outcome.usage = run.usage or outcome.usage
         if outcome.served_by and (note := self.provider_notes.get(outcome.served_by)):
             outcome.notices.append(note)
+
+    def _refit(
+        self, failures: Sequence[Failure], fit: Callable[[int, int], Prompt], prompt: Prompt
+    ) -> tuple[frozenset[str], Prompt] | None:
+        """(providers to ask, a prompt that fits them) after context skips, or None."""
+        names = frozenset(f.provider for f in failures if f.kind == "context_too_long")
+        small = [p.capabilities for p in self.chain.providers if p.name in names]
+        if not small:
+            return None
+        smaller = fit(min(c.context_window for c in small),
+                      min(c.max_output_tokens for c in small))
+        if request_tokens(smaller.request) >= request_tokens(prompt.request):
+            return None  # nothing left to drop: it cannot fit
+        log.info("bot %s: prompt too long for %s; retrying with a shorter one",
+                 self.bot, ", ".join(sorted(names)))
+        return names, smaller
 
     @staticmethod
     def _explain(outcome: _Outcome, parts: list[str], explanation: str) -> None:
@@ -273,9 +334,8 @@ class Conversation:
             log.error("bot %s chat %s: could not store the reply (the user still got it): %s",
                       self.bot, message.chat, exc)
 
-    def _finish(
-        self, prompt: Prompt, outcome: _Outcome, facts: Sequence[Fact], started: float
-    ) -> Reply:
+    def _finish(self, outcome: _Outcome, facts: Sequence[Fact], started: float) -> Reply:
+        prompt = outcome.prompt
         usage = outcome.usage
         if usage is None or (usage.prompt_tokens == 0 and usage.completion_tokens == 0):
             usage = Usage(
@@ -293,7 +353,7 @@ class Conversation:
             recalled_ids=tuple(f.id for f in facts),
             footer=render_footer(
                 self.footer, served_by=outcome.served_by, model=outcome.model,
-                failures=outcome.failures, notices=outcome.notices,
+                failures=outcome.failures, notices=(*outcome.notices, *prompt.notices),
             ),
             error=outcome.error,
         )

@@ -364,3 +364,34 @@ async def test_abandoned_reply_keeps_the_message_and_frees_the_chain(pipeline: P
     assert reply.served_by == "primary" and reply.error is None
     assert [m.content for m in await pipeline.store.history("demo", "c1")] == [
         "stop early", "next one", reply.text]
+
+
+async def test_long_history_is_refitted_for_a_small_last_resort(pipeline: Pipeline) -> None:
+    """Primary down, the backup's window too small for the full history: the
+    prompt is rebuilt with less history and the backup answers."""
+    small = Capabilities(context_window=1024, max_output_tokens=256)
+    providers = [
+        await pipeline.stack.enter_async_context(OpenAICompatProvider(
+            name=name, model=f"{name}-model", base_url=pipeline.fake.base_url,
+            api_key=SecretStr("sk-test"), capabilities=caps,
+            timeout_s=5, first_token_timeout_s=2, idle_timeout_s=2,
+        ))
+        for name, caps in (("primary", CAPS), ("backup", small))
+    ]
+    conv = Conversation(bot="demo", persona="P", chain=FallbackChain(providers, pipeline.breakers),
+                        store=pipeline.store)
+    for i in range(12):
+        await pipeline.store.add(bot="demo", chat="c1", role="user", content=f"{i} " + "x" * 400)
+    pipeline.fake.script(Status(500), model="primary-model")
+    pipeline.fake.script(Text(["small but served"]), model="backup-model")
+
+    _, reply = await ask(conv, "and now?")
+
+    assert reply.served_by == "backup" and reply.error is None
+    assert reply.footer == "-- served by backup (backup-model); primary failed: server error 500"
+    to_primary, to_backup = pipeline.fake.requests
+    assert to_primary.model == "primary-model" and len(to_primary.messages) == 14
+    assert to_backup.model == "backup-model"
+    assert 2 <= len(to_backup.messages) < 14  # older turns dropped to fit 1024 tokens
+    assert to_backup.messages[-1]["content"] == "and now?"
+    assert to_backup.messages[-2]["content"].startswith("11 ")  # the newest history kept
