@@ -405,3 +405,25 @@ async def test_a_refused_token_is_a_config_error_naming_the_key(
                                    commands=Commands(bot="demo")):
             pass
     assert "999:WRONG" not in str(caught.value)
+
+
+async def test_photo_largest_size_is_stored_and_named_in_the_prompt(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    assert bot_pipeline.files is not None
+    small, large = b"\xff\xd8\xff small jpeg", b"\xff\xd8\xff" + b"L" * 5000
+    tg.add_file("P-small", small, "photos/s.jpg")
+    tg.add_file("P-large", large, "photos/l.jpg")
+    async with adapter(tg, bot_pipeline):
+        tg.push_message(7, caption="what is in this picture?", photo=[
+            {"file_id": "P-small", "file_unique_id": "us", "width": 90, "height": 60,
+             "file_size": len(small)},
+            {"file_id": "P-large", "file_unique_id": "ul", "width": 1280, "height": 960,
+             "file_size": len(large)}])
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
+    [stored] = await bot_pipeline.files.recent("demo")
+    assert (stored.name, stored.mime_type, stored.size) == ("photo_ul.jpg", "image/jpeg",
+                                                            len(large))
+    prompt = bot_pipeline.fake.requests[0].messages[-1]["content"]
+    # this provider has no vision: the model is told an image came, not fed bytes
+    assert "photo_ul.jpg" in str(prompt) and "what is in this picture?" in str(prompt)
