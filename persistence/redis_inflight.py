@@ -230,6 +230,8 @@ class RedisInflight:
         expired: list[str] = await self.client.eval(_EXPIRED, 1, zset, 50)
         taken = 0
         for event in expired:
+            if event in self._held:
+                continue  # ours and still being answered: a renewal was late, not a death
             platform, _, rest = event.partition(":")
             bot = rest.partition(":")[0]
             resubmit = self._routes.get((platform, bot))

@@ -1,11 +1,13 @@
 """Run several real ``boternity run`` workers for tests and benchmarks.
 
 ``Cluster`` writes one TOML per worker (same bots, providers, PostgreSQL and
-Redis; its own data dir, Slack HTTP port and ops port), starts each worker
-as a subprocess, waits for ``/readyz``, and plays the load balancer in front
-of them: ``post(worker, event)`` signs a Slack Events API request (as Slack
-does) and POSTs it to that worker. Workers talk to the fake Slack Web API and
-the fake OpenAI server of the calling process.
+Redis; its own data dir, platform port and ops port), starts each worker as
+a subprocess, waits for ``/readyz``, and plays the load balancer in front of
+them: ``post(worker, event)`` signs a Slack Events API request (as Slack
+does) and POSTs it to that worker; with ``platform="telegram"`` (webhook
+mode), ``post_update(worker, update)`` delivers a Telegram update with the
+webhook secret. Workers talk to the fake platform API and the fake OpenAI
+server of the calling process.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.fakes.slack_server import BOT_TOKEN, TEAM
 
 ROOT = Path(__file__).resolve().parent.parent
 SIGNING_SECRET = "signing-secret-workers"
+WEBHOOK_SECRET = "webhook-secret-workers"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -63,7 +66,7 @@ async def drop_database(name: str) -> None:
 @dataclass
 class Worker:
     index: int
-    slack_port: int
+    slack_port: int  # the platform's inbound port (Slack events or Telegram webhook)
     ops_port: int
     config: Path
     process: asyncio.subprocess.Process | None = None
@@ -81,10 +84,13 @@ class Cluster:
     size: int
     tmp: Path
     openai_base_url: str
-    slack_api_base: str
+    platform_api: str  # the fake Slack Web API base, or the fake Telegram URL
     database_url: str
+    platform: str = "slack"  # or "telegram" (webhook mode)
+    telegram_token: str = ""
+    footer: str = "always"
     namespace: str = field(default_factory=lambda: f"workers-{uuid.uuid4().hex[:10]}")
-    lease_s: float = 2.0
+    lease_s: float = 10.0  # short enough for a kill test, long for a busy machine
     fail_max: int = 2
     workers: list[Worker] = field(default_factory=list)
     _ts: int = 0
@@ -125,18 +131,34 @@ api_key_env = "TEST_OPENAI_KEY"
 
 [bots.demo]
 chain = ["primary", "backup"]
-footer = "always"
+footer = "{self.footer}"
 memory = {{ enabled = false }}
+""" + (self._slack(w) if self.platform == "slack" else self._telegram(w))
 
+    def _slack(self, w: Worker) -> str:
+        return f"""
 [bots.demo.slack]
 bot_token_env = "TEST_SLACK_BOT"
 signing_secret_env = "TEST_SLACK_SIGNING"
 mode = "http"
 http_port = {w.slack_port}
-api_base_url = "{self.slack_api_base}"
+api_base_url = "{self.platform_api}"
+"""
+
+    def _telegram(self, w: Worker) -> str:
+        return f"""
+[bots.demo.telegram]
+token_env = "TEST_TELEGRAM_TOKEN"
+mode = "webhook"
+webhook_url = "http://127.0.0.1:{w.slack_port}/demo"
+webhook_secret_env = "TEST_WEBHOOK_SECRET"
+webhook_listen = "127.0.0.1"
+webhook_port = {w.slack_port}
+api_base_url = "{self.platform_api}"
 """
 
     async def __aenter__(self) -> Cluster:
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self._session = aiohttp.ClientSession()
         for i in range(self.size):
             worker = Worker(i, free_port(), free_port(), self.tmp / f"worker{i}.toml")
@@ -153,7 +175,8 @@ api_base_url = "{self.slack_api_base}"
 
     async def start(self, worker: Worker) -> None:
         env = {**os.environ, "TEST_OPENAI_KEY": "sk-workers-test", "TEST_SLACK_BOT": BOT_TOKEN,
-               "TEST_SLACK_SIGNING": SIGNING_SECRET, "HF_HUB_OFFLINE": "1"}
+               "TEST_SLACK_SIGNING": SIGNING_SECRET, "TEST_TELEGRAM_TOKEN": self.telegram_token,
+               "TEST_WEBHOOK_SECRET": WEBHOOK_SECRET, "HF_HUB_OFFLINE": "1"}
         worker.log_path = self.tmp / f"worker{worker.index}.log"
         log = worker.log_path.open("wb")
         worker.process = await asyncio.create_subprocess_exec(
@@ -211,6 +234,15 @@ api_base_url = "{self.slack_api_base}"
         port = self.workers[worker].slack_port
         async with self._session.post(f"http://127.0.0.1:{port}/slack/events", data=body,
                                       headers=headers) as response:
+            return response.status
+
+    async def post_update(self, worker: int, update: dict[str, Any]) -> int:
+        """Deliver a Telegram update to one worker's webhook, as Telegram does."""
+        assert self._session is not None
+        port = self.workers[worker].slack_port
+        async with self._session.post(
+                f"http://127.0.0.1:{port}/demo", json=update,
+                headers={"X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET}) as response:
             return response.status
 
     async def metrics(self, worker: int) -> str:
