@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import importlib.resources
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -199,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc, 1)
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
+    except BrokenPipeError:
+        # The reader went away (`boternity chat < questions | head -3`): not
+        # an error. Point stdout at /dev/null so the exit flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _fail(args: Any, exc: BaseException, code: int) -> int:
