@@ -63,6 +63,7 @@ from adapters.outbound import (
     RetryAfter,
 )
 from adapters.render import to_telegram
+from adapters.splitting import utf16_len
 from engine.errors import ConfigError
 from engine.ports import FileStore, Replier
 from engine.types import IncomingMessage
@@ -88,9 +89,12 @@ class TelegramSender:
         self.scope = scope
         self.limits = limits
 
-    @staticmethod
-    def _render(text: str) -> tuple[str, list[MessageEntity]]:
+    def _render(self, text: str) -> tuple[str, list[MessageEntity]]:
         plain, entities = to_telegram(text)
+        if utf16_len(plain) > self.limits.max_len:
+            # The splitter measured the Markdown; should rendering ever make it
+            # longer, send the source as plain text rather than have it refused.
+            return text, []
         return plain, [MessageEntity(**{k: v for k, v in e.items() if k != "user"})
                        for e in entities]
 
