@@ -25,6 +25,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -95,13 +97,12 @@ async def main() -> int:
                 message = IncomingMessage(platform="terminal", bot=BOT, chat=f"c{i % 20}",
                                           user=f"user{i % USERS}", user_name=names[i % 4],
                                           text=q, message_id=str(i))
-                variants = {
-                    "vector": lambda q=q, v=v, u=users: store.search(BOT, q, users=u, limit=5,
-                                                                     vector=v),
-                    "search": lambda q=q, u=users: store.search(BOT, q, users=u, limit=5),
-                    "own": lambda m=message: own_only.recall(m),
-                    "both": lambda m=message: both.recall(m),
-                    "full": lambda m=message: full.recall(m),
+                variants: dict[str, Callable[[], Awaitable[object]]] = {
+                    "vector": partial(store.search, BOT, q, users=users, limit=5, vector=v),
+                    "search": partial(store.search, BOT, q, users=users, limit=5),
+                    "own": partial(own_only.recall, message),
+                    "both": partial(both.recall, message),
+                    "full": partial(full.recall, message),
                 }
                 order = list(variants)
                 order = order[i % 5:] + order[:i % 5]  # rotate who goes first

@@ -11,14 +11,15 @@ Recall (``recall``, awaited before the reply):
   group chat and in private alike; the store is asked for exactly those users
   and the result is filtered again here (fail closed: a store bug must not
   leak another user's facts). What was recalled, with scores, goes to the
-  ``RecallLog`` for ``boternity memory why``. Any storage trouble returns []:
-  a reply never fails because memory did.
+  ``RecallLog`` for ``boternity memory why``. Own and shared tables are
+  searched concurrently; if one fails the other's facts are still used, and
+  if embedding fails recall returns []: a reply never fails because memory did.
 
 Learning (``learn``, returns at once):
   a background job asks the bot's chain for durable facts as JSON (the local
   demo model is skipped unless ``extract_with_local``: its facts are
-  unreliable), drops facts about third parties, then reconciles each fact against the nearest
-  memories about the same user:
+  unreliable), drops facts about third parties, then reconciles each fact
+  against the nearest memories about the same user:
 
   - best similarity >= ``duplicate_score``: a duplicate, skipped;
   - nothing >= ``related_score``: new, added;
@@ -111,14 +112,13 @@ class MemoryConfig:
     """Plain values for one bot's memory policy (from ``[bots.X.memory]``)."""
 
     bot: str
-    bot_name: str = ""
     enabled: bool = True
     top_k: int = 5
     min_score: float = 0.3
     extract: bool = True
     extract_with_local: bool = False
     trust_groups: tuple[str, ...] = ()
-    # provider names of kind "local": their extracted facts are not stored
+    # provider names of kind "local": skipped for extraction and judging
     local_providers: frozenset[str] = frozenset()
     duplicate_score: float = 0.95
     related_score: float = 0.55
