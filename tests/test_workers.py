@@ -114,8 +114,7 @@ async def test_burst_with_retries_answered_exactly_once(env: dict[str, Any]) -> 
         f"question {i}" for i in range(8))
     assert sum(r[1] == "assistant" for r in rows) == 8
     replies = [_sum(await cluster.metrics(w), "boternity_replies_total") for w in range(2)]
-    assert sum(replies) == 8
-    assert all(r > 0 for r in replies)  # the load really was shared
+    assert sum(replies) == 8  # which worker wins each claim is a race: either is right
 
 
 def _takeovers(cluster: Cluster) -> list[str]:
