@@ -40,6 +40,7 @@ from engine.types import Reply
 log = logging.getLogger(__name__)
 
 CURSOR = " ▌"  # shown while a reply is still streaming
+TYPING_EVERY_S = 4.5  # Telegram shows a chat action for 5 s
 EMPTY_REPLY = "(empty reply)"
 
 
@@ -103,6 +104,8 @@ class MessageSender(Protocol):
     ``DeliveryTimeout`` when the peer did not answer, ``DeliveryError`` when
     it refused for good. A sender whose platform supports idempotent sends
     (Discord's ``enforce_nonce``) should use it: a timed-out send is retried.
+    Optional: ``async typing(chat)`` shows a typing indicator; the scheduler
+    calls it every few seconds until the first text arrives.
     """
 
     scope: str
@@ -170,6 +173,8 @@ class _Draft:
     final: bool = False
     reply: Reply | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    typed_at: float = float("-inf")
+    created: float = field(default_factory=time.monotonic)
 
 
 class Outbound:
@@ -188,12 +193,14 @@ class Outbound:
         max_failures: int = 6,
         max_wait_s: float = 300.0,
         cursor: str = CURSOR,
+        typing_after_s: float = 0.5,
     ) -> None:
         self.sender = sender
         self.budget: RateBudget = budget or MemoryBudget()
         self.max_failures = max_failures
         self.max_wait_s = max_wait_s
         self.cursor = cursor
+        self.typing_after_s = typing_after_s
 
     async def stream(
         self,
@@ -261,6 +268,27 @@ class Outbound:
             keys[f"out:{scope}:edits"] = limits.scope_edit_interval_s
         return keys
 
+    async def _typing_until_text(self, chat: str, draft: _Draft) -> None:
+        """Show "typing..." (if the sender can) until the first text arrives.
+
+        A slow first token (a local model reads the whole prompt first) would
+        otherwise look like silence. Only after ``typing_after_s`` (a command
+        answer or a fast model needs none), then every few seconds; best
+        effort: failures are ignored.
+        """
+        typing = getattr(self.sender, "typing", None)
+        while not draft.changed.is_set():
+            now = time.monotonic()
+            due = max(draft.created + self.typing_after_s, draft.typed_at + TYPING_EVERY_S)
+            if typing is not None and now >= due:
+                draft.typed_at = now
+                with contextlib.suppress(Exception):
+                    await typing(chat)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(due - now if typing is not None else None):
+                    await draft.changed.wait()
+
     async def _acquire(self, key: str, interval: float) -> bool:
         """Wait for a slot of ``key``; True if we had to wait.
 
@@ -306,7 +334,10 @@ class Outbound:
                     out.final_landed, out.reply = True, draft.reply
                     return out
                 draft.changed.clear()
-                await draft.changed.wait()
+                if out.message_ids:
+                    await draft.changed.wait()
+                else:
+                    await self._typing_until_text(chat, draft)
                 continue
             is_edit = index < len(out.message_ids)
             keys = self._keys(chat, is_group, is_edit)

@@ -107,6 +107,9 @@ class TelegramSender:
         assert isinstance(message, Message)
         return str(message.message_id)
 
+    async def typing(self, chat: str) -> None:
+        await self._call(self.bot.send_chat_action(chat_id=int(chat), action="typing"))
+
     async def edit(self, chat: str, message_id: str, text: str) -> None:
         plain, entities = self._render(text)
         try:

@@ -277,3 +277,26 @@ async def test_final_shorter_than_the_stream_blanks_surplus_messages() -> None:
     shown = [sender.messages[m] for m in out.message_ids]
     assert len(shown) > 1 and shown[0] == "Sorry, every provider failed."
     assert set(shown[1:]) == {"…"}
+
+
+async def test_typing_is_shown_until_the_first_text() -> None:
+    typed: list[str] = []
+
+    class TypingSender(FakeSender):
+        async def typing(self, chat: str) -> None:
+            typed.append(chat)
+
+    async def slow_first_token() -> AsyncIterator[str | Reply]:
+        yield "   "  # whitespace: nothing to show yet, and no second typing call
+        await asyncio.sleep(0.1)
+        yield "hello"
+        yield Reply(text="   hello", served_by="p")
+
+    sender = TypingSender(FAST)
+    out = await Outbound(sender, typing_after_s=0.05).stream(
+        "c", slow_first_token(), is_group=False)
+    assert out.final_landed and typed == ["c"]
+    assert list(sender.messages.values()) == ["   hello"]
+    # a complete text at once (a command's answer) shows no typing at all
+    await Outbound(sender, typing_after_s=0.05).send_text("d", "done", is_group=False)
+    assert typed == ["c"]
