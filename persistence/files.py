@@ -19,6 +19,7 @@ at most 200 characters); they never become a path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import mimetypes
@@ -135,9 +136,12 @@ class SqlFileStore:
         return int(total or 0)
 
     async def _known(self, bot: str, sha256: str) -> bool:
-        async with self._db.sessions() as session:
-            found = await session.scalar(
-                select(FileRow.id).where(FileRow.bot == bot, FileRow.sha256 == sha256).limit(1))
+        try:
+            async with self._db.sessions() as session:
+                found = await session.scalar(select(FileRow.id).where(
+                    FileRow.bot == bot, FileRow.sha256 == sha256).limit(1))
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not read file records: {type(exc).__name__}") from exc
         return found is not None
 
     async def save(
@@ -185,6 +189,11 @@ class SqlFileStore:
                 await session.flush()
                 return _stored(row)
         except SQLAlchemyError as exc:
+            # No row, no bytes: unless another upload of the same content has
+            # recorded it meanwhile, the stored blob would be an orphan.
+            with contextlib.suppress(StorageError):
+                if not known and not await self._known(bot, sha):
+                    await asyncio.to_thread(final.unlink, missing_ok=True)
             raise StorageError(f"could not record a file: {type(exc).__name__}") from exc
 
     async def _write(
@@ -225,8 +234,11 @@ class SqlFileStore:
         return [_stored(row) for row in rows]
 
     async def get(self, bot: str, file_id: int) -> StoredFile | None:
-        async with self._db.sessions() as session:
-            row = await session.get(FileRow, file_id)
+        try:
+            async with self._db.sessions() as session:
+                row = await session.get(FileRow, file_id)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not read a file record: {type(exc).__name__}") from exc
         return _stored(row) if row is not None and row.bot == bot else None
 
     async def delete(self, bot: str, file_id: int) -> bool:
