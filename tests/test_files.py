@@ -175,20 +175,3 @@ async def test_images_are_passed_as_bytes(store: SqlFileStore) -> None:
     att = await store.attachment(stored)
     assert att.data == png and att.text is None
 
-
-async def test_metadata_dedup_and_caps_on_sqlite_and_postgresql(
-    database_url: str, tmp_path: Path
-) -> None:
-    async with Database(database_url) as db:
-        store = SqlFileStore(db, tmp_path / "data", max_file_bytes=MB, max_bot_bytes=MB + 100)
-        first = await save(store, b"a" * MB, "a.bin", mime="application/octet-stream")
-        again = await save(store, b"a" * MB, "again.bin")  # dedup: no extra bytes
-        assert await store.bot_bytes("demo") == MB
-        with pytest.raises(FileRejected, match="storage is full"):
-            await save(store, b"b" * 200, "b.bin")
-        listed = await store.recent("demo", chat="c1")
-        assert [f.id for f in listed] == [again.id, first.id]
-        assert listed[0].created_at is not None and listed[0].created_at.tzinfo is not None
-        assert await store.delete("demo", first.id) and store.path(again).exists()
-        assert await store.delete("demo", again.id) and not store.path(again).exists()
-        assert await store.bot_bytes("demo") == 0
