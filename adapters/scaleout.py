@@ -27,11 +27,13 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
+from redis.exceptions import RedisError
+from sqlalchemy import make_url, text
 
 from adapters.metrics import Metrics, ReplyMetrics
 from adapters.ops import Check, OpsServer
 from adapters.settings import Settings
+from engine.errors import StorageError
 from engine.providers.fallback import Breakers
 from persistence.redis_breakers import SharedBreakers
 from persistence.redis_inflight import OnceStore, RedisInflight
@@ -100,29 +102,37 @@ async def start(stack: AsyncExitStack, app: App) -> None:
     app.ready_checks["database"] = database
 
     if storage.redis_url:
-        namespace = storage.redis_namespace
-        shared = await stack.enter_async_context(
-            SharedBreakers(storage.redis_url, namespace=namespace))
-        app.extras["shared_breakers"] = shared
-        # Replace the in-process breakers before any breaker exists.
-        app.breakers = Breakers(fail_max=settings.chain.fail_max,
-                                reset_timeout_s=settings.chain.reset_timeout_s,
-                                storage=shared.storage)
-        redis = await stack.enter_async_context(
-            RedisState(storage.redis_url, namespace=namespace,
-                       lease_s=storage.redis_lease_s))
-        app.redis = redis
-        app.budget = redis.budget
-        app.dedupe = redis.claims
-        inflight = await stack.enter_async_context(
-            RedisInflight(storage.redis_url, namespace=namespace,
-                          lease_s=storage.redis_lease_s))
-        app.inflight = inflight
-        app.messages = OnceStore(app.messages, inflight)
-        app.ready_checks["redis"] = redis.ping
+        try:
+            await _start_redis(stack, app, storage.redis_url)
+        except (RedisError, OSError) as exc:
+            safe = make_url(storage.redis_url).render_as_string(hide_password=True) \
+                if "://" in storage.redis_url else "(unparsable url)"
+            raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
+                               "check [storage] redis_url") from exc
 
     if settings.http.enabled:
         ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)
         ops.checks = app.ready_checks  # the same dict: checks added later count too
         await stack.enter_async_context(ops)
         app.ops = ops
+
+
+async def _start_redis(stack: AsyncExitStack, app: App, url: str) -> None:
+    settings, storage = app.settings, app.settings.storage
+    namespace = storage.redis_namespace
+    shared = await stack.enter_async_context(SharedBreakers(url, namespace=namespace))
+    app.extras["shared_breakers"] = shared
+    # Replace the in-process breakers before any breaker exists.
+    app.breakers = Breakers(fail_max=settings.chain.fail_max,
+                            reset_timeout_s=settings.chain.reset_timeout_s,
+                            storage=shared.storage)
+    redis = await stack.enter_async_context(
+        RedisState(url, namespace=namespace, lease_s=storage.redis_lease_s))
+    app.redis = redis
+    app.budget = redis.budget
+    app.dedupe = redis.claims
+    inflight = await stack.enter_async_context(
+        RedisInflight(url, namespace=namespace, lease_s=storage.redis_lease_s))
+    app.inflight = inflight
+    app.messages = OnceStore(app.messages, inflight)
+    app.ready_checks["redis"] = redis.ping

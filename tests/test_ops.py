@@ -303,3 +303,54 @@ async def test_build_app_wires_redis_metrics_and_ops(
 
 MSG_HELPER = IncomingMessage(platform="telegram", bot="helper", chat="7", user="u1",
                              text="say hello in French")
+
+
+async def test_unreachable_redis_is_a_clear_start_error(tmp_path: Any) -> None:
+    from adapters.app import build_app
+    from engine.errors import StorageError
+
+    port = _closed_port()
+    settings = Settings.model_validate({
+        "storage": {"data_dir": str(tmp_path),
+                    "redis_url": f"redis://:hunter2pass@127.0.0.1:{port}/0"},
+    })
+    with pytest.raises(StorageError, match=r"redis redis://:\*\*\*@127\.0\.0\.1") as caught:
+        async with build_app(settings):
+            pass
+    assert "hunter2pass" not in str(caught.value)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again: connections are refused
+
+
+def test_scale_out_settings() -> None:
+    from adapters.scaleout import memory_storage_options
+
+    settings = Settings.model_validate({
+        "storage": {"database_url_env": "DB_URL", "redis_url_env": "REDIS_URL",
+                    "memory_uri": "s3://bucket/prefix",
+                    "memory_storage_options": {"aws_endpoint": "http://minio:9000"}},
+        "env": {"DB_URL": "postgresql+asyncpg://app:pw@db/boternity",
+                "REDIS_URL": "redis://cache:6379/0",
+                "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE01", "AWS_SECRET_ACCESS_KEY": "s3cr3t"},
+    })
+    assert settings.storage.database_url == "postgresql+asyncpg://app:pw@db/boternity"
+    assert settings.storage.redis_url == "redis://cache:6379/0"
+    # .env keys reach LanceDB (its object-store client reads only the process env);
+    # what the TOML sets wins.
+    assert memory_storage_options(settings) == {
+        "aws_endpoint": "http://minio:9000", "aws_access_key_id": "AKIAEXAMPLEEXAMPLE01",
+        "aws_secret_access_key": "s3cr3t"}
+    local = Settings.model_validate({"env": {"AWS_ACCESS_KEY_ID": "x"}})
+    assert memory_storage_options(local) is None  # a local directory needs no options
+    for bad in ({"shard_ids": [0]}, {"shard_ids": [2], "shard_count": 2},
+                {"shard_ids": [], "shard_count": 2}):
+        with pytest.raises(ValueError, match="shard"):
+            Settings.model_validate({
+                "providers": {"p": {"kind": "openai", "model": "m"}},
+                "bots": {"b": {"chain": ["p"], "discord": {"token_env": "T", **bad}}}})
