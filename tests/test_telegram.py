@@ -32,7 +32,7 @@ from engine.admin import FileAdmin
 from engine.errors import ConfigError
 from engine.types import Reply
 from tests.conftest import BotPipeline
-from tests.fakes.openai_server import Text
+from tests.fakes.openai_server import Hang, Text
 from tests.fakes.telegram_server import FakeTelegram, SentMessage, start_telegram_fake
 
 ADMIN = 42
@@ -427,3 +427,19 @@ async def test_photo_largest_size_is_stored_and_named_in_the_prompt(
     prompt = bot_pipeline.fake.requests[0].messages[-1]["content"]
     # this provider has no vision: the model is told an image came, not fed bytes
     assert "photo_ul.jpg" in str(prompt) and "what is in this picture?" in str(prompt)
+
+
+async def test_silent_provider_shows_typing_then_a_clear_failure(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    """The model never answers: the chat shows "typing" meanwhile, then one
+    message that says what happened (no half answer, no second copy)."""
+    bot_pipeline.fake.script(Hang(headers=True, after=0))
+    async with adapter(tg, bot_pipeline):
+        tg.push_message(7, "anyone there?")
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 30)
+        reply = bot_pipeline.replies[0]
+        assert isinstance(reply, Reply) and reply.error is not None
+        await tg.wait_for(lambda: last_text(tg, 7) == shown(reply))
+    assert [c["action"] for c in tg.calls_of("sendChatAction")][:1] == ["typing"]
+    assert len(tg.in_chat(7)) == 1 and "primary" in tg.in_chat(7)[0].text
