@@ -33,7 +33,8 @@ from engine.types import Fact, IncomingMessage, Reply
 # Reply latency spans a cached answer (<0.1 s) to a slow model (minutes).
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 RECALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-BREAKER_VALUES = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
+# "cooling down": the chain's own pause after a 429 with retry-after (engine.providers.fallback)
+BREAKER_VALUES = {"closed": 0.0, "half-open": 1.0, "open": 2.0, "cooling down": 3.0}
 
 BreakerStates = Callable[[], Mapping[str, str]]
 
@@ -45,7 +46,8 @@ class _BreakerCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         gauge = GaugeMetricFamily(
             "boternity_breaker_state",
-            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open, 3 cooling down "
+            "after a 429",
             labels=["provider"],
         )
         for provider, state in sorted(self._source().items()):
