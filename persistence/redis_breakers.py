@@ -138,6 +138,10 @@ class SharedBreakers:
         self._thread = 0
         self._changed = asyncio.Condition()
 
+    @property
+    def client_name(self) -> str:
+        return f"boternity-breakers-{self._origin[:8]}"
+
     def key(self, name: str) -> str:
         return f"{self._ns}:breaker:{name}"
 
@@ -154,7 +158,9 @@ class SharedBreakers:
     async def __aenter__(self) -> SharedBreakers:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
-        self._client = aioredis.from_url(self._url, decode_responses=True)
+        # Named, so an operator's CLIENT LIST tells what each connection is.
+        self._client = aioredis.from_url(self._url, decode_responses=True,
+                                         client_name=self.client_name)
         try:
             await self._client.ping()
             pubsub = self._client.pubsub()
@@ -257,21 +263,48 @@ class SharedBreakers:
 
     async def _listen(self, pubsub: Any) -> None:
         try:
-            async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
+            while True:
                 try:
-                    event = json.loads(message["data"])
-                except (TypeError, ValueError):
-                    continue
-                if event.get("origin") == self._origin:
-                    continue
-                name = event.get("name")
-                if isinstance(name, str) and name in self._storages:
-                    self._storages[name].apply_remote(
-                        str(event.get("state")), event.get("opened_at"), None
-                    )
-                    await self._notify()
+                    await self._follow(pubsub)
+                except Exception as exc:
+                    # Redis restarted or the network blinked: resubscribe, then
+                    # reload every breaker (changes published meanwhile were missed).
+                    log.warning("breaker events lost (%s); resubscribing", type(exc).__name__)
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                    pubsub = await self._resubscribe()
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+    async def _resubscribe(self) -> Any:
+        assert self._client is not None
+        while True:
+            await asyncio.sleep(1.0)  # back off between attempts
+            pubsub: Any = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                for name in list(self._storages):
+                    await self._load_one(name)(self._client)
+                return pubsub
+            except Exception as exc:
+                log.warning("breaker events: resubscribe failed (%s)", type(exc).__name__)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _follow(self, pubsub: Any) -> None:
+        async for message in pubsub.listen():
+            if message.get("type") != "message":
+                continue
+            try:
+                event = json.loads(message["data"])
+            except (TypeError, ValueError):
+                continue
+            if event.get("origin") == self._origin:
+                continue
+            name = event.get("name")
+            if isinstance(name, str) and name in self._storages:
+                self._storages[name].apply_remote(
+                    str(event.get("state")), event.get("opened_at"), None
+                )
+                await self._notify()

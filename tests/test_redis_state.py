@@ -318,3 +318,25 @@ async def test_taken_over_user_message_is_stored_once(namespace: str, tmp_path: 
             MESSAGE.text, "Paris."]
         # Outside a reply (no event bound) it is a plain store.
         assert await store.add(bot="helper", chat="C2", role="user", content="x") > first
+
+
+async def test_breaker_events_survive_a_dropped_connection(namespace: str) -> None:
+    async with SharedBreakers(REDIS_URL, namespace=namespace) as a_shared, \
+            SharedBreakers(REDIS_URL, namespace=namespace) as b_shared:
+        a = pybreaker.CircuitBreaker(fail_max=1, state_storage=a_shared.storage("p"))
+        b_shared.storage("p")
+        # Redis drops every connection of worker B (a restart, a network blink).
+        admin = aioredis.from_url(REDIS_URL, decode_responses=True)
+        try:
+            clients = await admin.client_list()
+            mine = [c["id"] for c in clients if c.get("name") == b_shared.client_name]
+            assert mine
+            for client_id in mine:
+                await admin.client_kill_filter(_id=client_id)
+        finally:
+            await admin.aclose()
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            a.call(_fail)
+        await a_shared.flush()
+        # B resubscribes and reloads: it sees the breaker A opened meanwhile.
+        await _wait(b_shared, "p", "open")
