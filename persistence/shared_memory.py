@@ -44,7 +44,9 @@ from engine.errors import EmbeddingMismatch, StorageError
 from engine.ports import Embedder, Progress
 from engine.types import Fact, IntegrityReport, TrustLevel
 from persistence.memory_tables import (
+    ANN_THRESHOLD,
     Maintainer,
+    ScalarIndex,
     check_model,
     hybrid_search,
     in_list,
@@ -80,6 +82,9 @@ FIELDS = [
     pa.field("write_hash", pa.string(), nullable=False),
 ]
 COLUMNS = [f.name for f in FIELDS]
+SCALAR_INDEXES: dict[str, ScalarIndex] = {
+    "id": "btree", "user": "btree", "trust_level": "bitmap", "trust_group": "btree",
+    "author_bot": "btree"}
 T = TypeVar("T")
 
 
@@ -183,7 +188,8 @@ class SharedMemory:
         self._writer_lock = writer_lock
         self._raw = table
         self._embedder = embedder
-        self._maintainer = Maintainer(TABLE, lambda: self._raw, ann_threshold=ann_threshold,
+        self._maintainer = Maintainer(TABLE, lambda: self._raw, scalar=SCALAR_INDEXES,
+                                      ann_threshold=ann_threshold,
                                       delay_s=maintain_delay_s)
         self._queue: asyncio.Queue[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = (
             asyncio.Queue())
@@ -198,7 +204,7 @@ class SharedMemory:
     @storage_errors
     async def open(
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
-        ann_threshold: int = 20_000, maintain_delay_s: float = 2.0,
+        ann_threshold: int = ANN_THRESHOLD, maintain_delay_s: float = 2.0,
         writer_lock: WriterLock | None = None,
     ) -> SharedMemory:
         db = await lancedb.connect_async(

@@ -30,7 +30,9 @@ from engine.errors import StorageError
 from engine.ports import Embedder, Progress
 from engine.types import Fact
 from persistence.memory_tables import (
+    ANN_THRESHOLD,
     Maintainer,
+    ScalarIndex,
     check_model,
     hybrid_search,
     in_list,
@@ -55,6 +57,8 @@ FIELDS = [
     pa.field("metadata", pa.string(), nullable=False),
 ]
 COLUMNS = [f.name for f in FIELDS]
+SCALAR_INDEXES: dict[str, ScalarIndex] = {"id": "btree", "user": "btree",
+                                          "superseded_by": "bitmap"}
 
 
 def table_name(bot: str) -> str:
@@ -92,7 +96,7 @@ class LanceMemoryStore:
     @storage_errors
     async def open(
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
-        ann_threshold: int = 20_000, maintain_delay_s: float = 2.0, hybrid: bool = True,
+        ann_threshold: int = ANN_THRESHOLD, maintain_delay_s: float = 2.0, hybrid: bool = True,
     ) -> LanceMemoryStore:
         """Connect; ``hybrid=False`` ranks by vector similarity only (the baseline)."""
         # read_consistency_interval=0: every read sees writes from other handles
@@ -135,7 +139,7 @@ class LanceMemoryStore:
             check_model(name, await table.schema(), self._embedder.model_name,
                         self._embedder.dimension)
         self._tables[bot] = table
-        maintainer = Maintainer(name, lambda: self._tables[bot],
+        maintainer = Maintainer(name, lambda: self._tables[bot], scalar=SCALAR_INDEXES,
                                 ann_threshold=self._ann_threshold, delay_s=self._delay_s)
         await maintainer.refresh()
         self._maintainers[bot] = maintainer
