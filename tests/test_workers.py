@@ -64,7 +64,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[st
     tmp = tmp_path_factory.mktemp("workers")
     try:
         async with start_openai_fake(default=Text(ANSWER)) as openai_fake, \
-                FakeSlack(post_limit=1000, update_limit=100000) as slack_fake:
+                FakeSlack() as slack_fake:  # Slack's limits, enforced with 429s
             # A 5 s lease: short for the kill test, long enough that a live worker
             # starved of CPU by a busy test machine still renews in time.
             async with Cluster(2, tmp, openai_fake.base_url, slack_fake.api_base,
@@ -104,6 +104,7 @@ async def test_burst_with_retries_answered_exactly_once(env: dict[str, Any]) -> 
         cluster.post((i + 1) % 2, e, retry=1) for i, e in enumerate(events)))
     assert set(statuses) == {200}
     await slack.wait_for(lambda: all(_final(slack, c) for c in channels), within_s=60)
+    assert slack.rate_limited == 0  # the workers' shared pacing kept Slack's limits
     for channel in channels:
         shown = slack.in_channel(channel)
         assert len(shown) == 1, (channel, [m.texts for m in shown], _takeovers(cluster))
@@ -130,6 +131,22 @@ def _sum(text: str, name: str, **labels: str) -> float:
                                            for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_two_workers_share_one_channels_rate_limit(env: dict[str, Any]) -> None:
+    cluster: Cluster = env["cluster"]
+    slack: FakeSlack = env["slack"]
+    limited_before = slack.rate_limited
+    channel = "DSAME01"
+    # One busy channel, its messages spread over both workers: Slack allows one
+    # post per second there, and each worker alone would keep that pace, but
+    # only the shared budget keeps the two of them together within it.
+    for i in range(4):
+        await cluster.post(i % 2, cluster.event(channel, f"one of many {i}"))
+    await slack.wait_for(lambda: len(_final(slack, channel)) == 4, within_s=60)
+    assert slack.rate_limited == limited_before  # not one 429 (the fake enforces 1/s)
+    assert len(slack.in_channel(channel)) == 4
 
 
 @pytest.mark.asyncio(loop_scope="module")
