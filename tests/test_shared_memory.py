@@ -257,3 +257,21 @@ async def test_another_model_is_refused_until_reembedded(
             "Written with the old model"]
         await new.publish(fact("new fact", "alpha"), "public")
         assert (await new.verify()).ok
+
+
+async def test_deleting_a_bot_drops_its_table_and_orphans_its_shared_facts(
+    tmp_path: Path, embedder: FastEmbedder
+) -> None:
+    from persistence.vectors import LanceMemoryStore
+
+    uri = str(tmp_path / "lancedb")  # one database holds both, as in the app
+    async with await LanceMemoryStore.open(uri, embedder) as store, \
+            await SharedMemory.open(uri, embedder) as shared:
+        own = await store.add(fact("Gone's own note", "gone"))
+        await shared.publish(own, "public", author_name="Gone")
+        await store.drop_bot("gone")
+        assert await shared.orphan_bot("gone") == 1
+        assert await store.bots() == [] and await store.count("gone") == 0
+        [kept] = await shared.search("other", [], "Gone's own note", users=[""])
+        assert (kept.orphaned, kept.author_name, kept.text) == (True, "Gone", "Gone's own note")
+        assert (await shared.verify()).ok
