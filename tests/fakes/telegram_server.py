@@ -162,7 +162,7 @@ class FakeTelegram:
         return sorted((m for (c, _), m in self.messages.items() if c == chat_id),
                       key=lambda m: m.message_id)
 
-    async def wait_for(self, predicate: Any, limit_s: float = 30.0) -> None:
+    async def wait_for(self, predicate: Any, limit_s: float = 60.0) -> None:
         """Wait until ``predicate()`` holds (re-checked after each API call)."""
         async with asyncio.timeout(limit_s):
             while not predicate():
