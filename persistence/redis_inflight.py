@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from engine.log_context import bind
 from engine.ports import ConversationStore
@@ -167,9 +168,15 @@ class RedisInflight:
         if event is None:
             return True
         zset, data, owner = self._hashes()
-        started = await self.client.eval(
-            _BEGIN, 4, zset, data, owner, self._answered(event),
-            event, _dump(message), self._token, self._lease_ms)
+        try:
+            started = await self.client.eval(
+                _BEGIN, 4, zset, data, owner, self._answered(event),
+                event, _dump(message), self._token, self._lease_ms)
+        except (RedisError, OSError) as exc:
+            # Answer it untracked: a lost message is worse than no take-over.
+            log.warning("inflight: redis unavailable (%s); %s is not tracked",
+                        type(exc).__name__, event)
+            return True
         if started:
             self._held.add(event)
             current_event.set(event)
@@ -282,12 +289,14 @@ class OnceStore:
                                          user=user, platform=platform, served_by=served_by)
         client = self._inflight.client
         key = f"{self._inflight.namespace}:stored:{event}"
-        if (known := await client.get(key)) is not None:
-            log.info("user message of %s was stored before the take-over", event)
-            return int(known)
+        with contextlib.suppress(RedisError, OSError):  # no Redis: store it, once or twice
+            if (known := await client.get(key)) is not None:
+                log.info("user message of %s was stored before the take-over", event)
+                return int(known)
         row = await self._inner.add(bot=bot, chat=chat, role=role, content=content,
                                     user=user, platform=platform, served_by=served_by)
-        await client.set(key, row, px=self._inflight.answered_ttl_ms)
+        with contextlib.suppress(RedisError, OSError):
+            await client.set(key, row, px=self._inflight.answered_ttl_ms)
         return row
 
     async def history(self, bot: str, chat: str, limit: int = 50) -> list[StoredMessage]:

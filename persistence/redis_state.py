@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,25 @@ return 0
 
 
 class RedisRateBudget:
-    """Per-key pacing shared by all workers (see module docstring)."""
+    """Per-key pacing shared by all workers (see module docstring).
+
+    While Redis does not answer, this worker paces alone (the same GCRA on
+    its own clock) and says so once in the log: degraded, never blocked.
+    """
 
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self._client = client
         self._ns = namespace
         self._reserve = client.register_script(_RESERVE)
         self._penalize = client.register_script(_PENALIZE)
+        self._local: dict[str, float] = {}  # key -> theoretical arrival time (monotonic)
+        self._degraded = False
+
+    def _fallback(self, exc: Exception) -> None:
+        if not self._degraded:
+            log.warning("rate budget: redis unavailable (%s); pacing this worker alone",
+                        type(exc).__name__)
+        self._degraded = True
 
     def _key(self, key: str) -> str:
         return f"{self._ns}:budget:{key}"
@@ -101,7 +115,16 @@ class RedisRateBudget:
     async def reserve(self, key: str, interval_s: float, burst: int = 1) -> float:
         """Take the next slot of ``key``; return the seconds to wait for it."""
         interval_ms = max(1, round(interval_s * 1000))
-        wait_ms = await self._reserve(keys=[self._key(key)], args=[interval_ms, max(1, burst)])
+        try:
+            wait_ms = await self._reserve(keys=[self._key(key)],
+                                          args=[interval_ms, max(1, burst)])
+        except (RedisError, OSError) as exc:
+            self._fallback(exc)
+            now = time.monotonic()
+            tat = max(self._local.get(key, now), now)
+            self._local[key] = tat + interval_s
+            return max(tat - (max(burst, 1) - 1) * interval_s - now, 0.0)
+        self._degraded = False
         return int(wait_ms) / 1000
 
     async def acquire(self, key: str, interval_s: float, burst: int = 1) -> None:
@@ -112,7 +135,12 @@ class RedisRateBudget:
 
     async def penalize(self, key: str, seconds: float) -> None:
         """No worker uses ``key`` for ``seconds`` (a platform's retry_after)."""
-        await self._penalize(keys=[self._key(key)], args=[max(0, round(seconds * 1000))])
+        until = time.monotonic() + seconds
+        self._local[key] = max(self._local.get(key, 0.0), until)
+        try:
+            await self._penalize(keys=[self._key(key)], args=[max(0, round(seconds * 1000))])
+        except (RedisError, OSError) as exc:
+            self._fallback(exc)
 
 
 class RedisEventClaims:
@@ -143,10 +171,18 @@ class RedisEventClaims:
 
     async def claim(self, key: str, ttl_s: float = 600.0) -> bool:
         """``adapters.dedupe.Dedupe``: True for the first claim of ``key``
-        within ``ttl_s`` (one ``SET NX PX``, whichever worker asks)."""
+        within ``ttl_s`` (one ``SET NX PX``, whichever worker asks).
+
+        Redis unreachable: True. A possible duplicate answer beats a lost
+        message (a redelivery is then answered again)."""
         full = self._key(key)
-        return bool(await self._client.set(full, self._token, nx=True,
-                                           px=max(1, round(ttl_s * 1000))))
+        try:
+            return bool(await self._client.set(full, self._token, nx=True,
+                                               px=max(1, round(ttl_s * 1000))))
+        except (RedisError, OSError) as exc:
+            log.warning("event claim: redis unavailable (%s); handling %s anyway",
+                        type(exc).__name__, key)
+            return True
 
     async def try_claim(self, key: str) -> ClaimResult:
         """Claim with a renewed lease (until ``done`` or ``release``):
@@ -172,7 +208,10 @@ class RedisEventClaims:
         """Handling failed before anything was sent: let a redelivery retry."""
         full = self._key(key)
         self._held.discard(full)
-        await self._release(keys=[full], args=[self._token])
+        try:
+            await self._release(keys=[full], args=[self._token])
+        except (RedisError, OSError) as exc:  # the claim expires by itself
+            log.warning("event claim release failed: %s", type(exc).__name__)
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():

@@ -21,7 +21,7 @@ from adapters.outbound import Limits, Outbound
 from engine.types import IncomingMessage, Reply
 from persistence.redis_breakers import SharedBreakers
 from persistence.redis_inflight import OnceStore, RedisInflight
-from persistence.redis_state import RedisEventClaims, RedisState
+from persistence.redis_state import RedisEventClaims, RedisRateBudget, RedisState
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -340,3 +340,23 @@ async def test_breaker_events_survive_a_dropped_connection(namespace: str) -> No
         await a_shared.flush()
         # B resubscribes and reloads: it sees the breaker A opened meanwhile.
         await _wait(b_shared, "p", "open")
+
+
+async def test_without_redis_a_worker_paces_alone_and_still_answers() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: connections are refused
+    dead = aioredis.from_url(f"redis://127.0.0.1:{port}/0", decode_responses=True)
+    try:
+        budget = RedisRateBudget(dead, "test-dead")
+        waits = [await budget.reserve("telegram:chat-1", 0.5) for _ in range(3)]
+        assert waits[0] == 0 and 0.4 < waits[1] <= 0.5 and 0.9 < waits[2] <= 1.0
+        await budget.penalize("telegram:chat-2", 5)
+        assert await budget.reserve("telegram:chat-2", 0.1) > 4.5
+        claims = RedisEventClaims(dead, "test-dead")
+        assert await claims.claim("slack:T:C:1.0")  # a duplicate beats a lost message
+        await claims.release("slack:T:C:1.0")  # no error either
+    finally:
+        await dead.aclose()
