@@ -153,9 +153,13 @@ async def has_index(table: Any, column: str) -> bool:
 
 
 async def hybrid_search(
-    table: Any, vector: Sequence[float], text: str, where: str, limit: int, *, fts: bool
+    table: Any, vector: Sequence[float], text: str, where: str, limit: int, *, fts: bool,
+    min_score: float | None = None,
 ) -> list[dict[str, Any]]:
     """Rows matching ``where``, best first, each with ``score`` (cosine) added.
+
+    ``min_score`` drops candidates below that cosine before the top ``limit``
+    are taken (so a keyword hit under the floor never takes a good row's place).
 
     Without a full-text index (a new table) or query text: vector search only.
     """
@@ -181,6 +185,8 @@ async def hybrid_search(
     top_bm25 = max(bm25.values(), default=0.0) or 1.0
     fused = []
     for row, score in zip(ordered, scores, strict=True):
+        if min_score is not None and score < min_score:
+            continue
         row["score"] = score
         fused.append((score + FTS_WEIGHT * bm25.get(row["id"], 0.0) / top_bm25, row))
     fused.sort(key=lambda pair: pair[0], reverse=True)

@@ -387,7 +387,7 @@ class SharedMemory:
             vector = (await self._embedder.embed([query]))[0]
         # A few extra rows so that excluded (tampered) ones do not shorten the answer.
         result = await hybrid_search(self._raw, vector, query, rule.sql(), limit + 5,
-                                     fts=self._maintainer.fts)
+                                     fts=self._maintainer.fts, min_score=min_score)
         facts = [_fact(r, r["score"]) for r in self._verified(result, rule)
                  if min_score is None or r["score"] >= min_score]
         return facts[:limit]

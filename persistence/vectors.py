@@ -321,7 +321,8 @@ class LanceMemoryStore:
             vector = (await self._embedder.embed([query]))[0]
         where = f"{in_list('user', users)} AND superseded_by = ''"
         result = await hybrid_search(table, vector, query, where, limit,
-                                     fts=self._hybrid and self._maintainers[bot].fts)
+                                     fts=self._hybrid and self._maintainers[bot].fts,
+                                     min_score=min_score)
         allowed = set(users)
         facts = []
         for row in result:
