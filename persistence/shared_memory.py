@@ -364,10 +364,9 @@ class SharedMemory:
             log.warning("shared memory row %r fails its write hash: excluded", fact_id)
         return good
 
-    async def _verified_many(self, rows: list[dict[str, Any]],
-                             rule: TrustRule) -> list[dict[str, Any]]:
-        # Hashing thousands of rows is CPU work: off the event loop.
-        good, bad = await asyncio.to_thread(split_rows, rows, rule)
+    async def _verified_many(self, data: pa.Table, rule: TrustRule) -> list[dict[str, Any]]:
+        # Converting and hashing thousands of rows is CPU work: off the event loop.
+        good, bad = await asyncio.to_thread(lambda: split_rows(data.to_pylist(), rule))
         for fact_id in bad:
             self.tampered_reads += 1
             log.warning("shared memory row %r fails its write hash: excluded", fact_id)
@@ -397,8 +396,8 @@ class SharedMemory:
                          users: Sequence[str] | None, limit: int = 100,
                          offset: int = 0) -> list[Fact]:
         rule = TrustRule.of(reader_bot, groups, users)
-        rows = await self._raw.query().where(rule.sql()).select(COLUMNS).to_list()
-        rows = await self._verified_many(rows, rule)
+        data = await self._raw.query().where(rule.sql()).select(COLUMNS).to_arrow()
+        rows = await self._verified_many(data, rule)
         rows.sort(key=lambda r: r["seq"], reverse=True)
         return [_fact(r) for r in rows[offset:offset + limit]]
 
@@ -417,8 +416,8 @@ class SharedMemory:
 
     @storage_errors
     async def verify(self) -> IntegrityReport:
-        rows = await self._raw.query().select(COLUMNS).to_list()
-        report = await asyncio.to_thread(walk_chain, rows, self._head[0])
+        data = await self._raw.query().select(COLUMNS).to_arrow()
+        report = await asyncio.to_thread(lambda: walk_chain(data.to_pylist(), self._head[0]))
         if not report.ok:
             log.warning("shared memory integrity: %d tampered, %d gap(s)",
                         len(report.tampered), len(report.missing))

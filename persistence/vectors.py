@@ -282,9 +282,14 @@ class LanceMemoryStore:
         query = table.query().select(COLUMNS)
         if clauses:
             query = query.where(" AND ".join(clauses))
-        rows = await query.to_list()
-        rows.sort(key=lambda r: r["created_at"], reverse=True)
-        return [_fact(bot, r) for r in rows[offset:offset + limit]]
+        data = await query.to_arrow()
+
+        def page() -> list[dict[str, Any]]:  # sorting a big table is CPU work: not on the loop
+            rows: list[dict[str, Any]] = data.sort_by([("created_at", "descending")]).slice(
+                offset, limit).to_pylist()
+            return rows
+
+        return [_fact(bot, r) for r in await asyncio.to_thread(page)]
 
     @storage_errors
     async def count(self, bot: str, *, history: bool = True) -> int:
