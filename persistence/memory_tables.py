@@ -48,6 +48,7 @@ OWNER_KEY = b"boternity.owner"  # the bot id of a per-bot table; "" for shared
 # needs ~300 MB more memory at 100k. So: IvfPq from 10k rows.
 ANN_THRESHOLD = 10_000
 REFINE_FACTOR = 10
+REBUILD_GROWTH = 4  # retrain the vector index when the table has grown this much
 NPROBES = 20
 # Weight of the normalized BM25 score in hybrid ranking (swept on LoCoMo: 0.1..0.3 all
 # help; 0.2-0.3 best).
@@ -249,10 +250,7 @@ class Maintainer:
         for column, kind in self._scalar.items():
             if column not in indexed:
                 await table.create_index(column, config=BTree() if kind == "btree" else Bitmap())
-        if rows >= self._ann_threshold and not await has_index(table, "vector"):
-            partitions = max(1, int(rows**0.5))
-            await table.create_index("vector", config=IvfPq(
-                distance_type="cosine", num_partitions=partitions, num_sub_vectors=48))
+        await self._vector_index(table, rows)
         # Indexes new rows, compacts small fragments, drops versions older than a minute.
         await table.optimize(cleanup_older_than=timedelta(minutes=1))
         self.fts = True
@@ -261,6 +259,27 @@ class Maintainer:
         """Wait for a scheduled run to finish (tests, benchmarks)."""
         if self._task is not None and not self._task.done():
             await self._task
+
+    async def _vector_index(self, table: Any, rows: int) -> None:
+        """Build the IvfPq index past the threshold; retrain it when the table has grown.
+
+        ``optimize`` adds new rows to the existing partitions without retraining,
+        so partitions sized for 10k rows would serve 1M poorly. The index name
+        records the rows it was trained on (``vector_idx_<rows>``); past
+        ``REBUILD_GROWTH`` times that, a new one is trained while the old one
+        still serves, then the old one is dropped.
+        """
+        if rows < self._ann_threshold:
+            return
+        current = [ix.name for ix in await table.list_indices() if "vector" in ix.columns]
+        trained = max((int(n.rsplit("_", 1)[1]) for n in current
+                       if n.rsplit("_", 1)[1].isdigit()), default=0)
+        if current and rows < REBUILD_GROWTH * trained:
+            return
+        await table.create_index("vector", name=f"vector_idx_{rows}", config=IvfPq(
+            distance_type="cosine", num_partitions=max(1, int(rows**0.5)), num_sub_vectors=48))
+        for name in current:
+            await table.drop_index(name)
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

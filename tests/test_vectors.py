@@ -153,6 +153,17 @@ async def test_hybrid_and_ann_index_keep_filters(tmp_path: Path, embedder: FastE
             found = await store.search("bot", hostile_query, users=["user3"], limit=3)
             assert len(found) == 3 and {f.user for f in found} == {"user3"}
 
+        async def vector_indexes() -> list[str]:
+            return [ix.name for ix in await table.list_indices() if "vector" in ix.columns]
+
+        assert await vector_indexes() == ["vector_idx_321"]
+        # grown 4x: the index is retrained for the new size and the old one dropped
+        await store.add_many([fact(f"Later person {i} enjoys {topics[i % 6]}", user="late")
+                              for i in range(963)])
+        await store.maintain("bot")
+        assert await vector_indexes() == ["vector_idx_1284"]
+        assert {f.user for f in await store.search("bot", "chess", users=["late"])} == {"late"}
+
 
 @st.composite
 def memories(draw: st.DrawFn) -> tuple[list[tuple[str, str]], list[str]]:
