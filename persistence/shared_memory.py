@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 import lancedb
 import pyarrow as pa
+from lancedb.query import ColumnOrdering
 
 from engine.errors import EmbeddingMismatch, StorageError
 from engine.ports import Embedder, Progress
@@ -227,10 +228,12 @@ class SharedMemory:
             raise self._mismatch
 
     async def _read_head(self) -> None:
-        chain = await self._raw.query().select(["seq", "write_hash"]).to_arrow()
-        if chain.num_rows:
-            last = max(chain.to_pylist(), key=lambda r: r["seq"])
-            self._head = (last["seq"], last["write_hash"])
+        # Top-1 by seq inside LanceDB: no full column goes through Python per append.
+        last = await (self._raw.query().select(["seq", "write_hash"])
+                      .order_by([ColumnOrdering(column_name="seq", ascending=False)])
+                      .limit(1).to_list())
+        if last:
+            self._head = (last[0]["seq"], last[0]["write_hash"])
 
     async def __aenter__(self) -> SharedMemory:
         await self._read_head()
