@@ -267,13 +267,21 @@ async def test_deleted_message_is_posted_anew_with_the_final_text() -> None:
 async def test_final_shorter_than_the_stream_blanks_surplus_messages() -> None:
     """A provider failure after a long partial answer: the Reply's text is the
     short explanation; stale parts must not stay on screen."""
-    sender = FakeSender(FAST)
+    on_screen = asyncio.Event()
+
+    class WatchedSender(FakeSender):
+        async def send(self, chat: str, text: str, reply_to: str | None = None) -> str:
+            mid = await super().send(chat, text, reply_to)
+            if len(self.messages) >= 3:  # the partial answer is on screen, in 3 parts
+                on_screen.set()
+            return mid
+
+    sender = WatchedSender(FAST)
     partial = ("x" * 50 + "\n\n") * 6
 
     async def items() -> AsyncIterator[str | Reply]:
         yield partial
-        while len(sender.messages) < 3:  # the partial answer is on screen, in 3 parts
-            await asyncio.sleep(0.01)
+        await on_screen.wait()
         yield Reply(text="Sorry, every provider failed.", served_by=None, error="all_failed")
 
     out = await Outbound(sender).stream("c", items(), is_group=False)
