@@ -73,7 +73,7 @@ class FastEmbedder:
 
     ``embed`` batches texts (``batch_size``; 16 keeps the activation peak of
     long texts low at the same throughput as 32) and runs fastembed in a worker
-    thread. A lock serializes calls into the ONNX session: onnxruntime
+    thread. A lock serializes batches into the ONNX session: onnxruntime
     already uses ``threads`` cores per call, so running two at once only
     thrashes the CPU.
     """
@@ -111,11 +111,15 @@ class FastEmbedder:
 
     def embed_sync(self, texts: Sequence[str]) -> list[list[float]]:
         """Blocking embed, for worker threads and scripts only."""
-        if not texts:
-            return []
-        with self._lock:
-            vectors = self._model.embed(list(texts), batch_size=self._batch_size)
-            return [v.astype("float32").tolist() for v in vectors]
+        result: list[list[float]] = []
+        size = self._batch_size
+        for start in range(0, len(texts), size):
+            # The lock is held per batch, not per call: a reply's one-line query
+            # gets its turn between the batches of a 10,000-fact import.
+            with self._lock:
+                vectors = self._model.embed(list(texts[start:start + size]), batch_size=size)
+                result.extend(v.astype("float32").tolist() for v in vectors)
+        return result
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:

@@ -62,3 +62,19 @@ async def test_embedding_a_batch_leaves_the_event_loop_responsive(
     assert len(vectors) == 256
     print(f"\nmax event-loop lag while embedding 256 sentences: {worst * 1000:.1f} ms")
     assert worst < 0.100
+
+
+async def test_a_query_is_not_stuck_behind_a_big_import(embedder: FastEmbedder) -> None:
+    """The model lock is per batch: a one-line embed finishes before a long import does."""
+    bulk = [f"Imported fact number {i} about somebody's hobbies and plans" for i in range(640)]
+    order: list[str] = []
+
+    async def run(name: str, texts: list[str]) -> None:
+        await embedder.embed(texts)
+        order.append(name)
+
+    importing = asyncio.create_task(run("import", bulk))
+    await asyncio.sleep(0)  # the import starts first
+    await run("query", ["what does Alice like?"])
+    await importing
+    assert order == ["query", "import"]
