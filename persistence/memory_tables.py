@@ -9,12 +9,13 @@
 - ``hybrid_search``: a vector leg and a full-text (BM25) leg run in
   parallel with the same filter, once the table has a full-text index; the
   union is ranked by ``cosine + FTS_WEIGHT * bm25 / max bm25``. Measured on
-  LoCoMo (benchmarks/locomo.py, 3 conversations), this linear fusion beat
-  LanceDB's reciprocal-rank-fusion reranker (recall@5 0.665 vs 0.653; plain
-  cosine 0.628). ``score`` stays the plain cosine similarity (the policy's
+  LoCoMo (benchmarks/locomo.py, 3 conversations): recall@5 0.663 against
+  0.629 for vector only; LanceDB's reciprocal-rank-fusion reranker scored
+  0.653 in the same experiment. ``score`` stays the plain cosine similarity (the policy's
   floor and duplicate thresholds are cosine values); the order is the fused one.
 - ``Maintainer``: one background task per table that builds the full-text
-  index, builds the ANN index past a row threshold, and runs ``optimize``
+  and scalar (filter column) indexes, builds the ANN index past a row
+  threshold (retrained after 4x growth), and runs ``optimize``
   (index new rows, compact, drop old versions). It runs after writes,
   debounced, never on the reply path.
 """
@@ -41,11 +42,11 @@ MODEL_KEY = b"boternity.embedding_model"
 DIM_KEY = b"boternity.embedding_dim"
 OWNER_KEY = b"boternity.owner"  # the bot id of a per-bot table; "" for shared
 
-# Measured (benchmarks/bench_memory.py, loaded 2-core machine): a filtered flat
-# scan grows linearly with rows (p95 90 ms at 10k, 1.4 s at 100k) and its scan
-# buffers push RSS past 1 GB at 100k; IvfPq + refine is already no slower at 10k
-# (p95 47 ms) and keeps 100k rows at ~450 MB RSS. IvfFlat builds ~10x faster but
-# needs ~300 MB more memory at 100k. So: IvfPq from 10k rows.
+# Measured (benchmarks/bench_memory.py, 2-core machine): a filtered flat scan
+# grows linearly with rows (p95 76 ms at 10k, 184 ms at 100k) and its scan
+# buffers push RSS past 1 GB at 100k; IvfPq + refine is already faster at 10k
+# (p95 6.5 ms; 15.5 ms at 100k) and keeps model + 100k rows at 430 MB peak RSS.
+# IvfFlat builds ~10x faster but needed ~300 MB more at 100k. So: IvfPq from 10k.
 ANN_THRESHOLD = 10_000
 REFINE_FACTOR = 10
 REBUILD_GROWTH = 4  # retrain the vector index when the table has grown this much
