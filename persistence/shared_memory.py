@@ -33,7 +33,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -290,7 +290,10 @@ class SharedMemory:
         # Embed before queueing: the writer only orders and hashes, so one
         # slow embedding never holds up other bots' writes.
         vector = (await self._embedder.embed([fact.text]))[0]
-        shared = replace(fact, id=fact.id or uuid.uuid4().hex, created_at=fact.created_at or now(),
+        created = fact.created_at or now()
+        if created.tzinfo is None:  # naive times are UTC (as the tables store them)
+            created = created.replace(tzinfo=UTC)
+        shared = replace(fact, id=fact.id or uuid.uuid4().hex, created_at=created,
                          trust_level=level, trust_group=group if level == "trusted" else "",
                          author_bot=fact.bot, author_name=author_name or fact.author_name,
                          superseded_by=None, score=0.0, orphaned=False)
@@ -303,6 +306,9 @@ class SharedMemory:
                 return await write()
 
         async def write() -> Fact:
+            # Under the writer (and lock): publishing one fact twice is refused.
+            if await self._raw.count_rows(f"id = {quote(shared.id)}"):
+                raise StorageError(f"memory {shared.id} is already shared")
             seq, prev = self._head
             row: dict[str, Any] = {
                 "id": shared.id, "seq": seq + 1, "text": shared.text, "user": shared.user,

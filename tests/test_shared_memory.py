@@ -83,6 +83,14 @@ async def test_bad_publishes_are_refused(shared: SharedMemory) -> None:
     with pytest.raises(StorageError, match="text"):
         await shared.publish(fact("  ", "alpha"), "public")
     assert await shared.count() == 0
+    from datetime import datetime
+
+    once = await shared.publish(Fact(id="own-1", text="Shared once", bot="alpha",
+                                     created_at=datetime(2026, 1, 2, 3, 4, 5)), "public")
+    assert once.id == "own-1" and once.created_at is not None and once.created_at.tzinfo
+    with pytest.raises(StorageError, match="already shared"):
+        await shared.publish(Fact(id="own-1", text="Shared once", bot="alpha"), "public")
+    assert await shared.count() == 1 and (await shared.verify()).ok
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)
