@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import shutil
 import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ class FastEmbedder:
         self._model = model
         self._batch_size = batch_size
         self._lock = threading.Lock()
+        # Fair turns between concurrent callers on one loop: asyncio.Lock wakes
+        # waiters in FIFO order, a threading.Lock does not (a bulk import's
+        # thread could re-take it batch after batch while a reply's query waits).
+        self._turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary())
 
     @classmethod
     async def load(cls, data_dir: Path, *, threads: int = 2,
@@ -122,6 +128,13 @@ class FastEmbedder:
         return result
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        if not texts:
-            return []
-        return await asyncio.to_thread(self.embed_sync, list(texts))
+        """Embed off the loop, one batch per turn, so callers interleave fairly."""
+        loop = asyncio.get_running_loop()
+        turns = self._turns.setdefault(loop, asyncio.Lock())
+        items = list(texts)
+        result: list[list[float]] = []
+        for start in range(0, len(items), self._batch_size):
+            async with turns:
+                result.extend(await asyncio.to_thread(
+                    self.embed_sync, items[start:start + self._batch_size]))
+        return result
