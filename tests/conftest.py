@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -165,3 +165,24 @@ async def bot_pipeline(openai_fake: FakeOpenAI, tmp_path: object) -> AsyncIterat
     async with pipeline.stack:
         await pipeline.start()
         yield pipeline
+
+
+# --- in-process CLI runs (engine polish helper) ---
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo what ``adapters.cli.main()`` does to logging process-wide.
+
+    ``main()`` sets logger levels and puts a root handler on the captured
+    stderr; a module that calls it in-process uses this fixture
+    (``pytestmark = pytest.mark.usefixtures("restore_logging")``), or later
+    tests in the same process see its levels (httpx=WARNING leaked once).
+    """
+    import logging
+
+    manager = logging.root.manager
+    levels = {name: logging.getLogger(name).level for name in ["", *manager.loggerDict]}
+    handlers = list(logging.root.handlers)
+    yield
+    for name in ["", *manager.loggerDict]:
+        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
+    logging.root.handlers[:] = handlers

@@ -17,6 +17,9 @@ from tests.fakes.openai_server import FakeOpenAI, RateLimit, Status, Text
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "boternity"
 
+# Some tests call main() in-process, which configures logging process-wide.
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
 
 def write_config(tmp_path: Path, base_url: str, *, footer: str = "on_failover") -> Path:
     config = tmp_path / "bots.toml"

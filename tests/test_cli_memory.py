@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +49,8 @@ chain = ["primary"]
 """
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``main()`` configures logging process-wide (levels, a root handler on the
-    captured stderr): undo it, or later tests in this process see its levels."""
-    manager = logging.root.manager
-    levels = {name: logging.getLogger(name).level for name in ["", *manager.loggerDict]}
-    handlers = list(logging.root.handlers)
-    yield
-    for name in ["", *manager.loggerDict]:
-        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
-    logging.root.handlers[:] = handlers
+# main() configures logging process-wide: undo it after every test.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture

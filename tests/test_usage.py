@@ -34,6 +34,9 @@ PRICES = {"aws": AWS, "cheap": CHEAP, "free": Price()}
 CAPS = Capabilities(context_window=32_000, max_output_tokens=512)
 NOON = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
+# One test calls main() in-process, which configures logging process-wide.
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
 
 class Clock:
     """A settable clock, so days and budgets can be tested without waiting."""
