@@ -24,8 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aioboto3
 
@@ -56,6 +55,7 @@ from engine.errors import (
     RateLimited,
     Unavailable,
 )
+from engine.providers.closing import ClosesOnExit
 from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def converse_messages(
 
 
 @dataclass
-class BedrockProvider:
+class BedrockProvider(ClosesOnExit):
     """One Bedrock model (id, inference profile or ARN) behind our Provider port."""
 
     name: str
@@ -189,7 +189,7 @@ class BedrockProvider:
         self._stack: AsyncExitStack | None = None
         self._lock = asyncio.Lock()
 
-    async def __aenter__(self) -> BedrockProvider:
+    async def __aenter__(self) -> Self:
         try:
             await self._open()
         except (NoRegionError, ProfileNotFound) as exc:
@@ -199,12 +199,6 @@ class BedrockProvider:
                 "or AWS_REGION / AWS_PROFILE)"
             ) from None
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         stack, self._stack, self._client = self._stack, None, None

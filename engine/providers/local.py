@@ -28,10 +28,10 @@ import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from engine.errors import ConfigError, Unavailable
+from engine.providers.closing import ClosesOnExit
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Capabilities, Chunk, CompletionRequest
 
@@ -65,7 +65,7 @@ def check_gguf(path: Path) -> None:
         raise ConfigError(f"model_path {path}: not a GGUF file")
 
 
-class LocalProvider:
+class LocalProvider(ClosesOnExit):
     """A ``Provider`` backed by an in-process llama.cpp server; see the module docstring."""
 
     def __init__(
@@ -102,15 +102,6 @@ class LocalProvider:
     @property
     def base_url(self) -> str | None:
         return self._client.base_url if self._client else None
-
-    async def __aenter__(self) -> LocalProvider:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         async with self._lock:

@@ -40,7 +40,6 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import Any
 
 import httpx2
@@ -57,6 +56,7 @@ from engine.errors import (
     RateLimited,
     Unavailable,
 )
+from engine.providers.closing import ClosesOnExit
 from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ _CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too ma
                   "prompt is too long", "tokens exceed")
 
 
-class OpenAICompatProvider:
+class OpenAICompatProvider(ClosesOnExit):
     """A ``Provider`` over ``AsyncOpenAI``; see the module docstring."""
 
     def __init__(
@@ -112,15 +112,6 @@ class OpenAICompatProvider:
 
     def __repr__(self) -> str:  # no key, ever
         return f"OpenAICompatProvider(name={self.name!r}, model={self.model!r})"
-
-    async def __aenter__(self) -> OpenAICompatProvider:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self._client.close()
