@@ -19,7 +19,7 @@ never user text, never a chat id (unbounded cardinality).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -160,6 +160,11 @@ class MeteredSender:
         self._platform = platform
         self.scope: str = inner.scope
         self.limits: Limits = inner.limits
+        # The scheduler shows "typing..." only if the sender has ``typing``:
+        # forward it when the wrapped sender has it, and only then.
+        typing = getattr(inner, "typing", None)
+        if typing is not None:
+            self.typing: Callable[[str], Awaitable[None]] = typing
 
     async def send(self, chat: str, text: str, reply_to: str | None = None) -> str:
         try:
@@ -179,4 +184,7 @@ class MeteredSender:
         self._m.platform_edits.labels(self._platform).inc()
 
     def __getattr__(self, name: str) -> Any:
+        # "typing" never falls through: the wrapped sender lacks it (see __init__).
+        if name == "typing":
+            raise AttributeError(name)
         return getattr(self._inner, name)

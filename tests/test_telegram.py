@@ -16,7 +16,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -25,7 +25,8 @@ from pydantic import SecretStr
 
 from adapters.commands import Commands
 from adapters.gate import GateConfig
-from adapters.outbound import TELEGRAM, Limits
+from adapters.metrics import MeteredSender, Metrics
+from adapters.outbound import TELEGRAM, Limits, MessageSender
 from adapters.render import to_telegram
 from adapters.telegram import TelegramAdapter, TelegramConfig
 from engine.admin import FileAdmin
@@ -49,7 +50,9 @@ async def tg() -> AsyncIterator[FakeTelegram]:
 
 def adapter(fake: FakeTelegram, pipeline: BotPipeline, *, concurrency: int = 8,
             gate: GateConfig | None = None, limits: Limits = TELEGRAM,
-            request_timeout_s: float = 10.0) -> TelegramAdapter:
+            request_timeout_s: float = 10.0,
+            wrap_sender: Callable[[MessageSender], MessageSender] | None = None,
+            ) -> TelegramAdapter:
     commands = Commands(bot="demo", admins=(str(ADMIN),), providers=pipeline.provider_admin,
                         persona=pipeline.persona_admin,
                         files=FileAdmin(pipeline.files) if pipeline.files else None)
@@ -57,7 +60,8 @@ def adapter(fake: FakeTelegram, pipeline: BotPipeline, *, concurrency: int = 8,
                             api_base_url=fake.url, gate=gate or GateConfig(), poll_timeout_s=2,
                             limits=limits, request_timeout_s=request_timeout_s)
     return TelegramAdapter(config, replier=pipeline.conversation, commands=commands,
-                           files=pipeline.files, semaphore=asyncio.Semaphore(concurrency))
+                           files=pipeline.files, semaphore=asyncio.Semaphore(concurrency),
+                           wrap_sender=wrap_sender)
 
 
 def shown(reply: Reply) -> str:
@@ -446,3 +450,20 @@ async def test_silent_provider_shows_typing_then_a_clear_failure(
         await tg.wait_for(lambda: last_text(tg, 7) == shown(reply))
     assert [c["action"] for c in tg.calls_of("sendChatAction")][:1] == ["typing"]
     assert len(tg.in_chat(7)) == 1 and "primary" in tg.in_chat(7)[0].text
+
+
+async def test_metered_sender_still_shows_typing(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    """With metrics on, the sender is wrapped: typing must still reach Telegram."""
+    metrics = Metrics()
+    bot_pipeline.fake.script(Hang(headers=True, after=0))
+    wrap = adapter(tg, bot_pipeline,
+                   wrap_sender=lambda sender: MeteredSender(sender, metrics, "telegram"))
+    async with wrap:
+        tg.push_message(7, "anyone there?")
+        await asyncio.wait_for(bot_pipeline.replied.wait(), 30)
+        await tg.wait_for(lambda: len(tg.in_chat(7)) == 1)
+    assert [c["action"] for c in tg.calls_of("sendChatAction")][:1] == ["typing"]
+    assert "boternity_platform_sends_total{platform=\"telegram\"} 1.0" in (
+        metrics.render().decode())
