@@ -37,6 +37,8 @@ import pybreaker
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from persistence.redis_conn import connect, stop
+
 log = logging.getLogger(__name__)
 
 _Op = Callable[[aioredis.Redis], Awaitable[None]]
@@ -159,10 +161,8 @@ class SharedBreakers:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         # Named, so an operator's CLIENT LIST tells what each connection is.
-        self._client = aioredis.from_url(self._url, decode_responses=True,
-                                         client_name=self.client_name)
+        self._client = await connect(self._url, client_name=self.client_name)
         try:
-            await self._client.ping()
             pubsub = self._client.pubsub()
             await pubsub.subscribe(self._channel)
             for name in list(self._storages):
@@ -182,11 +182,7 @@ class SharedBreakers:
     ) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), timeout=2)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(self._tasks)
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 from engine.log_context import bind
 from engine.ports import ConversationStore
 from engine.types import IncomingMessage, Role, StoredMessage
+from persistence.redis_conn import connect, stop
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +195,7 @@ class RedisInflight:
 
     # -- lifecycle ------------------------------------------------------
     async def __aenter__(self) -> RedisInflight:
-        client = aioredis.from_url(self._url, decode_responses=True)
-        try:
-            await client.ping()
-        except BaseException:
-            await client.aclose()
-            raise
-        self._client = client
+        self._client = await connect(self._url)
         self._tasks = [asyncio.create_task(self._renew_loop(), name="inflight-renew"),
                        asyncio.create_task(self._sweep_loop(), name="inflight-sweep")]
         return self
@@ -208,11 +203,7 @@ class RedisInflight:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(self._tasks)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -282,11 +273,13 @@ class OnceStore:
         self._inflight = inflight
 
     async def add(self, *, bot: str, chat: str, role: Role, content: str, user: str = "",
-                  platform: str = "", served_by: str | None = None) -> int:
+                  platform: str = "", served_by: str | None = None,
+                  user_name: str = "") -> int:
         event = current_event.get()
         if role != "user" or event is None:
             return await self._inner.add(bot=bot, chat=chat, role=role, content=content,
-                                         user=user, platform=platform, served_by=served_by)
+                                         user=user, platform=platform, served_by=served_by,
+                                         user_name=user_name)
         client = self._inflight.client
         key = f"{self._inflight.namespace}:stored:{event}"
         with contextlib.suppress(RedisError, OSError):  # no Redis: store it, once or twice
@@ -294,7 +287,8 @@ class OnceStore:
                 log.info("user message of %s was stored before the take-over", event)
                 return int(known)
         row = await self._inner.add(bot=bot, chat=chat, role=role, content=content,
-                                    user=user, platform=platform, served_by=served_by)
+                                    user=user, platform=platform, served_by=served_by,
+                                    user_name=user_name)
         with contextlib.suppress(RedisError, OSError):
             await client.set(key, row, px=self._inflight.answered_ttl_ms)
         return row

@@ -35,6 +35,8 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from persistence.redis_conn import connect, stop
+
 log = logging.getLogger(__name__)
 
 ClaimResult = Literal["claimed", "done", "busy"]
@@ -230,9 +232,7 @@ class RedisEventClaims:
 
     async def close(self) -> None:
         if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+            await stop([self._renewer])
         # Leases we still hold are released: a clean shutdown hands them on now.
         for full in list(self._held):
             with contextlib.suppress(Exception):
@@ -281,13 +281,7 @@ class RedisState:
             return False
 
     async def __aenter__(self) -> RedisState:
-        client = aioredis.from_url(self._url, decode_responses=True)
-        try:
-            await client.ping()
-        except BaseException:
-            await client.aclose()
-            raise
-        self._client = client
+        self._client = client = await connect(self._url)
         self._budget = RedisRateBudget(client, self._ns)
         self._claims = RedisEventClaims(client, self._ns, lease_s=self._lease_s)
         return self
