@@ -202,7 +202,7 @@ class Conversation:
         try:
             return await self.store.add(
                 bot=self.bot, chat=message.chat, role="user", content=message.text,
-                user=message.user, platform=message.platform,
+                user=message.user, platform=message.platform, user_name=message.user_name,
             )
         except StorageError as exc:
             return exc

@@ -55,8 +55,12 @@ class ConversationStore(Protocol):
         user: str = "",
         platform: str = "",
         served_by: str | None = None,
+        user_name: str = "",
     ) -> int:
-        """Commit one message durably and return its id."""
+        """Commit one message durably and return its id.
+
+        ``user_name`` is the speaker's display name (group history shows it).
+        """
         ...
 
     async def history(self, bot: str, chat: str, limit: int = 50) -> list[StoredMessage]:

@@ -10,11 +10,19 @@ No I/O here. ``build_prompt`` turns what the conversation knows into one
 
 Tokens are estimated at ~4 characters each: we cannot run every provider's
 tokenizer, and the margin absorbs the error.
+
+In a group chat every user turn (history and the new message) reads
+``Name: text``, so the model can tell the speakers apart. The name goes into
+the text, not OpenAI's per-message ``name`` field: Bedrock's Converse API has
+no such field, several OpenAI-compatible servers ignore it, and it only
+allows ``[A-Za-z0-9_-]{1,64}`` (a display name with a space or in another
+script would be refused). A prefix works the same on every provider.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +39,8 @@ CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4  # role markers and separators per message
 SAFETY_MARGIN = 0.1
 IMAGE_TOKENS = 800  # a rough price of one image in the prompt
+SPEAKER_MAX_CHARS = 64
+_BLANKS = re.compile(r"\s+")
 
 
 def estimate_tokens(text: str) -> int:
@@ -109,6 +119,13 @@ def user_content(message: IncomingMessage, vision: bool) -> tuple[str, tuple[Att
     return "\n\n".join(parts), images
 
 
+def speaker(user_name: str, user: str) -> str:
+    """The label of a group turn: the display name on one line (else the user id)."""
+    # A newline in a display name could fake a whole turn of the transcript.
+    name = _BLANKS.sub(" ", user_name).strip()[:SPEAKER_MAX_CHARS].strip()
+    return name or _BLANKS.sub(" ", user).strip()[:SPEAKER_MAX_CHARS] or "someone"
+
+
 def _cut(text: str, max_tokens: int) -> tuple[str, int]:
     keep = max(0, max_tokens) * CHARS_PER_TOKEN
     if len(text) <= keep:
@@ -138,6 +155,8 @@ def build_prompt(
     budget -= estimate_tokens(system.content) + MESSAGE_OVERHEAD_TOKENS
 
     text, images = user_content(message, vision)
+    if message.is_group:
+        text = f"{speaker(message.user_name, message.user)}: {text}"
     budget -= MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS * len(images)
     # A floor, so an oversized persona still leaves the user a say.
     text, cut = _cut(text, max(budget, 64))
@@ -148,11 +167,14 @@ def build_prompt(
     for stored in reversed(history):
         if stored.role == "system":
             continue
-        cost = estimate_tokens(stored.content) + MESSAGE_OVERHEAD_TOKENS
+        content = stored.content
+        if message.is_group and stored.role == "user":
+            content = f"{speaker(stored.user_name, stored.user)}: {content}"
+        cost = estimate_tokens(content) + MESSAGE_OVERHEAD_TOKENS
         if cost > budget:
             break
         budget -= cost
-        kept.append(Message(stored.role, stored.content))
+        kept.append(Message(stored.role, content))
     kept.reverse()
     dropped = sum(1 for m in history if m.role != "system") - len(kept)
     request = CompletionRequest(

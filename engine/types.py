@@ -139,6 +139,7 @@ class StoredMessage:
     user: str = ""
     created_at: datetime | None = None
     served_by: str | None = None
+    user_name: str = ""  # the speaker's display name when stored ("" = unknown)
 
 
 @dataclass(frozen=True)

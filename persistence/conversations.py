@@ -21,6 +21,7 @@ def _stored(row: MessageRow) -> StoredMessage:
     return StoredMessage(
         id=row.id, bot=row.bot, chat=row.chat, role=role, content=row.content,
         user=row.user, created_at=created, served_by=row.served_by,
+        user_name=row.user_name or "",
     )
 
 
@@ -40,10 +41,12 @@ class SqlConversationStore:
         user: str = "",
         platform: str = "",
         served_by: str | None = None,
+        user_name: str = "",
     ) -> int:
         row = MessageRow(
             bot=bot, chat=chat, role=role, content=content, user=user,
-            platform=platform, served_by=served_by, created_at=utcnow(),
+            user_name=user_name[:200], platform=platform, served_by=served_by,
+            created_at=utcnow(),
         )
         try:
             async with self._db.sessions.begin() as session:
