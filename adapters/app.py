@@ -254,7 +254,8 @@ async def build_app(settings: Settings) -> AsyncIterator[App]:
             chain = FallbackChain([app.providers[n] for n in bot.chain], app.breakers,
                                   name=bot_name, skip=app.usage.skip_for(bot_name))
             app.chains[bot_name] = chain
-            memory = _bot_memory(memory_parts, settings, bot_name, chain, app.usage)
+            memory = _bot_memory(memory_parts, settings, bot_name, chain,
+                                 app.usage.extraction)  # rows of kind "extraction"
             if memory is not None:
                 app.memories[bot_name] = memory
             app.conversations[bot_name] = Conversation(

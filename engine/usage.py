@@ -10,9 +10,12 @@
   user of it) has spent its daily budget, a provider with a price is skipped
   for the next one in the chain, and the reason lands in the reply's footer.
   Free providers (price 0: local, self-hosted) are never skipped.
+- Background memory extraction and judging spend tokens too: they are
+  recorded through ``UsageAccounting.extraction`` with ``kind="extraction"``
+  and count against the same budgets, but are not replies.
 - ``usage_report`` renders per bot, provider and day: replies, tokens (``~``
-  marks estimated ones) and cost. The CLI and the ``/usage`` admin command
-  both print it.
+  marks estimated ones) and cost, then the extraction calls in their own
+  table. The CLI and the ``/usage`` admin command both print it.
 
 Days are UTC days. Budgets compare what was spent since UTC midnight, read
 from the store when a costly provider is next in line (so every process
@@ -27,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from time import monotonic
-from typing import Protocol
+from typing import Literal, Protocol
 
 from engine.errors import StorageError
 from engine.ports import Provider
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 SkipRule = Callable[[Provider, CompletionRequest], Awaitable["str | None"]]
+UsageKind = Literal["reply", "extraction"]
 
 
 def utcnow() -> datetime:
@@ -87,11 +91,15 @@ class UsageRecord:
     user: str = ""
     chat: str = ""
     platform: str = ""
+    kind: UsageKind = "reply"  # "extraction": background memory work, not a reply
 
 
 @dataclass(frozen=True)
 class UsageLine:
-    """One row of the report: a bot's use of one provider on one UTC day."""
+    """One row of the report: a bot's use of one provider on one UTC day.
+
+    ``replies`` counts the rows: replies, or extraction calls for that kind.
+    """
 
     day: date
     bot: str
@@ -101,6 +109,7 @@ class UsageLine:
     completion_tokens: int
     estimated_replies: int
     cost_usd: float
+    kind: UsageKind = "reply"
 
 
 class UsageStore(Protocol):
@@ -113,7 +122,7 @@ class UsageStore(Protocol):
         ...
 
     async def summary(self, *, since: datetime, bot: str | None = None) -> list[UsageLine]:
-        """Lines per (day, bot, provider) since ``since``, oldest day first."""
+        """Lines per (day, bot, provider, kind) since ``since``, oldest day first."""
         ...
 
 
@@ -137,7 +146,14 @@ class UsageAccounting:
         # bot -> (monotonic expiry, UTC day, cost per user): today's spending
         self._spent: dict[str, tuple[float, date, dict[str, float]]] = {}
 
-    def record_for(self, message: IncomingMessage, reply: Reply) -> UsageRecord | None:
+    @property
+    def extraction(self) -> ReplyObserverOfKind:
+        """An observer for background memory work: its rows are ``kind="extraction"``."""
+        return ReplyObserverOfKind(self, "extraction")
+
+    def record_for(
+        self, message: IncomingMessage, reply: Reply, kind: UsageKind = "reply"
+    ) -> UsageRecord | None:
         """The record a reply earns, or None when no provider served it."""
         if reply.served_by is None:
             return None
@@ -148,11 +164,15 @@ class UsageAccounting:
             model=reply.model or "", user=message.user, chat=message.chat,
             platform=message.platform, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, estimated=usage.estimated,
-            cost_usd=price.cost(usage),
+            cost_usd=price.cost(usage), kind=kind,
         )
 
     async def on_reply(self, message: IncomingMessage, reply: Reply) -> None:
-        record = self.record_for(message, reply)
+        await self.record(message, reply, "reply")
+
+    async def record(self, message: IncomingMessage, reply: Reply, kind: UsageKind) -> None:
+        """Store what ``reply`` used (nothing if nobody served it); count it today."""
+        record = self.record_for(message, reply, kind)
         if record is None:
             return
         await self.store.add(record)
@@ -210,19 +230,25 @@ class UsageAccounting:
         return None
 
 
+class ReplyObserverOfKind:
+    """A ``ReplyObserver`` that records usage under one kind (see ``extraction``)."""
+
+    def __init__(self, accounting: UsageAccounting, kind: UsageKind) -> None:
+        self.accounting = accounting
+        self.kind: UsageKind = kind
+
+    async def on_reply(self, message: IncomingMessage, reply: Reply) -> None:
+        await self.accounting.record(message, reply, self.kind)
+
+
 def _usd(amount: float) -> str:
     # Cents for real budgets; small test budgets keep their significant digits.
     return f"${amount:.2f}" if amount >= 0.01 or amount == 0 else f"${amount:.2g}"
 
 
-def format_report(lines: Sequence[UsageLine], *, days: int) -> str:
-    """A plain-text table (fits a chat message); ``~`` marks estimated tokens."""
-    if not lines:
-        return f"No usage recorded in the last {days} day(s)."
-    header = f"{'day':<10}  {'bot':<14} {'provider':<14} {'replies':>7} " \
-             f"{'tokens in':>11} {'tokens out':>11} {'cost USD':>10}"
-    rows = [header]
-    total = 0.0
+def _table(lines: Sequence[UsageLine], count: str) -> list[str]:
+    rows = [f"{'day':<10}  {'bot':<14} {'provider':<14} {count:>7} "
+            f"{'tokens in':>11} {'tokens out':>11} {'cost USD':>10}"]
     for line in lines:
         mark = "~" if line.estimated_replies else ""
         tokens_in, tokens_out = f"{mark}{line.prompt_tokens}", f"{mark}{line.completion_tokens}"
@@ -230,8 +256,27 @@ def format_report(lines: Sequence[UsageLine], *, days: int) -> str:
             f"{line.day.isoformat():<10}  {line.bot[:14]:<14} {line.provider[:14]:<14} "
             f"{line.replies:>7} {tokens_in:>11} {tokens_out:>11} {line.cost_usd:>10.4f}"
         )
-        total += line.cost_usd
-    rows.append(f"total cost: ${total:.4f} over the last {days} day(s)")
+    return rows
+
+
+def format_report(lines: Sequence[UsageLine], *, days: int) -> str:
+    """Plain-text tables (fit a chat message); ``~`` marks estimated tokens.
+
+    Replies first, then background memory extraction calls in their own
+    table; the total cost covers both (both count against budgets).
+    """
+    if not lines:
+        return f"No usage recorded in the last {days} day(s)."
+    replies = [line for line in lines if line.kind == "reply"]
+    extraction = [line for line in lines if line.kind == "extraction"]
+    rows = _table(replies, "replies") if replies else []
+    if extraction:
+        rows.append("memory extraction (background, not replies):")
+        rows += _table(extraction, "calls")
+    total = sum(line.cost_usd for line in lines)
+    spent_on = f" (memory extraction: ${sum(line.cost_usd for line in extraction):.4f})" \
+        if extraction else ""
+    rows.append(f"total cost: ${total:.4f} over the last {days} day(s){spent_on}")
     if any(line.estimated_replies for line in lines):
         rows.append("~ some token counts are estimated (~4 characters per token): "
                     "the provider did not report usage")

@@ -1,6 +1,7 @@
 """Usage rows in the relational database (the ``engine.usage.UsageStore`` port).
 
-One row per served reply (revision ``0003_usage``). ``day`` is the UTC day as
+One row per served reply or background extraction call (revision
+``0003_usage``; ``kind`` since ``0006_usage_kind``). ``day`` is the UTC day as
 ``YYYY-MM-DD`` text: grouping by it is the same SQL on SQLite and PostgreSQL.
 """
 
@@ -13,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import StorageError
-from engine.usage import UsageLine, UsageRecord
+from engine.usage import UsageKind, UsageLine, UsageRecord
 from persistence.database import Database
 from persistence.tables import Base
 
@@ -36,6 +37,7 @@ class UsageRow(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer)
     estimated: Mapped[bool] = mapped_column(Boolean)
     cost_usd: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(16), default="reply")  # or "extraction"
 
     __table_args__ = (
         Index("ix_usage_day_bot", "day", "bot"),
@@ -59,7 +61,7 @@ class SqlUsageStore:
             chat=record.chat, platform=record.platform, provider=record.provider,
             model=record.model, prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, estimated=record.estimated,
-            cost_usd=record.cost_usd,
+            cost_usd=record.cost_usd, kind=record.kind,
         )
         try:
             async with self._db.sessions.begin() as session:
@@ -86,11 +88,11 @@ class SqlUsageStore:
             select(
                 UsageRow.day, UsageRow.bot, UsageRow.provider, func.count(UsageRow.id),
                 func.sum(UsageRow.prompt_tokens), func.sum(UsageRow.completion_tokens),
-                estimated, func.sum(UsageRow.cost_usd),
+                estimated, func.sum(UsageRow.cost_usd), UsageRow.kind,
             )
             .where(UsageRow.day >= _day(since))
-            .group_by(UsageRow.day, UsageRow.bot, UsageRow.provider)
-            .order_by(UsageRow.day, UsageRow.bot, UsageRow.provider)
+            .group_by(UsageRow.day, UsageRow.bot, UsageRow.provider, UsageRow.kind)
+            .order_by(UsageRow.day, UsageRow.bot, UsageRow.provider, UsageRow.kind)
         )
         if bot is not None:
             query = query.where(UsageRow.bot == bot)
@@ -104,7 +106,11 @@ class SqlUsageStore:
                 day=date.fromisoformat(day), bot=bot_name, provider=provider,
                 replies=int(replies), prompt_tokens=int(prompt or 0),
                 completion_tokens=int(completion or 0), estimated_replies=int(est or 0),
-                cost_usd=float(cost or 0.0),
+                cost_usd=float(cost or 0.0), kind=_kind(kind),
             )
-            for day, bot_name, provider, replies, prompt, completion, est, cost in rows
+            for day, bot_name, provider, replies, prompt, completion, est, cost, kind in rows
         ]
+
+
+def _kind(value: str) -> UsageKind:
+    return "extraction" if value == "extraction" else "reply"

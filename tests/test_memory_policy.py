@@ -554,7 +554,8 @@ async def test_extraction_and_judging_tokens_are_recorded_and_count_for_budgets(
         usage = UsageAccounting(SqlUsageStore(database),
                                 prices={"primary": Price(1_000_000.0, 0.0)})  # $1 per token
         memory = BotMemory(MemoryConfig(bot="helper"), store=stack.store,
-                           embedder=stack.embedder, jobs=stack.jobs, chain=chain, usage=usage)
+                           embedder=stack.embedder, jobs=stack.jobs, chain=chain,
+                           usage=usage.extraction)  # as the composition root wires it
         await add(stack, "Alice lives in Paris", ALICE)
         raw = json.dumps({"facts": [about_alice("Alice lives in Berlin")]})
         openai_fake.script(Text([raw], usage=(300, 20)),
@@ -562,6 +563,6 @@ async def test_extraction_and_judging_tokens_are_recorded_and_count_for_budgets(
         result = await memory.learn_now(msg("I moved to Berlin"), REPLY)
         assert len(result.superseded) == 1
         [line] = await usage.store.summary(since=datetime(2000, 1, 1, tzinfo=UTC), bot="helper")
-        assert (line.provider, line.replies, line.prompt_tokens, line.completion_tokens) == (
-            "primary", 2, 400, 25)
+        assert (line.provider, line.kind, line.replies, line.prompt_tokens,
+                line.completion_tokens) == ("primary", "extraction", 2, 400, 25)
         assert (await usage.spent_today("helper"))["alice"] == pytest.approx(400.0)

@@ -347,3 +347,33 @@ async def test_only_priced_providers_over_budget_explains_why(rig: Rig) -> None:
     assert rig.bedrock.count == 1
     lines = await rig.store.summary(since=NOON - timedelta(days=1))
     assert [line.replies for line in lines] == [1]  # the refused reply cost nothing
+
+
+async def test_extraction_is_reported_apart_from_replies(database_url: str) -> None:
+    """Background memory work is recorded as "extraction": its own table in the
+    report, not counted as replies, but still part of the cost and the budget."""
+    async with Database(database_url) as database:
+        store = SqlUsageStore(database)
+        accounting = UsageAccounting(store, prices=PRICES, clock=Clock())
+        message = IncomingMessage(platform="terminal", bot="demo", chat="c", user="u", text="x")
+        served = Reply(text="ok", served_by="aws", model="m", usage=Usage(1000, 100))
+        await accounting.on_reply(message, served)
+        for _ in range(2):
+            await accounting.extraction.on_reply(message, served)
+
+        lines = await store.summary(since=NOON - timedelta(days=1))
+        assert [(line.provider, line.kind, line.replies) for line in lines] == [
+            ("aws", "extraction", 2), ("aws", "reply", 1)]
+        rows = (await usage_report(store, days=1, now=NOON)).splitlines()
+        assert rows[0].split()[3] == "replies"
+        assert rows[1].split() == ["2026-11-25", "demo", "aws", "1", "1000", "100",
+                                   f"{AWS.cost(Usage(1000, 100)):.4f}"]
+        assert rows[2] == "memory extraction (background, not replies):"
+        assert rows[3].split()[3] == "calls"
+        assert rows[4].split()[1:6] == ["demo", "aws", "2", "2000", "200"]
+        cost = AWS.cost(Usage(1000, 100))
+        assert rows[5] == (f"total cost: ${3 * cost:.4f} over the last 1 day(s) "
+                           f"(memory extraction: ${2 * cost:.4f})")
+        # Both kinds count against the daily budget.
+        spent = await store.spent(bot="demo", since=NOON - timedelta(hours=1))
+        assert spent == pytest.approx({"u": 3 * cost})
