@@ -35,6 +35,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from tests.fakes.serve import serve
+
 # Bedrock's HTTP status for each error it names in ``x-amzn-ErrorType``.
 ERROR_STATUS = {
     "ThrottlingException": 429,
@@ -144,11 +146,7 @@ class FakeBedrock:
         app = web.Application()
         app.router.add_post("/model/{model:.+}/converse-stream", self._stream)
         app.router.add_post("/model/{model:.+}/converse", self._converse)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve(app, shutdown_timeout=0.1)
         self.url = f"http://127.0.0.1:{port}"
         return self
 

@@ -33,6 +33,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.serve import serve
+
 BOT_ID = 900000000000000001
 APP_ID = 900000000000000002
 GUILD_ID = 900000000000000003
@@ -112,11 +114,7 @@ class FakeDiscord:
         app.router.add_route("GET", "/gateway", self._gateway)
         app.router.add_route("GET", "/cdn/{id}/{name}", self._cdn)
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

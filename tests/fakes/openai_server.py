@@ -35,6 +35,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.serve import serve
+
 
 @dataclass(frozen=True)
 class Text:
@@ -264,11 +266,7 @@ async def start_openai_fake(default: Behaviour | None = None) -> AsyncIterator[F
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.completions)
     app.router.add_get("/health", fake.health)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, fake.port = await serve(app, shutdown_timeout=1.0)
     try:
         yield fake
     finally:

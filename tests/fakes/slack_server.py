@@ -35,6 +35,8 @@ from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.serve import serve
+
 BOT_TOKEN = "xoxb-fake-bot-token"
 APP_TOKEN = "xapp-fake-app-token"
 BOT_USER = "UBOT0000001"
@@ -132,11 +134,7 @@ class FakeSlack:
         app.router.add_route("GET", "/socket", self._socket_mode)
         app.router.add_route("GET", "/files-pri/{id}/{name}", self._download)
         app.router.add_route("POST", "/respond/{id}", self._respond)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -40,6 +40,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.serve import serve
+
 BOT_ID = 1000
 
 
@@ -375,11 +377,7 @@ async def start_telegram_fake(**kwargs: Any) -> AsyncIterator[FakeTelegram]:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/bot{token}/{method}", fake.api)
     app.router.add_get("/file/bot{token}/{path:.+}", fake.download)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app, shutdown_timeout=0.5)
     fake.url = f"http://127.0.0.1:{port}"
     try:
         yield fake

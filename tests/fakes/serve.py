@@ -1,0 +1,21 @@
+"""Start a fake peer's aiohttp app on 127.0.0.1, on a free port.
+
+Every fake under ``tests/fakes`` listens the same way; this is that one way.
+``runner.cleanup()`` stops the server.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+async def serve(app: web.Application, *, shutdown_timeout: float = 60.0
+                ) -> tuple[web.AppRunner, int]:
+    """Returns the started runner and the port the OS picked.
+
+    ``shutdown_timeout`` bounds how long cleanup waits for open requests
+    (fakes that hang on purpose want a short one)."""
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, int(runner.addresses[0][1])
