@@ -365,7 +365,9 @@ async def test_loop_guard_and_channel_modes(bot_pipeline: BotPipeline) -> None:
         await tg.wait_for(lambda: [m.text for m in tg.in_chat(GROUP)] == [expected] * 4)
     asked = sorted(r.messages[-1]["content"].rsplit("\n", 1)[-1]
                    for r in bot_pipeline.fake.requests)
-    assert asked == ["a human, no mention", "bot again", "bot says 0", "bot says 1"]
+    # Group turns name their speaker (the fake's users are all "alice").
+    assert asked == [f"alice: {text}" for text in
+                     ("a human, no mention", "bot again", "bot says 0", "bot says 1")]
     assert tg.in_chat(-77) == [] and tg.count_429 == 0
 
 
