@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters import scaleout
 from adapters.dedupe import Dedupe
@@ -42,11 +42,15 @@ from engine.providers.registry import ProviderConfig, build_provider
 from engine.usage import Budget, Price, UsageAccounting
 from persistence.conversations import SqlConversationStore
 from persistence.database import Database
-from persistence.embeddings import FastEmbedder
 from persistence.recall_log import SqlRecallLog
-from persistence.shared_memory import SharedMemory
 from persistence.usage import SqlUsageStore
-from persistence.vectors import LanceMemoryStore
+
+if TYPE_CHECKING:
+    # Imported where memory starts: lancedb, pyarrow and fastembed take seconds
+    # to import, and commands without memory (`providers`, `usage`) skip them.
+    from persistence.embeddings import FastEmbedder
+    from persistence.shared_memory import SharedMemory
+    from persistence.vectors import LanceMemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +182,10 @@ async def _start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> 
     bots = settings.bots
     if not any(bot.memory.enabled for bot in bots.values()):
         return None
+    from persistence.embeddings import FastEmbedder
+    from persistence.shared_memory import SharedMemory
+    from persistence.vectors import LanceMemoryStore
+
     storage = settings.storage
     embedder = await FastEmbedder.load(
         storage.data_dir, threads=max(b.memory.embedding_threads for b in bots.values()))
@@ -214,8 +222,14 @@ def _bot_memory(parts: _MemoryParts | None, settings: Settings, bot_name: str,
 
 
 @asynccontextmanager
-async def build_app(settings: Settings) -> AsyncIterator[App]:
-    """Start everything the settings describe; stop it all on exit."""
+async def build_app(settings: Settings, *, with_memory: bool = True) -> AsyncIterator[App]:
+    """Start everything the settings describe; stop it all on exit.
+
+    ``with_memory=False`` starts no long-term memory at all (no embedding model,
+    no LanceDB, no extraction queue; ``app.memories`` stays empty), for
+    commands that only read providers or usage. Replies still work, without
+    recall.
+    """
     configs = {n: provider_config(n, p, settings) for n, p in settings.providers.items()}
     used = {name for bot in settings.bots.values() for name in bot.chain}
     async with AsyncExitStack() as stack:
@@ -247,7 +261,7 @@ async def build_app(settings: Settings) -> AsyncIterator[App]:
                      for n, b in settings.bots.items()},
         )
         app.observers.append(app.usage)
-        memory_parts = await _start_memory(stack, settings, app)
+        memory_parts = await _start_memory(stack, settings, app) if with_memory else None
         if memory_parts is not None:
             app.ready_checks["lancedb"] = scaleout.lancedb_check(memory_parts.store)
         for bot_name, bot in settings.bots.items():

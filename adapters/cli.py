@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(handler=cmd_chat, quiet_logs=True)
 
     providers = sub.add_parser("providers", help="list providers with their breaker state")
-    providers.set_defaults(handler=cmd_providers)
+    # needs_memory=False: no embedding model, no LanceDB (build_app(with_memory=False))
+    providers.set_defaults(handler=cmd_providers, needs_memory=False)
 
     run = sub.add_parser("run", help="start every configured platform adapter")
     run.set_defaults(handler=cmd_run)
@@ -178,7 +179,8 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, terminate)
     try:
-        async with build_app(settings) as app:
+        # A command that never replies may set needs_memory=False (see build_parser).
+        async with build_app(settings, with_memory=getattr(args, "needs_memory", True)) as app:
             return await handler(args, app)
     except asyncio.CancelledError:
         if terminated:

@@ -36,4 +36,5 @@ def add_commands(subparsers: Any) -> None:
     usage.add_argument("--bot", help="only this bot (default: every bot)")
     usage.add_argument("--days", type=int, default=7,
                        help="how many days back, today included (default: 7)")
-    usage.set_defaults(handler=cmd_usage, quiet_logs=True)  # stdout is the report
+    # stdout is the report; it reads SQL only (no embedding model, no LanceDB)
+    usage.set_defaults(handler=cmd_usage, quiet_logs=True, needs_memory=False)

@@ -38,10 +38,12 @@ from engine.providers.fallback import Breakers
 from persistence.redis_breakers import SharedBreakers
 from persistence.redis_inflight import OnceStore, RedisInflight
 from persistence.redis_state import RedisState
-from persistence.vectors import LanceMemoryStore
 
 if TYPE_CHECKING:
+    # Types only: importing it loads lancedb and pyarrow (seconds), which
+    # commands without memory (`providers`, `usage`) never need.
     from adapters.app import App
+    from persistence.vectors import LanceMemoryStore
 
 # LanceDB's object-store client reads only the process environment; these may
 # sit in .env, which Settings.env holds: hand them over explicitly.

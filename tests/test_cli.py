@@ -219,3 +219,30 @@ async def test_sigterm_stops_a_running_chat_cleanly(
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
     assert b"Traceback" not in await proc.stderr.read()
+
+
+_PROBE = """
+import sys
+from adapters.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("lancedb", "pyarrow", "fastembed", "onnxruntime") if m in sys.modules)
+print("loaded:", ",".join(heavy) or "none")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("command", [["providers"], ["usage", "--days", "1"]])
+async def test_providers_and_usage_start_no_memory(tmp_path: Path, command: list[str]) -> None:
+    """Memory is on in this config, yet these commands load neither the
+    embedding model nor LanceDB (a fresh process, so sys.modules tells)."""
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1")
+    config.write_text(config.read_text(encoding="utf-8").replace(
+        "enabled = false", "enabled = true"), encoding="utf-8")
+    env = {**_env(), "FAKE_PRIMARY_KEY": "sk-x"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PROBE, "--config", str(config), "--env-file", "", *command,
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines()[-1] == "loaded: none"
+    assert not (tmp_path / "data" / "lancedb").exists()
