@@ -30,11 +30,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, ParamSpec, TypeVar
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, Bitmap, BTree, IvfPq
 
 from engine.errors import BoternityError, EmbeddingMismatch, StorageError
+from engine.ports import Embedder, Progress
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,15 @@ NPROBES = 20
 FTS_WEIGHT = 0.25
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ScalarIndex = Literal["btree", "bitmap"]  # btree: many distinct values; bitmap: a few
+EMBED_BATCH = 256  # texts per embedder call when writing or re-embedding
+# The columns every memory table has, in this order (each table adds its own around them).
+FACT_FIELDS = [
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("user", pa.string(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("importance", pa.float64(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+]
 
 
 P = ParamSpec("P")
@@ -123,6 +134,30 @@ def check_model(name: str, schema: pa.Schema, model: str, dim: int) -> None:
             f"({stored_dim} dims) but this Boternity uses {model} ({dim} dims); "
             "run `boternity memory reembed` to rewrite its vectors"
         )
+
+
+async def connect(uri: str, storage_options: dict[str, str] | None) -> Any:
+    """Open a LanceDB database with the async API.
+
+    ``read_consistency_interval=0``: every read sees writes from other
+    handles (the default never does).
+    """
+    return await lancedb.connect_async(
+        uri, read_consistency_interval=timedelta(0), storage_options=storage_options)
+
+
+async def with_new_vectors(data: pa.Table, embedder: Embedder, schema: pa.Schema,
+                           progress: Progress | None) -> pa.Table:
+    """``data`` (every column but the vector) with each ``text`` embedded again by ``embedder``."""
+    texts = data.column("text").to_pylist()
+    vectors: list[list[float]] = []
+    for start in range(0, len(texts), EMBED_BATCH):
+        vectors.extend(await embedder.embed(texts[start:start + EMBED_BATCH]))
+        if progress is not None:
+            progress(len(vectors), len(texts))
+    return pa.Table.from_arrays(
+        [*data.columns, pa.array(vectors, type=pa.list_(pa.float32(), embedder.dimension))],
+        schema=schema)
 
 
 def owner_of(schema: pa.Schema) -> str:

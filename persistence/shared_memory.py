@@ -33,11 +33,10 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, timedelta
+from datetime import UTC
 from types import TracebackType
 from typing import Any, TypeVar
 
-import lancedb
 import pyarrow as pa
 from lancedb.query import ColumnOrdering
 
@@ -46,9 +45,11 @@ from engine.ports import Embedder, Progress
 from engine.types import Fact, IntegrityReport, TrustLevel
 from persistence.memory_tables import (
     ANN_THRESHOLD,
+    FACT_FIELDS,
     Maintainer,
     ScalarIndex,
     check_model,
+    connect,
     hybrid_search,
     in_list,
     micros,
@@ -57,6 +58,7 @@ from persistence.memory_tables import (
     storage_errors,
     table_names,
     with_model,
+    with_new_vectors,
 )
 
 log = logging.getLogger(__name__)
@@ -68,11 +70,7 @@ LEVELS: tuple[TrustLevel, ...] = ("public", "trusted", "private")
 FIELDS = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("seq", pa.int64(), nullable=False),
-    pa.field("text", pa.string(), nullable=False),
-    pa.field("user", pa.string(), nullable=False),
-    pa.field("category", pa.string(), nullable=False),
-    pa.field("importance", pa.float64(), nullable=False),
-    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    *FACT_FIELDS,
     pa.field("trust_level", pa.string(), nullable=False),
     pa.field("trust_group", pa.string(), nullable=False),
     pa.field("author_bot", pa.string(), nullable=False),
@@ -208,8 +206,7 @@ class SharedMemory:
         ann_threshold: int = ANN_THRESHOLD, maintain_delay_s: float = 2.0,
         writer_lock: WriterLock | None = None,
     ) -> SharedMemory:
-        db = await lancedb.connect_async(
-            uri, read_consistency_interval=timedelta(0), storage_options=storage_options)
+        db = await connect(uri, storage_options)
         schema = with_model(FIELDS, embedder.model_name, embedder.dimension, "")
         if TABLE in await table_names(db):
             table = await db.open_table(TABLE)
@@ -342,21 +339,12 @@ class SharedMemory:
     async def reembed(self, *, progress: Progress | None = None) -> int:
         async def rewrite() -> int:
             data = await self._raw.query().select(COLUMNS).to_arrow()
-            texts = data.column("text").to_pylist()
-            vectors: list[list[float]] = []
-            for start in range(0, len(texts), 256):
-                vectors.extend(await self._embedder.embed(texts[start:start + 256]))
-                if progress is not None:
-                    progress(len(vectors), len(texts))
-            dim = self._embedder.dimension
-            schema = with_model(FIELDS, self._embedder.model_name, dim, "")
-            rebuilt = pa.Table.from_arrays(
-                [*data.columns, pa.array(vectors, type=pa.list_(pa.float32(), dim))],
-                schema=schema)
+            schema = with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, "")
+            rebuilt = await with_new_vectors(data, self._embedder, schema, progress)
             self._raw = await self._db.create_table(TABLE, rebuilt, mode="overwrite")
             self._mismatch = None
             await self._maintainer.run_now()
-            return len(texts)
+            return int(rebuilt.num_rows)
 
         return await self._serialized(rewrite)
 
@@ -367,15 +355,16 @@ class SharedMemory:
     # -- reads (every one through TrustRule and the hash check) ---------
 
     def _verified(self, rows: list[dict[str, Any]], rule: TrustRule) -> list[dict[str, Any]]:
-        good, bad = split_rows(rows, rule)
-        for fact_id in bad:
-            self.tampered_reads += 1
-            log.warning("shared memory row %r fails its write hash: excluded", fact_id)
-        return good
+        return self._count_tampered(split_rows(rows, rule))
 
     async def _verified_many(self, data: pa.Table, rule: TrustRule) -> list[dict[str, Any]]:
         # Converting and hashing thousands of rows is CPU work: off the event loop.
-        good, bad = await asyncio.to_thread(lambda: split_rows(data.to_pylist(), rule))
+        return self._count_tampered(
+            await asyncio.to_thread(lambda: split_rows(data.to_pylist(), rule)))
+
+    def _count_tampered(self, split: tuple[list[dict[str, Any]], list[str]]
+                        ) -> list[dict[str, Any]]:
+        good, bad = split
         for fact_id in bad:
             self.tampered_reads += 1
             log.warning("shared memory row %r fails its write hash: excluded", fact_id)

@@ -19,11 +19,9 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-import lancedb
 import pyarrow as pa
 
 from engine.errors import StorageError
@@ -31,9 +29,12 @@ from engine.ports import Embedder, Progress
 from engine.types import Fact
 from persistence.memory_tables import (
     ANN_THRESHOLD,
+    EMBED_BATCH,
+    FACT_FIELDS,
     Maintainer,
     ScalarIndex,
     check_model,
+    connect,
     hybrid_search,
     in_list,
     now,
@@ -42,17 +43,13 @@ from persistence.memory_tables import (
     storage_errors,
     table_names,
     with_model,
+    with_new_vectors,
 )
 
 PREFIX = "memories_"
-BATCH = 256
 FIELDS = [
     pa.field("id", pa.string(), nullable=False),
-    pa.field("text", pa.string(), nullable=False),
-    pa.field("user", pa.string(), nullable=False),
-    pa.field("category", pa.string(), nullable=False),
-    pa.field("importance", pa.float64(), nullable=False),
-    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    *FACT_FIELDS,
     pa.field("superseded_by", pa.string(), nullable=False),
     pa.field("metadata", pa.string(), nullable=False),
 ]
@@ -99,10 +96,7 @@ class LanceMemoryStore:
         ann_threshold: int = ANN_THRESHOLD, maintain_delay_s: float = 2.0, hybrid: bool = True,
     ) -> LanceMemoryStore:
         """Connect; ``hybrid=False`` ranks by vector similarity only (the baseline)."""
-        # read_consistency_interval=0: every read sees writes from other handles
-        # (the default never does).
-        db = await lancedb.connect_async(
-            uri, read_consistency_interval=timedelta(0), storage_options=storage_options)
+        db = await connect(uri, storage_options)
         return cls(db, embedder, ann_threshold=ann_threshold, maintain_delay_s=maintain_delay_s,
                    hybrid=hybrid)
 
@@ -183,9 +177,9 @@ class LanceMemoryStore:
         table = await self._table(bot, create=True)
         assert table is not None  # create=True always returns a table
         stored: list[Fact] = []
-        for start in range(0, len(facts), BATCH):
+        for start in range(0, len(facts), EMBED_BATCH):
             batch = [replace(f, id=f.id or uuid.uuid4().hex, created_at=f.created_at or now())
-                     for f in facts[start:start + BATCH]]
+                     for f in facts[start:start + EMBED_BATCH]]
             vectors = await self._embedder.embed([f.text for f in batch])
             await table.add(pa.Table.from_pylist(
                 [self._row(f, v) for f, v in zip(batch, vectors, strict=True)],
@@ -244,21 +238,12 @@ class LanceMemoryStore:
         if table is None:
             return 0
         data = await table.query().select(COLUMNS).to_arrow()
-        texts = data.column("text").to_pylist()
-        vectors: list[list[float]] = []
-        for start in range(0, len(texts), BATCH):
-            vectors.extend(await self._embedder.embed(texts[start:start + BATCH]))
-            if progress is not None:
-                progress(len(vectors), len(texts))
-        rebuilt = pa.Table.from_arrays(
-            [*data.columns, pa.array(vectors, type=pa.list_(pa.float32(),
-                                                            self._embedder.dimension))],
-            schema=self._schema(bot))
+        rebuilt = await with_new_vectors(data, self._embedder, self._schema(bot), progress)
         await self.drop_bot(bot)
         await self._db.create_table(table_name(bot), rebuilt, mode="overwrite")
         await self._table(bot)
         await self.maintain(bot)
-        return len(texts)
+        return int(rebuilt.num_rows)
 
     # -- reads ----------------------------------------------------------
 
