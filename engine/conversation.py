@@ -27,15 +27,12 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from engine.errors import AllProvidersFailed, InvalidRequest, ProviderError, StorageError
 from engine.footer import footer as render_footer
-from engine.ports import ConversationStore, MemoryPolicy, Provider, ReplyObserver
+from engine.ports import Chain, ConversationStore, MemoryPolicy, Provider, ReplyObserver
 from engine.prompt import Prompt, build_prompt, estimate_tokens, request_tokens
 from engine.types import (
-    Capabilities,
-    Chunk,
     CompletionRequest,
     Fact,
     Failure,
@@ -47,35 +44,6 @@ from engine.types import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ChainRun(Protocol):
-    """One streamed completion of a chain; the attributes are final once exhausted."""
-
-    @property
-    def served_by(self) -> str | None: ...
-    @property
-    def model(self) -> str | None: ...
-    @property
-    def failures(self) -> tuple[Failure, ...]: ...
-    @property
-    def usage(self) -> Usage | None: ...
-
-    def __aiter__(self) -> AsyncIterator[Chunk]: ...
-
-
-class Chain(Protocol):
-    """What the pipeline needs of ``engine.providers.fallback.FallbackChain``."""
-
-    @property
-    def capabilities(self) -> Capabilities: ...
-    @property
-    def providers(self) -> Sequence[Provider]: ...
-
-    def run(
-        self, request: CompletionRequest, *,
-        skip: Callable[[Provider, CompletionRequest], str | None] | None = None,
-    ) -> ChainRun: ...
 
 
 @dataclass

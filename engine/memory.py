@@ -42,10 +42,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
 
 from engine.background import Background
 from engine.errors import BoternityError, ProviderError
@@ -59,6 +58,7 @@ from engine.extraction import (
     speaker_label,
 )
 from engine.ports import (
+    Chain,
     Embedder,
     MemoryStore,
     Provider,
@@ -67,44 +67,15 @@ from engine.ports import (
     SharedMemoryStore,
 )
 from engine.types import (
-    Chunk,
     CompletionRequest,
     Fact,
     IncomingMessage,
     RecalledFact,
     RecallRecord,
     Reply,
-    Usage,
 )
 
 log = logging.getLogger(__name__)
-
-
-class ChainRun(Protocol):
-    """One run of a fallback chain: iterate the chunks, then read who served."""
-
-    def __aiter__(self) -> AsyncIterator[Chunk]: ...
-
-    @property
-    def served_by(self) -> str | None: ...
-
-    @property
-    def model(self) -> str | None: ...
-
-    @property
-    def usage(self) -> Usage: ...
-
-
-class Chain(Protocol):
-    """What extraction needs of ``engine.providers.fallback.FallbackChain``."""
-
-    @property
-    def providers(self) -> Sequence[Provider]: ...
-
-    def run(
-        self, request: CompletionRequest, *,
-        skip: Callable[[Provider, CompletionRequest], str | None] | None = None,
-    ) -> ChainRun: ...
 
 
 @dataclass(frozen=True)

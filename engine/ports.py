@@ -15,6 +15,7 @@ from engine.types import (
     Chunk,
     CompletionRequest,
     Fact,
+    Failure,
     IncomingMessage,
     IntegrityReport,
     RecallRecord,
@@ -23,6 +24,7 @@ from engine.types import (
     StoredFile,
     StoredMessage,
     TrustLevel,
+    Usage,
 )
 
 
@@ -40,6 +42,37 @@ class Provider(Protocol):
     capabilities: Capabilities
 
     def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]: ...
+
+
+class ChainRun(Protocol):
+    """One streamed completion of a chain: iterate the chunks, then read the
+    results (final once the chunks are exhausted)."""
+
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+    @property
+    def served_by(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def failures(self) -> tuple[Failure, ...]: ...
+    @property
+    def usage(self) -> Usage: ...
+
+
+class Chain(Protocol):
+    """What the reply pipeline and memory extraction need of a fallback chain
+    (``engine.providers.fallback.FallbackChain``); ``skip`` may pass over a
+    provider for this run only, with a reason."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+    @property
+    def providers(self) -> Sequence[Provider]: ...
+
+    def run(
+        self, request: CompletionRequest, *,
+        skip: Callable[[Provider, CompletionRequest], str | None] | None = None,
+    ) -> ChainRun: ...
 
 
 class ConversationStore(Protocol):
