@@ -301,7 +301,8 @@ async def test_taken_over_user_message_is_stored_once(namespace: str, tmp_path: 
         async def worker(inflight: RedisInflight) -> int:
             # One reply task: begin() binds the event, then the user message is committed.
             assert await inflight.begin(MESSAGE)
-            return await store.add(bot="helper", chat="C1", role="user", content=MESSAGE.text)
+            return await store.add(bot="helper", chat="C1", role="user", content=MESSAGE.text,
+                                   user_name="Ann")
 
         dead = RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3)
         await dead.__aenter__()
@@ -314,10 +315,12 @@ async def test_taken_over_user_message_is_stored_once(namespace: str, tmp_path: 
         again = await asyncio.create_task(worker(live))
         assert again == first
         await store.add(bot="helper", chat="C1", role="assistant", content="Paris.")
-        assert [m.content for m in await store.history("helper", "C1")] == [
-            MESSAGE.text, "Paris."]
+        assert [(m.content, m.user_name) for m in await store.history("helper", "C1")] == [
+            (MESSAGE.text, "Ann"), ("Paris.", "")]  # the speaker's name goes through
         # Outside a reply (no event bound) it is a plain store.
-        assert await store.add(bot="helper", chat="C2", role="user", content="x") > first
+        assert await store.add(bot="helper", chat="C2", role="user", content="x",
+                               user_name="Bo") > first
+        assert [m.user_name for m in await store.history("helper", "C2")] == ["Bo"]
 
 
 async def test_breaker_events_survive_a_dropped_connection(namespace: str) -> None:
