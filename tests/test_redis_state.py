@@ -135,13 +135,21 @@ async def test_breaker_names_are_independent(namespace: str) -> None:
 async def test_two_workers_share_one_chat_budget(namespace: str) -> None:
     async with RedisState(REDIS_URL, namespace=namespace) as one, \
             RedisState(REDIS_URL, namespace=namespace) as two:
-        waits = []
+        clock = asyncio.get_running_loop().time
+        calls = []  # (started, took, wait) per reservation
         for i in range(6):
             state = one if i % 2 == 0 else two
-            waits.append(await state.budget.reserve("telegram:chat-1", 0.5))
-        # Six slots 0.5 s apart, wherever they were taken: the sixth waits ~2.5 s.
-        for i, wait in enumerate(waits):
-            assert i * 0.5 - 0.2 <= wait <= i * 0.5 + 0.01, waits
+            started = clock()
+            wait = await state.budget.reserve("telegram:chat-1", 0.5)
+            calls.append((started, clock() - started, wait))
+        # Six slots 0.5 s apart, wherever they were taken: slot i is i * 0.5 s after
+        # the first. Time spent between calls (a busy machine) shortens each wait by
+        # exactly that much, so the slot is measured as wait + elapsed; the only
+        # slack is each call's own duration (when Redis read its clock) + ms rounding.
+        first, first_took, _ = calls[0]
+        for i, (started, took, wait) in enumerate(calls):
+            slot = wait + (started - first)
+            assert i * 0.5 - took - 0.002 <= slot <= i * 0.5 + first_took + 0.002, calls
         # Another chat has its own budget.
         assert await two.budget.reserve("telegram:chat-2", 0.5) == 0
 
@@ -149,13 +157,18 @@ async def test_two_workers_share_one_chat_budget(namespace: str) -> None:
 async def test_budget_burst_and_retry_after(namespace: str) -> None:
     async with RedisState(REDIS_URL, namespace=namespace) as one, \
             RedisState(REDIS_URL, namespace=namespace) as two:
-        # burst 3: three immediate slots, then paced
+        clock = asyncio.get_running_loop().time
+        # burst 3: three immediate slots, then paced: the fourth is 1 s after the
+        # first (less the time the calls themselves took on a busy machine).
+        started = clock()
         waits = [await one.budget.reserve("slack:T1", 1.0, burst=3) for _ in range(4)]
         assert waits[:3] == [0, 0, 0]
-        assert waits[3] > 0.5
-        # A 429 seen by one worker holds back the other.
+        assert 1.0 - (clock() - started) - 0.002 <= waits[3] <= 1.0, waits
+        # A 429 seen by one worker holds back the other for the rest of its 5 s.
+        started = clock()
         await one.budget.penalize("discord:c9", 5)
-        assert await two.budget.reserve("discord:c9", 0.1) > 4.5
+        held = await two.budget.reserve("discord:c9", 0.1)
+        assert 5 - (clock() - started) - 0.002 <= held <= 5, held
 
 
 async def test_event_claimed_once_then_done(namespace: str) -> None:
@@ -184,19 +197,31 @@ async def test_released_event_is_handled_by_a_redelivery(namespace: str) -> None
 
 
 async def test_dedupe_claim_expires_after_its_ttl(namespace: str) -> None:
+    # 1 s: far above a busy machine's pause between the first two claims.
     async with RedisState(REDIS_URL, namespace=namespace) as one:
-        assert await one.claims.claim("slack:T:C:1.0", ttl_s=0.2)
-        assert not await one.claims.claim("slack:T:C:1.0", ttl_s=0.2)
-        await asyncio.sleep(0.25)  # the ttl itself is under test
-        assert await one.claims.claim("slack:T:C:1.0", ttl_s=0.2)
+        assert await one.claims.claim("slack:T:C:1.0", ttl_s=1.0)
+        assert not await one.claims.claim("slack:T:C:1.0", ttl_s=1.0)
+        # The ttl itself is under test: wait out what Redis says is left of it.
+        client = aioredis.from_url(REDIS_URL)
+        left_ms = await client.pttl(f"{namespace}:event:slack:T:C:1.0")
+        await client.aclose()
+        assert 0 < left_ms <= 1000
+        await asyncio.sleep(left_ms / 1000 + 0.05)
+        assert await one.claims.claim("slack:T:C:1.0", ttl_s=1.0)
+
+
+# Leases in these tests: short enough to wait out, long enough that a busy
+# machine's pause between a claim and the next check cannot let one run out
+# (renewals come every third of it, so two missed rounds are still tolerated).
+LEASE_S = 1.0
 
 
 async def test_dead_workers_lease_expires_live_one_keeps_its_own(namespace: str) -> None:
     client_dead = aioredis.from_url(REDIS_URL, decode_responses=True)
     client_live = aioredis.from_url(REDIS_URL, decode_responses=True)
-    dead = RedisEventClaims(client_dead, namespace, lease_s=0.3)
-    live = RedisEventClaims(client_live, namespace, lease_s=0.3)
-    other = RedisEventClaims(client_live, namespace, lease_s=0.3)
+    dead = RedisEventClaims(client_dead, namespace, lease_s=LEASE_S)
+    live = RedisEventClaims(client_live, namespace, lease_s=LEASE_S)
+    other = RedisEventClaims(client_live, namespace, lease_s=LEASE_S)
     try:
         assert await dead.try_claim("ev-dead") == "claimed"
         assert await live.try_claim("ev-live") == "claimed"
@@ -207,7 +232,7 @@ async def test_dead_workers_lease_expires_live_one_keeps_its_own(namespace: str)
         assert await other.try_claim("ev-dead") == "busy"
         # The lease runs out on Redis' clock; the redelivery comes after that.
         left_ms = await client_live.pttl(f"{namespace}:event:ev-dead")
-        assert 0 < left_ms <= 300
+        assert 0 < left_ms <= LEASE_S * 1000
         await asyncio.sleep(left_ms / 1000 + 0.05)
         assert await other.try_claim("ev-dead") == "claimed"
         # The live worker renewed its lease all along: still its own.
@@ -234,11 +259,11 @@ async def test_dead_workers_reply_is_taken_over_once(namespace: str) -> None:
         taken.append(message)
         arrived.set()
 
-    async with RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3) as live, \
-            RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3) as bystander:
+    async with RedisInflight(REDIS_URL, namespace=namespace, lease_s=LEASE_S) as live, \
+            RedisInflight(REDIS_URL, namespace=namespace, lease_s=LEASE_S) as bystander:
         live.route("slack", "helper", resubmit)
         bystander.route("telegram", "helper", resubmit)  # serves another platform only
-        dead = RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3)
+        dead = RedisInflight(REDIS_URL, namespace=namespace, lease_s=LEASE_S)
         await dead.__aenter__()
         assert await dead.begin(MESSAGE)
         assert not await live.begin(MESSAGE)  # a live lease: not ours
@@ -294,7 +319,7 @@ async def test_taken_over_user_message_is_stored_once(namespace: str, tmp_path: 
     from persistence.database import Database
 
     async with Database(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}") as db, \
-            RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3) as live:
+            RedisInflight(REDIS_URL, namespace=namespace, lease_s=LEASE_S) as live:
         sql = SqlConversationStore(db)
         store = OnceStore(sql, live)
 
@@ -304,7 +329,7 @@ async def test_taken_over_user_message_is_stored_once(namespace: str, tmp_path: 
             return await store.add(bot="helper", chat="C1", role="user", content=MESSAGE.text,
                                    user_name="Ann")
 
-        dead = RedisInflight(REDIS_URL, namespace=namespace, lease_s=0.3)
+        dead = RedisInflight(REDIS_URL, namespace=namespace, lease_s=LEASE_S)
         await dead.__aenter__()
         first = await asyncio.create_task(worker(dead))
         await dead.__aexit__(None, None, None)  # died before answering
