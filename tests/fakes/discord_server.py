@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.fakes.serve import serve
+from tests.fakes.serve import serve, wait_until
 
 BOT_ID = 900000000000000001
 APP_ID = 900000000000000002
@@ -207,12 +207,7 @@ class FakeDiscord:
 
     async def wait_for(self, predicate: Any, within_s: float = 30.0) -> None:
         """Wait until ``predicate()`` holds, woken by every message create/edit."""
-        async with asyncio.timeout(within_s):
-            while not predicate():
-                self.changed.clear()
-                if predicate():
-                    return
-                await self.changed.wait()
+        await wait_until(self.changed, predicate, within_s)
 
     # --- gateway -----------------------------------------------------------
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:

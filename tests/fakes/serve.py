@@ -1,10 +1,14 @@
 """Start a fake peer's aiohttp app on 127.0.0.1, on a free port.
 
-Every fake under ``tests/fakes`` listens the same way; this is that one way.
-``runner.cleanup()`` stops the server.
+Every fake under ``tests/fakes`` listens the same way, and lets tests wait
+for what it saw the same way; these are those ways. ``runner.cleanup()``
+stops the server.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -19,3 +23,15 @@ async def serve(app: web.Application, *, shutdown_timeout: float = 60.0
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     return runner, int(runner.addresses[0][1])
+
+
+async def wait_until(changed: asyncio.Event, predicate: Callable[[], bool],
+                     within_s: float) -> None:
+    """Wait until ``predicate()`` holds, re-checked each time the fake sets
+    ``changed`` (an event, never a polling sleep); TimeoutError after ``within_s``.
+
+    No await separates the check from ``clear()``, so no change is missed."""
+    async with asyncio.timeout(within_s):
+        while not predicate():
+            changed.clear()
+            await changed.wait()

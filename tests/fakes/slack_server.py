@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
 
-from tests.fakes.serve import serve
+from tests.fakes.serve import serve, wait_until
 
 BOT_TOKEN = "xoxb-fake-bot-token"
 APP_TOKEN = "xapp-fake-app-token"
@@ -191,12 +191,7 @@ class FakeSlack:
 
     async def wait_for(self, predicate: Any, within_s: float = 30.0) -> None:
         """Wait until ``predicate()`` holds, woken by every post, update and response."""
-        async with asyncio.timeout(within_s):
-            while not predicate():
-                self.changed.clear()
-                if predicate():
-                    return
-                await self.changed.wait()
+        await wait_until(self.changed, predicate, within_s)
 
     # --- Web API -----------------------------------------------------------
     async def _api(self, request: web.Request) -> web.Response:

@@ -40,7 +40,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.serve import serve
+from tests.fakes.serve import serve, wait_until
 
 BOT_ID = 1000
 
@@ -166,10 +166,7 @@ class FakeTelegram:
 
     async def wait_for(self, predicate: Any, limit_s: float = 60.0) -> None:
         """Wait until ``predicate()`` holds (re-checked after each API call)."""
-        async with asyncio.timeout(limit_s):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+        await wait_until(self._changed, predicate, limit_s)
 
     def calls_of(self, method: str) -> list[dict[str, Any]]:
         return [params for name, params in self.calls if name == method]
