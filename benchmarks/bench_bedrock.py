@@ -53,9 +53,9 @@ from engine.types import (  # noqa: E402
     Reply,
 )
 from engine.usage import Budget, Price, UsageAccounting  # noqa: E402
-from persistence.conversations import SqlConversationStore  # noqa: E402
-from persistence.database import Database  # noqa: E402
-from persistence.usage import SqlUsageStore  # noqa: E402
+from persistence.sql.conversations import SqlConversationStore  # noqa: E402
+from persistence.sql.database import Database  # noqa: E402
+from persistence.sql.usage import SqlUsageStore  # noqa: E402
 from tests.fakes.bedrock_server import Behaviour, FakeBedrock  # noqa: E402
 
 CHUNKS = ("The", " answer", " is", " forty", "-two.")

@@ -45,8 +45,8 @@ from engine.conversation import Conversation  # noqa: E402
 from engine.providers.fallback import Breakers, FallbackChain  # noqa: E402
 from engine.providers.openai_compat import OpenAICompatProvider  # noqa: E402
 from engine.types import IncomingMessage, Reply  # noqa: E402
-from persistence.conversations import SqlConversationStore  # noqa: E402
-from persistence.database import Database  # noqa: E402
+from persistence.sql.conversations import SqlConversationStore  # noqa: E402
+from persistence.sql.database import Database  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAI, Text, start_openai_fake  # noqa: E402
 
 CHUNKS = ("The", " answer", " is", " forty", "-two.")

@@ -38,8 +38,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.types import Fact
-from persistence.embeddings import FastEmbedder
-from persistence.vectors import LanceMemoryStore
+from persistence.vectors.embeddings import FastEmbedder
+from persistence.vectors.memory import LanceMemoryStore
 
 NAMES = ["Alice", "Bob", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun"]
 VERBS = ["loves", "is learning", "gave up", "teaches", "collects things about",

@@ -12,7 +12,7 @@ per bot) and answers 429 with retry_after. Only the loop differs:
     edit per delta      send, then edit on every delta; errors are dropped
     1 s throttle        edit at most once a second per message; on 429 sleep
                         retry_after and try again (what many bots do)
-    Outbound            adapters/outbound.py: per-chat budget shared by sends
+    Outbound            adapters/chat/outbound.py: per-chat budget shared by sends
                         and edits, bot-wide pacing, coalescing, retry_after
 
 Reported per scenario: API calls, 429s, replies whose final text is complete,
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from telegram import Bot
 
-from adapters.outbound import DeliveryError, Outbound, RetryAfter
-from adapters.render import to_telegram
-from adapters.telegram import TelegramSender
+from adapters.chat.outbound import DeliveryError, Outbound, RetryAfter
+from adapters.chat.render import to_telegram
+from adapters.platforms.telegram import TelegramSender
 from engine.types import Reply
 from tests.fakes.telegram_server import start_telegram_fake
 

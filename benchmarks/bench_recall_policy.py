@@ -37,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import BOT, USERS, fill, sentences
 
 from engine.background import Background
-from engine.memory import BotMemory, MemoryConfig
+from engine.memory.policy import BotMemory, MemoryConfig
 from engine.types import Fact, IncomingMessage
-from persistence.database import Database
-from persistence.embeddings import FastEmbedder
-from persistence.recall_log import SqlRecallLog
-from persistence.shared_memory import SharedMemory
-from persistence.vectors import LanceMemoryStore
+from persistence.sql.database import Database
+from persistence.sql.recall_log import SqlRecallLog
+from persistence.vectors.embeddings import FastEmbedder
+from persistence.vectors.memory import LanceMemoryStore
+from persistence.vectors.shared import SharedMemory
 
 QUESTIONS = ["What does {n} like to eat?", "Where does {n} live?", "What sport do I play?",
              "Which language am I learning?", "What is my dog called?"]

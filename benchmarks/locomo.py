@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.admin import BotInfo, MemoryAdmin
 from engine.background import Background
-from engine.memory import BotMemory, MemoryConfig
+from engine.memory.policy import BotMemory, MemoryConfig
 from engine.types import IncomingMessage
-from persistence.embeddings import FastEmbedder
-from persistence.vectors import LanceMemoryStore
+from persistence.vectors.embeddings import FastEmbedder
+from persistence.vectors.memory import LanceMemoryStore
 
 KS = (1, 5, 10)
 BOT = "locomo"

@@ -315,7 +315,7 @@ class MemoryAdmin:
         return await self._shared().verify()
 
 
-# --- providers, files, persona (platform commands; ``adapters/commands.py``) ---
+# --- providers, files, persona (platform commands; ``adapters/chat/commands.py``) ---
 
 
 @dataclass(frozen=True)

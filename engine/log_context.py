@@ -2,7 +2,7 @@
 
 Any layer binds what it knows for the duration of a block; every log line
 emitted inside it (including by libraries, and by tasks created inside it,
-which copy the context) carries those fields. ``adapters/logs.py`` puts
+which copy the context) carries those fields. ``adapters/ops/logs.py`` puts
 them on each record. Stdlib only, so the engine and its providers can bind::
 
     with bind(bot="helper", platform="telegram", chat="42"):

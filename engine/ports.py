@@ -272,7 +272,7 @@ class RecallLog(Protocol):
 
 
 class MemoryPolicy(Protocol):
-    """What the reply pipeline asks of long-term memory (``engine/memory.py``).
+    """What the reply pipeline asks of long-term memory (``engine/memory/policy.py``).
 
     ``recall`` runs before the reply (it may return [] on any storage trouble:
     a reply never fails because memory did). ``learn`` schedules fact
@@ -306,7 +306,7 @@ class Replier(Protocol):
 
 
 class FileStore(Protocol):
-    """Per-bot attachment storage (``persistence/files.py``).
+    """Per-bot attachment storage (``persistence/sql/files.py``).
 
     ``save`` streams ``chunks`` to disk, content-addressed by SHA-256 (the
     same bytes are stored once per bot), and records the metadata. It raises

@@ -113,7 +113,7 @@ class UsageLine:
 
 
 class UsageStore(Protocol):
-    """Where usage records live (``persistence/usage.py``)."""
+    """Where usage records live (``persistence/sql/usage.py``)."""
 
     async def add(self, record: UsageRecord) -> None: ...
 

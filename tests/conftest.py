@@ -83,14 +83,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 # --- long-term memory: the real embedding model, loaded once per test run ---
 @pytest.fixture(scope="session")
 def embedder(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """The real all-MiniLM-L6-v2 ``FastEmbedder`` (persistence/embeddings.py), shared.
+    """The real all-MiniLM-L6-v2 ``FastEmbedder`` (persistence/vectors/embeddings.py), shared.
 
     Loaded once per session (about 1-2 s); ``embed`` runs in a worker thread
     of whichever event loop calls it.
     """
     import asyncio
 
-    from persistence.embeddings import FastEmbedder
+    from persistence.vectors.embeddings import FastEmbedder
 
     return asyncio.run(FastEmbedder.load(tmp_path_factory.mktemp("models"), threads=2))
 
@@ -127,8 +127,8 @@ class BotPipeline:
         from engine.providers.fallback import Breakers, FallbackChain
         from engine.providers.openai_compat import OpenAICompatProvider
         from engine.types import Capabilities
-        from persistence.conversations import SqlConversationStore
-        from persistence.database import Database
+        from persistence.sql.conversations import SqlConversationStore
+        from persistence.sql.database import Database
 
         db = await self.stack.enter_async_context(
             Database(f"sqlite+aiosqlite:///{self.tmp_path / 'bot.db'}"))
@@ -143,7 +143,7 @@ class BotPipeline:
             bot="demo", persona="You are terse.", chain=self.chain,
             store=SqlConversationStore(db), footer="always", observers=[self, self.last],
         )
-        from persistence.files import SqlFileStore
+        from persistence.sql.files import SqlFileStore
 
         self.files = SqlFileStore(db, self.tmp_path / "data", max_file_bytes=1_000_000,
                                   max_bot_bytes=10_000_000)
@@ -151,7 +151,7 @@ class BotPipeline:
         self.persona_admin = PersonaAdmin({"demo": self.conversation})
 
     def commands(self, admins: tuple[str, ...]) -> object:
-        from adapters.commands import Commands
+        from adapters.chat.commands import Commands
         from engine.admin import FileAdmin
 
         return Commands(bot="demo", admins=admins, providers=self.provider_admin,
@@ -170,7 +170,7 @@ async def bot_pipeline(openai_fake: FakeOpenAI, tmp_path: object) -> AsyncIterat
 # --- in-process CLI runs (engine polish helper) ---
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    """Undo what ``adapters.cli.main()`` does to logging process-wide.
+    """Undo what ``adapters.cli.main.main()`` does to logging process-wide.
 
     ``main()`` sets logger levels and puts a root handler on the captured
     stderr; a module that calls it in-process uses this fixture

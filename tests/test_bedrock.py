@@ -448,8 +448,8 @@ async def test_keys_and_region_from_dotenv_reach_bedrock(
 ) -> None:
     # .env is Boternity's, not the process environment: botocore cannot see it,
     # so the composition root hands the keys over explicitly.
-    from adapters.app import build_app
-    from adapters.settings import load_settings
+    from adapters.wiring.build import build_app
+    from adapters.wiring.settings import load_settings
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name)

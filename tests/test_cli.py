@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.cli import main
+from adapters.cli.main import main
 from tests.fakes.openai_server import FakeOpenAI, RateLimit, Status, Text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def test_embedded_demo_config_when_no_default_file(
 
 
 def test_embedded_config_is_the_deploy_example() -> None:
-    shipped = (ROOT / "adapters" / "boternity.example.toml").read_text(encoding="utf-8")
+    shipped = (ROOT / "adapters" / "wiring" / "boternity.example.toml").read_text(encoding="utf-8")
     assert (ROOT / "deploy" / "boternity.example.toml").read_text(encoding="utf-8") == shipped
 
 
@@ -223,7 +223,7 @@ async def test_sigterm_stops_a_running_chat_cleanly(
 
 _PROBE = """
 import sys
-from adapters.cli import main
+from adapters.cli.main import main
 code = main(sys.argv[1:])
 heavy = sorted(m for m in ("lancedb", "pyarrow", "fastembed", "onnxruntime") if m in sys.modules)
 print("loaded:", ",".join(heavy) or "none")

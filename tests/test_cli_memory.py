@@ -1,6 +1,6 @@
 """``boternity memory ...`` and ``boternity shared ...`` end to end.
 
-Each command runs through the real entry point (``adapters.cli.main``: config
+Each command runs through the real entry point (``adapters.cli.main.main``: config
 file, ``build_app``, the real embedding model, LanceDB and SQLite in a tmp
 dir), in a worker thread with its own event loop, exactly as a second
 process would; one test also runs the installed module as a subprocess.
@@ -19,9 +19,9 @@ from typing import Any
 import lancedb
 import pytest
 
-from adapters.app import build_app
-from adapters.cli import main
-from adapters.settings import load_settings
+from adapters.cli.main import main
+from adapters.wiring.build import build_app
+from adapters.wiring.settings import load_settings
 from engine.types import IncomingMessage, Reply
 from tests.fakes.openai_server import FakeOpenAI, Text
 

@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from adapters.commands import COMMANDS, Caller, Commands, is_command, parse
+from adapters.chat.commands import COMMANDS, Caller, Commands, is_command, parse
 from engine.admin import BotInfo, FileAdmin, LastReplies, MemoryAdmin, PersonaAdmin, ProviderAdmin
 from engine.conversation import Conversation
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import IncomingMessage, RecalledFact, RecallRecord, Reply
-from persistence.conversations import SqlConversationStore
-from persistence.database import Database
-from persistence.files import SqlFileStore
-from persistence.recall_log import SqlRecallLog
-from persistence.vectors import LanceMemoryStore
+from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.database import Database
+from persistence.sql.files import SqlFileStore
+from persistence.sql.recall_log import SqlRecallLog
+from persistence.vectors.memory import LanceMemoryStore
 from tests.fakes.openai_server import FakeOpenAI, Text
 
 ADMIN = Caller(platform="telegram", chat="100", user="42")

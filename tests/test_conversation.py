@@ -18,8 +18,8 @@ from engine.conversation import Conversation
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Capabilities, Fact, FooterMode, IncomingMessage, Reply
-from persistence.conversations import SqlConversationStore
-from persistence.database import Database
+from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.database import Database
 from tests.fakes.openai_server import (
     Behaviour,
     Drop,
@@ -335,7 +335,7 @@ async def test_unsaved_message_is_not_answered(openai_fake: FakeOpenAI) -> None:
 async def test_terminal_streams_in_interactive_mode(pipeline: Pipeline) -> None:
     import io
 
-    from adapters.console import chat
+    from adapters.platforms.terminal import chat
 
     pipeline.fake.script(Text(["Str", "eamed"]), model="primary-model")
     pipeline.fake.script(Status(500), model="primary-model")

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import inspect, text
 
 from engine.errors import StorageError
-from persistence.conversations import SqlConversationStore
-from persistence.database import Database, head_revision
+from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.database import Database, head_revision
 
 
 def sqlite_url(path: Path) -> str:

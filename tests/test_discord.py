@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from adapters.discord import DiscordAdapter, DiscordConfig
-from adapters.gate import GateConfig
-from adapters.outbound import DISCORD
-from adapters.platforms import MAX_CONCURRENT_REPLIES
+from adapters.chat.gate import GateConfig
+from adapters.chat.outbound import DISCORD
+from adapters.platforms.discord import DiscordAdapter, DiscordConfig
+from adapters.wiring.platforms import MAX_CONCURRENT_REPLIES
 from engine.types import Reply
 from tests.conftest import BotPipeline
 from tests.fakes.discord_server import FakeDiscord
@@ -257,8 +257,8 @@ async def test_who_handles_429s_short_waits_discordpy_long_waits_our_scheduler()
     import discord
     import yarl
 
-    from adapters.discord import MAX_RATELIMIT_TIMEOUT_S, DiscordSender
-    from adapters.outbound import RetryAfter
+    from adapters.chat.outbound import RetryAfter
+    from adapters.platforms.discord import MAX_RATELIMIT_TIMEOUT_S, DiscordSender
 
     async with FakeDiscord(channels=(C1, C2), channel_limit=1, channel_window_s=0.3) as fake:
         discord.http.Route.BASE = fake.api_base

@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from persistence.embeddings import DIMENSION, FastEmbedder, prepare_model_dir
+from persistence.vectors.embeddings import DIMENSION, FastEmbedder, prepare_model_dir
 
 
 def test_model_dir_is_prepared_once_and_repaired(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pypdf import PdfWriter
 from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
 from engine.errors import FileRejected
-from persistence.database import Database
-from persistence.files import SqlFileStore, sanitize_name
+from persistence.sql.database import Database
+from persistence.sql.files import SqlFileStore, sanitize_name
 
 MB = 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""The memory policy (engine/memory.py) on the real stack.
+"""The memory policy (engine/memory/policy.py) on the real stack.
 
 Real all-MiniLM-L6-v2 embeddings, real LanceDB in a tmp dir (own and shared
 tables), the real SQL recall log, and for extraction the real ``openai`` SDK
@@ -25,18 +25,18 @@ from pydantic import SecretStr
 
 from engine.background import Background
 from engine.conversation import Conversation
-from engine.extraction import parse_facts, parse_judgement
-from engine.memory import BotMemory, MemoryConfig, recall_scope, user_key
+from engine.memory.extraction import parse_facts, parse_judgement
+from engine.memory.policy import BotMemory, MemoryConfig, recall_scope, user_key
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Fact, IncomingMessage, RecalledFact, RecallRecord, Reply
 from engine.usage import Price, UsageAccounting
-from persistence.conversations import SqlConversationStore
-from persistence.database import Database
-from persistence.recall_log import SqlRecallLog
-from persistence.shared_memory import SharedMemory
-from persistence.usage import SqlUsageStore
-from persistence.vectors import LanceMemoryStore
+from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.database import Database
+from persistence.sql.recall_log import SqlRecallLog
+from persistence.sql.usage import SqlUsageStore
+from persistence.vectors.memory import LanceMemoryStore
+from persistence.vectors.shared import SharedMemory
 from tests.fakes.openai_server import FakeOpenAI, Hang, Malformed, Text
 
 ALICE = "telegram:alice"

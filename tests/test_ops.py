@@ -16,11 +16,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.logs import Redactor, configure_logging, secret_values
-from adapters.metrics import MeteredSender, Metrics, ReplyMetrics, TimedMemory
-from adapters.ops import OpsServer
-from adapters.outbound import SLACK, Limits, RetryAfter
-from adapters.settings import Settings
+from adapters.chat.outbound import SLACK, Limits, RetryAfter
+from adapters.ops.logs import Redactor, configure_logging, secret_values
+from adapters.ops.metrics import MeteredSender, Metrics, ReplyMetrics, TimedMemory
+from adapters.ops.server import OpsServer
+from adapters.wiring.settings import Settings
 from engine.log_context import bind
 from engine.types import Fact, Failure, IncomingMessage, Reply, Usage
 from tests.fakes.openai_server import Text
@@ -254,8 +254,8 @@ async def test_build_app_wires_redis_metrics_and_ops(
 
     import redis.asyncio as aioredis
 
-    from adapters.app import build_app
-    from persistence.redis_breakers import SharedBreakers
+    from adapters.wiring.build import build_app
+    from persistence.redis.breakers import SharedBreakers
 
     redis_url = "redis://127.0.0.1:6379/0"
     ns = f"test-{uuid.uuid4().hex[:12]}"
@@ -307,7 +307,7 @@ MSG_HELPER = IncomingMessage(platform="telegram", bot="helper", chat="7", user="
 
 
 async def test_unreachable_redis_is_a_clear_start_error(tmp_path: Any) -> None:
-    from adapters.app import build_app
+    from adapters.wiring.build import build_app
     from engine.errors import StorageError
 
     port = _closed_port()
@@ -330,7 +330,7 @@ def _closed_port() -> int:
 
 
 def test_scale_out_settings() -> None:
-    from adapters.scaleout import memory_storage_options
+    from adapters.wiring.scaleout import memory_storage_options
 
     settings = Settings.model_validate({
         "storage": {"database_url_env": "DB_URL", "redis_url_env": "REDIS_URL",

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.outbound import (
+from adapters.chat.outbound import (
     DeliveryError,
     DeliveryTimeout,
     Limits,
@@ -22,7 +22,7 @@ from adapters.outbound import (
     Outbound,
     RetryAfter,
 )
-from adapters.splitting import split_markdown, utf16_len
+from adapters.chat.splitting import split_markdown, utf16_len
 from engine.types import Reply
 
 # ---------------------------------------------------------------- splitter

@@ -13,8 +13,8 @@ from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
-from persistence.conversations import SqlConversationStore
-from persistence.database import Database, alembic_config, head_revision
+from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.database import Database, alembic_config, head_revision
 
 
 def _tables(connection: Connection) -> set[str]:

@@ -16,12 +16,12 @@ import pybreaker
 import pytest
 import redis.asyncio as aioredis
 
-from adapters.handler import Handler
-from adapters.outbound import Limits, Outbound
+from adapters.chat.handler import Handler
+from adapters.chat.outbound import Limits, Outbound
 from engine.types import IncomingMessage, Reply
-from persistence.redis_breakers import SharedBreakers
-from persistence.redis_inflight import OnceStore, RedisInflight
-from persistence.redis_state import RedisEventClaims, RedisRateBudget, RedisState
+from persistence.redis.breakers import SharedBreakers
+from persistence.redis.inflight import OnceStore, RedisInflight
+from persistence.redis.state import RedisEventClaims, RedisRateBudget, RedisState
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -315,8 +315,8 @@ async def test_handler_answers_duplicates_once(namespace: str) -> None:
 
 
 async def test_taken_over_user_message_is_stored_once(namespace: str, tmp_path: Any) -> None:
-    from persistence.conversations import SqlConversationStore
-    from persistence.database import Database
+    from persistence.sql.conversations import SqlConversationStore
+    from persistence.sql.database import Database
 
     async with Database(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}") as db, \
             RedisInflight(REDIS_URL, namespace=namespace, lease_s=LEASE_S) as live:

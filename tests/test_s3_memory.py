@@ -20,9 +20,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from engine.types import Fact
-from persistence.redis_state import RedisState
-from persistence.shared_memory import SharedMemory
-from persistence.vectors import LanceMemoryStore
+from persistence.redis.state import RedisState
+from persistence.vectors.memory import LanceMemoryStore
+from persistence.vectors.shared import SharedMemory
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from engine.errors import StorageError
 from engine.types import Fact, TrustLevel
-from persistence.embeddings import FastEmbedder
-from persistence.shared_memory import TABLE, SharedMemory, TrustRule
+from persistence.vectors.embeddings import FastEmbedder
+from persistence.vectors.shared import TABLE, SharedMemory, TrustRule
 
 HOSTILE = ["x' OR '1'='1", "') OR trust_level <> ('", "a'b", 'q"uote', "back\\slash'"]
 
@@ -271,7 +271,7 @@ async def test_another_model_is_refused_until_reembedded(
 async def test_deleting_a_bot_drops_its_table_and_orphans_its_shared_facts(
     tmp_path: Path, embedder: FastEmbedder
 ) -> None:
-    from persistence.vectors import LanceMemoryStore
+    from persistence.vectors.memory import LanceMemoryStore
 
     uri = str(tmp_path / "lancedb")  # one database holds both, as in the app
     async with await LanceMemoryStore.open(uri, embedder) as store, \

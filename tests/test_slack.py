@@ -26,11 +26,11 @@ import pytest
 from pydantic import SecretStr
 from slack_sdk.signature import SignatureVerifier
 
-from adapters.gate import GateConfig
-from adapters.outbound import SLACK
-from adapters.platforms import MAX_CONCURRENT_REPLIES
-from adapters.render import to_slack
-from adapters.slack import SlackAdapter, SlackConfig
+from adapters.chat.gate import GateConfig
+from adapters.chat.outbound import SLACK
+from adapters.chat.render import to_slack
+from adapters.platforms.slack import SlackAdapter, SlackConfig
+from adapters.wiring.platforms import MAX_CONCURRENT_REPLIES
 from engine.types import Reply
 from tests.conftest import BotPipeline
 from tests.fakes.openai_server import Text
@@ -424,8 +424,8 @@ async def test_bad_tokens_are_clear_config_errors(
 def test_two_bots_cannot_share_one_slack_http_port() -> None:
     from types import SimpleNamespace
 
-    from adapters import platforms
-    from adapters.settings import Settings
+    from adapters.wiring import platforms
+    from adapters.wiring.settings import Settings
     from engine.errors import ConfigError
 
     slack = {"bot_token_env": "B", "signing_secret_env": "S", "mode": "http", "http_port": 3100}

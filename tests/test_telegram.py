@@ -23,12 +23,12 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
-from adapters.commands import Commands
-from adapters.gate import GateConfig
-from adapters.metrics import MeteredSender, Metrics
-from adapters.outbound import TELEGRAM, Limits, MessageSender
-from adapters.render import to_telegram
-from adapters.telegram import TelegramAdapter, TelegramConfig
+from adapters.chat.commands import Commands
+from adapters.chat.gate import GateConfig
+from adapters.chat.outbound import TELEGRAM, Limits, MessageSender
+from adapters.chat.render import to_telegram
+from adapters.ops.metrics import MeteredSender, Metrics
+from adapters.platforms.telegram import TelegramAdapter, TelegramConfig
 from engine.admin import FileAdmin
 from engine.errors import ConfigError
 from engine.types import Reply

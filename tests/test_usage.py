@@ -22,9 +22,9 @@ from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Capabilities, CompletionRequest, IncomingMessage, Message, Reply, Usage
 from engine.usage import Budget, Price, UsageAccounting, UsageRecord, usage_report
-from persistence.conversations import SqlConversationStore
-from persistence.database import Database
-from persistence.usage import SqlUsageStore
+from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.database import Database
+from persistence.sql.usage import SqlUsageStore
 from tests.fakes.bedrock_server import Behaviour, FakeBedrock
 from tests.fakes.openai_server import FakeOpenAI, Status, Text
 
@@ -282,9 +282,9 @@ async def test_app_records_usage_and_cli_prints_it(
 ) -> None:
     import asyncio
 
-    from adapters.app import build_app
-    from adapters.cli import build_parser, main
-    from adapters.settings import load_settings
+    from adapters.cli.main import build_parser, main
+    from adapters.wiring.build import build_app
+    from adapters.wiring.settings import load_settings
 
     config = write_config(tmp_path, bedrock_fake, openai_fake)
     bedrock_fake.push(Behaviour(input_tokens=1000, output_tokens=100))

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from engine.errors import EmbeddingMismatch, StorageError
 from engine.types import Fact
-from persistence.embeddings import FastEmbedder
-from persistence.vectors import LanceMemoryStore, table_name
+from persistence.vectors.embeddings import FastEmbedder
+from persistence.vectors.memory import LanceMemoryStore, table_name
 
 HOSTILE = ["x' OR '1'='1", "a'b", "'; DROP TABLE x; --", 'q"uote', "back\\slash'",
            "user IN ('alice')", "ünï cødé 🤖", ""]

@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from adapters.discord import DiscordAdapter, DiscordConfig
-from adapters.gate import GateConfig
+from adapters.chat.gate import GateConfig
+from adapters.platforms.discord import DiscordAdapter, DiscordConfig
 from tests.cluster import REDIS_URL, Cluster, drop_database, fresh_database
 from tests.conftest import BotPipeline
 from tests.fakes.discord_server import FakeDiscord

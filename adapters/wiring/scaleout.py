@@ -1,0 +1,140 @@
+"""Composition root, scale-out part: Redis-shared state, metrics, ops endpoint.
+
+Called once by ``adapters/app.py`` (``await scaleout.start(stack, app)``)
+right after the ``App`` exists and before any provider or breaker is made.
+Like ``app.py`` it may import ``persistence``: it is the same composition
+root, split so each file stays small.
+
+- With ``[storage] redis_url`` set: breakers share their state
+  (``SharedBreakers``), platforms get ``app.budget`` (shared per-chat
+  pacing), ``app.dedupe`` (shared event claims) and ``app.inflight``
+  (replies in flight: a worker killed mid-reply has its messages taken over,
+  and ``app.messages`` commits a taken-over user message only once),
+  the shared-memory writers take a Redis lock, and a Redis ping joins the
+  readiness checks. Without it, every field stays None and platforms use
+  their in-process defaults: one worker, nothing else to run.
+- Always: ``app.metrics`` (a ``ReplyMetrics`` observer is registered; breaker
+  states are read at scrape time) and a database readiness check.
+- With ``[http] enabled = true``: the ops server (``/healthz``, ``/readyz``,
+  ``/metrics``) on ``[http] host``/``port``; its checks are
+  ``app.ready_checks``, a dict platforms add their connection checks to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import make_url, text
+
+from adapters.ops.metrics import Metrics, ReplyMetrics
+from adapters.ops.server import Check, OpsServer
+from adapters.wiring.settings import Settings
+from engine.errors import StorageError
+from engine.providers.fallback import Breakers
+from persistence.redis.breakers import SharedBreakers
+from persistence.redis.inflight import OnceStore, RedisInflight
+from persistence.redis.state import RedisState
+
+if TYPE_CHECKING:
+    # Types only: importing it loads lancedb and pyarrow (seconds), which
+    # commands without memory (`providers`, `usage`) never need.
+    from adapters.wiring.build import App
+    from persistence.vectors.memory import LanceMemoryStore
+
+# LanceDB's object-store client reads only the process environment; these may
+# sit in .env, which Settings.env holds: hand them over explicitly.
+_S3_FROM_ENV = (
+    ("aws_access_key_id", "AWS_ACCESS_KEY_ID"),
+    ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+    ("aws_session_token", "AWS_SESSION_TOKEN"),
+    ("aws_region", "AWS_REGION"),
+    ("aws_endpoint", "AWS_ENDPOINT_URL"),
+)
+
+
+def memory_storage_options(settings: Settings) -> dict[str, str] | None:
+    """LanceDB storage options: ``[storage] memory_storage_options`` plus, for
+    an ``s3://`` memory_uri, the standard AWS variables from the environment
+    or .env for any option not set there. None when there are none."""
+    storage = settings.storage
+    options = dict(storage.memory_storage_options)
+    if storage.resolved_memory_uri().startswith("s3://"):
+        for option, variable in _S3_FROM_ENV:
+            if option not in options and settings.env.get(variable):
+                options[option] = settings.env[variable]
+    return options or None
+
+
+LockFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def writer_lock(app: App, name: str) -> LockFactory | None:
+    """A cross-worker lock factory when Redis is configured, else None (one process)."""
+    redis = app.redis
+    if redis is None:
+        return None
+    return lambda: redis.lock(name)
+
+
+def lancedb_check(store: LanceMemoryStore) -> Check:
+    async def check() -> bool:
+        await store.bots()  # lists the tables: the store answers
+        return True
+
+    return check
+
+
+async def start(stack: AsyncExitStack, app: App) -> None:
+    """Start the scale-out and ops pieces the settings ask for (see module docstring)."""
+    settings = app.settings
+    storage = settings.storage
+    metrics = app.metrics = Metrics()
+    app.observers.append(ReplyMetrics(metrics))
+    metrics.watch_breakers(lambda: {name: app.breakers.state(name) for name in app.providers})
+
+    async def database() -> bool:
+        async with app.database.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return True
+
+    app.ready_checks["database"] = database
+
+    if storage.redis_url:
+        try:
+            await _start_redis(stack, app, storage.redis_url)
+        except (RedisError, OSError) as exc:
+            safe = make_url(storage.redis_url).render_as_string(hide_password=True) \
+                if "://" in storage.redis_url else "(unparsable url)"
+            raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
+                               "check [storage] redis_url") from exc
+
+    if settings.http.enabled:
+        ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)
+        ops.checks = app.ready_checks  # the same dict: checks added later count too
+        await stack.enter_async_context(ops)
+        app.ops = ops
+
+
+async def _start_redis(stack: AsyncExitStack, app: App, url: str) -> None:
+    settings, storage = app.settings, app.settings.storage
+    namespace = storage.redis_namespace
+    shared = await stack.enter_async_context(SharedBreakers(url, namespace=namespace))
+    app.extras["shared_breakers"] = shared
+    # Replace the in-process breakers before any breaker exists.
+    app.breakers = Breakers(fail_max=settings.chain.fail_max,
+                            reset_timeout_s=settings.chain.reset_timeout_s,
+                            storage=shared.storage)
+    redis = await stack.enter_async_context(
+        RedisState(url, namespace=namespace, lease_s=storage.redis_lease_s))
+    app.redis = redis
+    app.budget = redis.budget
+    app.dedupe = redis.claims
+    inflight = await stack.enter_async_context(
+        RedisInflight(url, namespace=namespace, lease_s=storage.redis_lease_s))
+    app.inflight = inflight
+    app.messages = OnceStore(app.messages, inflight)
+    app.ready_checks["redis"] = redis.ping

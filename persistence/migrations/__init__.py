@@ -1,1 +1,0 @@
-"""Alembic migrations: one linear history, applied by ``persistence.database``."""

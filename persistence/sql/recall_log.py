@@ -1,0 +1,116 @@
+"""Which memories the last reply in each (bot, chat) recalled (the ``RecallLog`` port).
+
+One row per (bot, chat), overwritten by every reply (an upsert, safe when two
+replies race), so the table stays as small as the number of chats. The
+recalled facts are a JSON list in one column: the row is only ever read
+whole, by ``boternity memory why``, possibly from another process.
+Table created by revision ``0004_recall_log``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Index, String, Text, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Mapped, mapped_column
+
+from engine.errors import StorageError
+from engine.types import RecalledFact, RecallRecord
+from persistence.sql.database import Database
+from persistence.sql.tables import Base, utcnow
+
+
+class RecallRow(Base):
+    __tablename__ = "recall_log"
+
+    bot: Mapped[str] = mapped_column(String(100), primary_key=True)
+    chat: Mapped[str] = mapped_column(String(200), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(200), default="")
+    query: Mapped[str] = mapped_column(Text, default="")
+    facts: Mapped[str] = mapped_column(Text, default="[]")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_recall_log_bot_created", "bot", "created_at"),)
+
+
+def _record(row: RecallRow) -> RecallRecord:
+    created = row.created_at
+    if created is not None and created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)  # SQLite drops the zone; we store UTC
+    items: list[dict[str, Any]] = json.loads(row.facts or "[]")
+    return RecallRecord(
+        bot=row.bot, chat=row.chat, message_id=row.message_id, query=row.query,
+        created_at=created, facts=tuple(RecalledFact(**item) for item in items),
+    )
+
+
+class SqlRecallLog:
+    """``RecallLog`` on the shared relational database."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def record(self, record: RecallRecord) -> None:
+        values = {
+            "bot": record.bot, "chat": record.chat, "message_id": record.message_id,
+            "query": record.query, "created_at": record.created_at or utcnow(),
+            "facts": json.dumps([asdict(fact) for fact in record.facts], ensure_ascii=False),
+        }
+        insert = postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert
+        statement = insert(RecallRow).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=["bot", "chat"],
+            set_={k: statement.excluded[k] for k in ("message_id", "query", "facts",
+                                                     "created_at")},
+        )
+        try:
+            async with self._db.sessions.begin() as session:
+                await session.execute(statement)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not record recall: {type(exc).__name__}") from exc
+
+    async def last(self, bot: str, chat: str) -> RecallRecord | None:
+        try:
+            async with self._db.sessions() as session:
+                row = await session.get(RecallRow, (bot, chat))
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not read recall log: {type(exc).__name__}") from exc
+        return None if row is None else _record(row)
+
+    async def scrub(self, bot: str, fact_ids: Collection[str]) -> int:
+        """Forgotten means forgotten: ``memory why`` must not show a deleted fact's text."""
+        gone = set(fact_ids)
+        if not gone:
+            return 0
+        changed = 0
+        try:
+            async with self._db.sessions.begin() as session:
+                rows = (await session.scalars(
+                    select(RecallRow).where(RecallRow.bot == bot))).all()
+                for row in rows:
+                    items: list[dict[str, Any]] = json.loads(row.facts or "[]")
+                    kept = [item for item in items if item.get("id") not in gone]
+                    if len(kept) != len(items):
+                        row.facts = json.dumps(kept, ensure_ascii=False)
+                        changed += 1
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not scrub recall log: {type(exc).__name__}") from exc
+        return changed
+
+    async def chats(self, bot: str, *, limit: int = 20) -> list[RecallRecord]:
+        query = (
+            select(RecallRow).where(RecallRow.bot == bot)
+            .order_by(RecallRow.created_at.desc()).limit(limit)
+        )
+        try:
+            async with self._db.sessions() as session:
+                rows = (await session.scalars(query)).all()
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not read recall log: {type(exc).__name__}") from exc
+        return [_record(row) for row in rows]

@@ -1,0 +1,325 @@
+"""Each bot's own long-term memories: one LanceDB table per bot.
+
+``LanceMemoryStore`` implements ``engine.ports.MemoryStore``. It is an async
+context manager (``async with await LanceMemoryStore.open(uri, embedder)``):
+leaving it stops the background index maintenance.
+
+Table ``memories_<sanitized bot>_<hash>``: the bot id is free text, so the
+name keeps only safe characters plus a short hash of the real id (two ids
+that sanitize alike never share a table); the real id is in the schema
+metadata. Rows: id, text, user ("" = general), category, importance,
+created_at, superseded_by ("" = current), metadata (JSON text), vector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+
+from engine.errors import StorageError
+from engine.ports import Embedder, Progress
+from engine.types import Fact
+from persistence.vectors.tables import (
+    ANN_THRESHOLD,
+    EMBED_BATCH,
+    FACT_FIELDS,
+    Maintainer,
+    ScalarIndex,
+    check_model,
+    connect,
+    hybrid_search,
+    in_list,
+    now,
+    owner_of,
+    quote,
+    storage_errors,
+    table_names,
+    with_model,
+    with_new_vectors,
+)
+
+PREFIX = "memories_"
+FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    *FACT_FIELDS,
+    pa.field("superseded_by", pa.string(), nullable=False),
+    pa.field("metadata", pa.string(), nullable=False),
+]
+COLUMNS = [f.name for f in FIELDS]
+SCALAR_INDEXES: dict[str, ScalarIndex] = {"id": "btree", "user": "btree",
+                                          "superseded_by": "bitmap"}
+
+
+def table_name(bot: str) -> str:
+    """``memories_<safe part>_<8 hex of sha256(bot)>``: valid, unique per id."""
+    if not bot:
+        raise StorageError("a memory needs a bot id")
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", bot)[:40]
+    return f"{PREFIX}{safe}_{hashlib.sha256(bot.encode()).hexdigest()[:8]}"
+
+
+def _fact(bot: str, row: dict[str, Any], score: float = 0.0) -> Fact:
+    return Fact(
+        id=row["id"], text=row["text"], bot=bot, user=row["user"], category=row["category"],
+        importance=row["importance"], created_at=row["created_at"],
+        superseded_by=row["superseded_by"] or None, metadata=row["metadata"], score=score,
+    )
+
+
+class LanceMemoryStore:
+    """Per-bot memory tables in one LanceDB database (a directory or object store URI)."""
+
+    def __init__(self, db: Any, embedder: Embedder, *, ann_threshold: int,
+                 maintain_delay_s: float, hybrid: bool = True) -> None:
+        self._db = db
+        self._hybrid = hybrid
+        self._embedder = embedder
+        self._ann_threshold = ann_threshold
+        self._delay_s = maintain_delay_s
+        self._tables: dict[str, Any] = {}
+        self._maintainers: dict[str, Maintainer] = {}
+        # Concurrent first writes of one bot would each create its table.
+        self._open_lock = asyncio.Lock()
+
+    @classmethod
+    @storage_errors
+    async def open(
+        cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
+        ann_threshold: int = ANN_THRESHOLD, maintain_delay_s: float = 2.0, hybrid: bool = True,
+    ) -> LanceMemoryStore:
+        """Connect; ``hybrid=False`` ranks by vector similarity only (the baseline)."""
+        db = await connect(uri, storage_options)
+        return cls(db, embedder, ann_threshold=ann_threshold, maintain_delay_s=maintain_delay_s,
+                   hybrid=hybrid)
+
+    async def __aenter__(self) -> LanceMemoryStore:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        for maintainer in self._maintainers.values():
+            await maintainer.close()
+
+    # -- tables ---------------------------------------------------------
+
+    def _schema(self, bot: str) -> pa.Schema:
+        return with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, bot)
+
+    async def _table(self, bot: str, *, create: bool = False, check: bool = True) -> Any | None:
+        if bot in self._tables:
+            return self._tables[bot]
+        async with self._open_lock:
+            return await self._open_table(bot, create=create, check=check)
+
+    async def _open_table(self, bot: str, *, create: bool, check: bool) -> Any | None:
+        if bot in self._tables:
+            return self._tables[bot]
+        name = table_name(bot)
+        if name in await self._names():
+            table = await self._db.open_table(name)
+        elif create:
+            table = await self._db.create_table(name, schema=self._schema(bot), exist_ok=True)
+        else:
+            return None
+        if check:
+            check_model(name, await table.schema(), self._embedder.model_name,
+                        self._embedder.dimension)
+        self._tables[bot] = table
+        maintainer = Maintainer(name, lambda: self._tables[bot], scalar=SCALAR_INDEXES,
+                                ann_threshold=self._ann_threshold, delay_s=self._delay_s)
+        await maintainer.refresh()
+        self._maintainers[bot] = maintainer
+        return table
+
+    async def _names(self) -> list[str]:
+        return await table_names(self._db)
+
+    @storage_errors
+    async def bots(self) -> list[str]:
+        result = []
+        for name in await self._names():
+            if name.startswith(PREFIX):
+                table = await self._db.open_table(name)
+                result.append(owner_of(await table.schema()))
+        return sorted(b for b in result if b)
+
+    @storage_errors
+    async def maintain(self, bot: str) -> None:
+        """Run index maintenance for one bot now (import, tests, benchmarks)."""
+        if await self._table(bot) is not None:
+            await self._maintainers[bot].run_now()
+
+    # -- writes ---------------------------------------------------------
+
+    @storage_errors
+    async def add(self, fact: Fact) -> Fact:
+        return (await self.add_many([fact]))[0]
+
+    @storage_errors
+    async def add_many(self, facts: Sequence[Fact], *,
+                       progress: Progress | None = None) -> list[Fact]:
+        if not facts:
+            return []
+        bots = {f.bot for f in facts}
+        if len(bots) != 1:
+            raise StorageError("add_many takes facts of one bot")
+        bot = bots.pop()
+        if any(not f.text.strip() for f in facts):
+            raise StorageError("a memory needs text")
+        table = await self._table(bot, create=True)
+        assert table is not None  # create=True always returns a table
+        stored: list[Fact] = []
+        for start in range(0, len(facts), EMBED_BATCH):
+            batch = [replace(f, id=f.id or uuid.uuid4().hex, created_at=f.created_at or now())
+                     for f in facts[start:start + EMBED_BATCH]]
+            vectors = await self._embedder.embed([f.text for f in batch])
+            await table.add(pa.Table.from_pylist(
+                [self._row(f, v) for f, v in zip(batch, vectors, strict=True)],
+                schema=self._schema(bot)))
+            stored.extend(batch)
+            if progress is not None:
+                progress(len(stored), len(facts))
+        self._maintainers[bot].poke()
+        return stored
+
+    @staticmethod
+    def _row(fact: Fact, vector: Sequence[float]) -> dict[str, Any]:
+        return {"id": fact.id, "text": fact.text, "user": fact.user,
+                "category": fact.category, "importance": float(fact.importance),
+                "created_at": fact.created_at, "superseded_by": fact.superseded_by or "",
+                "metadata": fact.metadata, "vector": list(vector)}
+
+    @storage_errors
+    async def supersede(self, bot: str, old_id: str, new_id: str) -> None:
+        table = await self._table(bot)
+        if table is None or await table.count_rows(f"id = {quote(old_id)}") == 0:
+            raise StorageError(f"no memory {old_id!r} for bot {bot!r}")
+        await table.update(updates={"superseded_by": new_id}, where=f"id = {quote(old_id)}")
+        self._maintainers[bot].poke()  # an update rewrites the row: index it again
+
+    @storage_errors
+    async def delete(self, bot: str, fact_id: str) -> bool:
+        return await self._delete(bot, f"id = {quote(fact_id)}") > 0
+
+    @storage_errors
+    async def delete_user(self, bot: str, user: str) -> int:
+        return await self._delete(bot, f"user = {quote(user)}")
+
+    async def _delete(self, bot: str, where: str) -> int:
+        table = await self._table(bot)
+        if table is None:
+            return 0
+        count: int = await table.count_rows(where)
+        if count:
+            await table.delete(where)
+        return count
+
+    @storage_errors
+    async def drop_bot(self, bot: str) -> None:
+        maintainer = self._maintainers.pop(bot, None)
+        if maintainer is not None:
+            await maintainer.close()
+        self._tables.pop(bot, None)
+        if table_name(bot) in await self._names():
+            await self._db.drop_table(table_name(bot))
+
+    @storage_errors
+    async def reembed(self, bot: str, *, progress: Progress | None = None) -> int:
+        """Read every row, embed again, and replace the table with the new schema."""
+        table = await self._table(bot, check=False)
+        if table is None:
+            return 0
+        data = await table.query().select(COLUMNS).to_arrow()
+        rebuilt = await with_new_vectors(data, self._embedder, self._schema(bot), progress)
+        await self.drop_bot(bot)
+        await self._db.create_table(table_name(bot), rebuilt, mode="overwrite")
+        await self._table(bot)
+        await self.maintain(bot)
+        return int(rebuilt.num_rows)
+
+    # -- reads ----------------------------------------------------------
+
+    @storage_errors
+    async def get(self, bot: str, fact_id: str) -> Fact | None:
+        table = await self._table(bot)
+        if table is None:
+            return None
+        rows = await table.query().where(f"id = {quote(fact_id)}").select(COLUMNS).to_list()
+        return _fact(bot, rows[0]) if rows else None
+
+    @storage_errors
+    async def list_facts(self, bot: str, *, user: str | None = None, history: bool = False,
+                         limit: int = 100, offset: int = 0) -> list[Fact]:
+        table = await self._table(bot)
+        if table is None:
+            return []
+        clauses = [] if user is None else [f"user = {quote(user)}"]
+        if not history:
+            clauses.append("superseded_by = ''")
+        query = table.query().select(COLUMNS)
+        if clauses:
+            query = query.where(" AND ".join(clauses))
+        data = await query.to_arrow()
+
+        def page() -> list[dict[str, Any]]:  # sorting a big table is CPU work: not on the loop
+            rows: list[dict[str, Any]] = data.sort_by([("created_at", "descending")]).slice(
+                offset, limit).to_pylist()
+            return rows
+
+        return [_fact(bot, r) for r in await asyncio.to_thread(page)]
+
+    @storage_errors
+    async def count(self, bot: str, *, history: bool = True) -> int:
+        table = await self._table(bot)
+        if table is None:
+            return 0
+        n: int = await table.count_rows(None if history else "superseded_by = ''")
+        return n
+
+    async def iterate(self, bot: str) -> AsyncIterator[Fact]:
+        table = await self._table(bot)
+        if table is None:
+            return
+        try:
+            reader = await table.query().select(COLUMNS).to_batches()
+            batches = [batch async for batch in reader]
+        except Exception as exc:  # the edge, as in storage_errors
+            raise StorageError(f"memory store: {exc}") from exc
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield _fact(bot, row)
+
+    @storage_errors
+    async def search(
+        self, bot: str, query: str, *, users: Sequence[str], limit: int = 5,
+        min_score: float | None = None, vector: Sequence[float] | None = None,
+    ) -> list[Fact]:
+        if not users or limit <= 0:
+            return []  # fail closed: no speaker, no personal facts
+        table = await self._table(bot)
+        if table is None:
+            return []
+        if vector is None:
+            vector = (await self._embedder.embed([query]))[0]
+        where = f"{in_list('user', users)} AND superseded_by = ''"
+        result = await hybrid_search(table, vector, query, where, limit,
+                                     fts=self._hybrid and self._maintainers[bot].fts,
+                                     min_score=min_score)
+        allowed = set(users)
+        facts = []
+        for row in result:
+            # Second guard: the filter above is the rule; this never trusts it blindly.
+            if row["user"] not in allowed or row["superseded_by"]:
+                continue
+            if min_score is not None and row["score"] < min_score:
+                continue
+            facts.append(_fact(bot, row, row["score"]))
+        return facts
