@@ -17,10 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.chat.outbound import SLACK, Limits, RetryAfter
-from adapters.ops.logs import Redactor, configure_logging, secret_values
+from adapters.ops.logs import Redactor, configure_logging
 from adapters.ops.metrics import MeteredSender, Metrics, ReplyMetrics, TimedMemory
 from adapters.ops.server import OpsServer
-from adapters.wiring.settings import Settings
+from adapters.wiring.settings import Settings, secret_values
 from engine.log_context import bind
 from engine.types import Fact, Failure, IncomingMessage, Reply, Usage
 from tests.fakes.openai_server import Text

@@ -439,4 +439,4 @@ def test_two_bots_cannot_share_one_slack_http_port() -> None:
     app = SimpleNamespace(settings=settings, conversations={"one": None, "two": None},
                           chains={}, observers=[], extras={}, database=None)
     with pytest.raises(ConfigError, match=r"bots.two.slack.http_port: 3100 is already used"):
-        platforms.runners(app)  # type: ignore[arg-type]
+        platforms.platform_runners(app)  # type: ignore[arg-type]

@@ -31,10 +31,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from adapters.ops.logs import configure_logging, secret_values
-from adapters.platforms import terminal as console
-from adapters.wiring.build import App, build_app, platform_runners
-from adapters.wiring.settings import Settings, load_settings
+from adapters.ops.logs import configure_logging
+from adapters.platforms import terminal
+from adapters.wiring.app import App
+from adapters.wiring.build import build_app
+from adapters.wiring.settings import Settings, load_settings, secret_values
 from engine.errors import BoternityError, ConfigError
 
 log = logging.getLogger("boternity")
@@ -52,7 +53,7 @@ async def cmd_chat(args: argparse.Namespace, app: App) -> int:
     if bot not in app.conversations:
         known = ", ".join(sorted(app.conversations)) or "none"
         raise ConfigError(f"{app.settings.source}: bots.{bot}: no such bot (configured: {known})")
-    return await console.chat(app.conversations[bot], bot=bot, chat_id=args.chat, user=args.user)
+    return await terminal.chat(app.conversations[bot], bot=bot, chat_id=args.chat, user=args.user)
 
 
 def _default_bot(app: App) -> str:
@@ -80,6 +81,9 @@ async def cmd_providers(args: argparse.Namespace, app: App) -> int:
 
 
 async def cmd_run(args: argparse.Namespace, app: App) -> int:
+    # Imported here: only `run` loads the platform SDKs (`chat` starts faster without).
+    from adapters.wiring.platforms import platform_runners
+
     runners = platform_runners(app)
     if not runners:
         print("boternity run: no platform adapters configured (add [bots.NAME.telegram], "

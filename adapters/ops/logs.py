@@ -22,11 +22,10 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from adapters.wiring.settings import Settings
 from engine import log_context
 
 MASK = "***"
@@ -40,7 +39,6 @@ _PATTERNS = [
     r"(?<=[Bb][Ee][Aa][Rr][Ee][Rr] )[A-Za-z0-9._~+/=-]{8,}",  # Authorization: Bearer ...
     r"(?<=://)[^/\s:@]*:[^/\s@]+(?=@)",             # user:password@ in URLs
 ]
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 _MIN_SECRET_LEN = 6  # shorter values would mask ordinary words
 
 
@@ -55,33 +53,6 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         return self._pattern.sub(MASK, text)
-
-
-def secret_values(settings: Settings) -> set[str]:
-    """Every secret the configuration can reach: variables named by ``*_env``
-    keys, variables whose names say key/token/secret/password, passwords in
-    the storage URLs and secret-looking ``memory_storage_options``."""
-    found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, Mapping):
-            for key, value in node.items():
-                if isinstance(key, str) and key.endswith("_env") and isinstance(value, str):
-                    found.add(settings.env.get(value, ""))
-                walk(value)
-        elif isinstance(node, list | tuple):
-            for item in node:
-                walk(item)
-
-    walk(settings.model_dump())
-    found.update(v for k, v in settings.env.items() if _SECRET_NAME.search(k))
-    storage = settings.storage
-    for url in (storage.database_url, storage.redis_url, storage.memory_uri):
-        if url and (match := re.search(r"://[^/\s:@]*:([^/\s@]+)@", url)):
-            found.add(match.group(1))
-    found.update(v for k, v in storage.memory_storage_options.items() if _SECRET_NAME.search(k))
-    found.discard("")
-    return found
 
 
 class _ContextFormatter(logging.Formatter):

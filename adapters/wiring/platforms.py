@@ -1,9 +1,11 @@
 """Composition root, platform part: each bot's chat-platform adapters from settings.
 
-``adapters/app.py`` calls ``runners(app)`` from ``platform_runners``; ``boternity
-run`` runs every returned runner side by side. Like ``app.py`` and
-``scaleout.py`` this module may import ``persistence``: it is the same
-composition root, split so each file stays small. Settings become plain
+``platform_runners(app)`` returns a runner for every Telegram, Slack and
+Discord section of every bot; ``boternity run`` runs them side by side (the
+CLI imports this module only then: ``boternity chat`` never loads the
+platform SDKs). Like the rest of ``adapters/wiring/`` this module may import
+``persistence``: it is the same composition root, split so each file stays
+small. Settings become plain
 values here (``SlackConfig``, ``DiscordConfig``); secrets are resolved from
 the environment and a missing one is a ``ConfigError`` naming the key.
 
@@ -18,14 +20,15 @@ scale-out part set them, ``app.budget`` (shared pacing) and ``app.dedupe``
 (shared event claims) are used, ``app.metrics`` wraps every sender and each
 adapter joins ``app.ready_checks``.
 
-Telegram, Slack and Discord register here the same way.
+A new platform registers here the same way: its config from settings, its
+adapter with the shared parts, one line in ``platform_runners``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from adapters.chat.commands import Commands
 from adapters.chat.dedupe import Dedupe
@@ -34,17 +37,18 @@ from adapters.chat.outbound import MessageSender, RateBudget
 from adapters.platforms.discord import DiscordAdapter, DiscordConfig
 from adapters.platforms.slack import SlackAdapter, SlackConfig
 from adapters.platforms.telegram import TelegramAdapter, TelegramConfig
-from adapters.wiring.settings import DiscordSettings, SlackSettings, TelegramSettings
+from adapters.wiring.app import App, Runner
+from adapters.wiring.settings import (
+    DiscordSettings,
+    PlatformSettings,
+    SlackSettings,
+    TelegramSettings,
+)
 from engine.admin import FileAdmin, LastReplies, PersonaAdmin, ProviderAdmin, UsageAdmin
 from engine.errors import ConfigError
 from engine.ports import FileStore
 from persistence.sql.files import SqlFileStore
 
-if TYPE_CHECKING:
-    from adapters.wiring.build import App
-    from adapters.wiring.settings import _PlatformSettings
-
-Runner = Callable[[], Coroutine[Any, Any, None]]
 MAX_CONCURRENT_REPLIES = 32
 
 
@@ -89,7 +93,7 @@ def commands_for(app: App, bot: str, admins: list[str]) -> Commands:
     )
 
 
-def gate_config(platform: _PlatformSettings) -> GateConfig:
+def gate_config(platform: PlatformSettings) -> GateConfig:
     return GateConfig(group_reply=platform.group_reply, channels=dict(platform.channels),
                       reply_to_bots=platform.reply_to_bots,
                       max_bot_turns=platform.max_bot_turns)
@@ -148,7 +152,7 @@ def _ready(app: App, name: str, adapter: SlackAdapter | DiscordAdapter | Telegra
         checks[name] = adapter.is_ready
 
 
-def runners(app: App) -> list[tuple[str, Runner]]:
+def platform_runners(app: App) -> list[tuple[str, Runner]]:
     """``(label, runner)`` for every Telegram, Slack and Discord section of every bot."""
     found: list[tuple[str, Runner]] = []
     budget: RateBudget | None = getattr(app, "budget", None)

@@ -1,9 +1,9 @@
 """Composition root, scale-out part: Redis-shared state, metrics, ops endpoint.
 
-Called once by ``adapters/app.py`` (``await scaleout.start(stack, app)``)
+Called once by ``build_app`` (``await scaleout.start(stack, app)``)
 right after the ``App`` exists and before any provider or breaker is made.
-Like ``app.py`` it may import ``persistence``: it is the same composition
-root, split so each file stays small.
+Like the rest of ``adapters/wiring/`` it may import ``persistence``: it is
+the same composition root, split so each file stays small.
 
 - With ``[storage] redis_url`` set: breakers share their state
   (``SharedBreakers``), platforms get ``app.budget`` (shared per-chat
@@ -27,22 +27,19 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-from sqlalchemy import make_url, text
-
 from adapters.ops.metrics import Metrics, ReplyMetrics
 from adapters.ops.server import Check, OpsServer
+from adapters.wiring.app import App
 from adapters.wiring.settings import Settings
-from engine.errors import StorageError
 from engine.providers.fallback import Breakers
 from persistence.redis.breakers import SharedBreakers
+from persistence.redis.connection import connection_errors
 from persistence.redis.inflight import OnceStore, RedisInflight
 from persistence.redis.state import RedisState
 
 if TYPE_CHECKING:
     # Types only: importing it loads lancedb and pyarrow (seconds), which
     # commands without memory (`providers`, `usage`) never need.
-    from adapters.wiring.build import App
     from persistence.vectors.memory import LanceMemoryStore
 
 # LanceDB's object-store client reads only the process environment; these may
@@ -96,21 +93,11 @@ async def start(stack: AsyncExitStack, app: App) -> None:
     app.observers.append(ReplyMetrics(metrics))
     metrics.watch_breakers(lambda: {name: app.breakers.state(name) for name in app.providers})
 
-    async def database() -> bool:
-        async with app.database.engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-        return True
-
-    app.ready_checks["database"] = database
+    app.ready_checks["database"] = app.database.ping
 
     if storage.redis_url:
-        try:
+        with connection_errors(storage.redis_url):
             await _start_redis(stack, app, storage.redis_url)
-        except (RedisError, OSError) as exc:
-            safe = make_url(storage.redis_url).render_as_string(hide_password=True) \
-                if "://" in storage.redis_url else "(unparsable url)"
-            raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
-                               "check [storage] redis_url") from exc
 
     if settings.http.enabled:
         ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)

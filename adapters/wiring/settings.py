@@ -12,7 +12,9 @@ component receives plain values.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from engine.errors import ConfigError
 from engine.types import FooterMode, TrustLevel
+
+# Environment variables (and storage options) whose names say they hold a secret.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 ProviderKind = Literal[
     "openai", "gemini", "mistral", "glm", "anthropic",
@@ -106,7 +111,7 @@ class MemorySettings(_Strict):
     embedding_threads: int = Field(default=2, ge=1)
 
 
-class _PlatformSettings(_Strict):
+class PlatformSettings(_Strict):
     api_base_url: str | None = None
     admins: list[str] = Field(default_factory=list)
     # when to answer in groups: only when addressed, or every message
@@ -116,7 +121,7 @@ class _PlatformSettings(_Strict):
     max_bot_turns: int = Field(default=3, ge=0)
 
 
-class TelegramSettings(_PlatformSettings):
+class TelegramSettings(PlatformSettings):
     token_env: str
     mode: Literal["polling", "webhook"] = "polling"
     webhook_url: str | None = None
@@ -125,7 +130,7 @@ class TelegramSettings(_PlatformSettings):
     webhook_port: int = 8443
 
 
-class SlackSettings(_PlatformSettings):
+class SlackSettings(PlatformSettings):
     bot_token_env: str
     app_token_env: str | None = None
     signing_secret_env: str | None = None
@@ -137,7 +142,7 @@ class SlackSettings(_PlatformSettings):
     trust_workspace_admins: bool = True
 
 
-class DiscordSettings(_PlatformSettings):
+class DiscordSettings(PlatformSettings):
     token_env: str
     # Sharding across workers: each worker lists its own shard ids of shard_count.
     shard_ids: list[int] | None = None
@@ -284,3 +289,30 @@ def load_settings(
         return Settings.model_validate({**raw, "source": str(path), "env": env})
     except ValidationError as exc:
         raise ConfigError(_format_validation(str(path), exc)) from None
+
+
+def secret_values(settings: Settings) -> set[str]:
+    """Every secret the configuration can reach: variables named by ``*_env``
+    keys, variables whose names say key/token/secret/password, passwords in
+    the storage URLs and secret-looking ``memory_storage_options``."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if isinstance(key, str) and key.endswith("_env") and isinstance(value, str):
+                    found.add(settings.env.get(value, ""))
+                walk(value)
+        elif isinstance(node, list | tuple):
+            for item in node:
+                walk(item)
+
+    walk(settings.model_dump())
+    found.update(v for k, v in settings.env.items() if _SECRET_NAME.search(k))
+    storage = settings.storage
+    for url in (storage.database_url, storage.redis_url, storage.memory_uri):
+        if url and (match := re.search(r"://[^/\s:@]*:([^/\s@]+)@", url)):
+            found.add(match.group(1))
+    found.update(v for k, v in storage.memory_storage_options.items() if _SECRET_NAME.search(k))
+    found.discard("")
+    return found

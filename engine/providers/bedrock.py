@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import aioboto3
 
@@ -56,10 +56,8 @@ from engine.errors import (
     Unavailable,
 )
 from engine.providers.closing import ClosesOnExit
+from engine.providers.config import ProviderConfig
 from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
-
-if TYPE_CHECKING:
-    from engine.providers.registry import ProviderConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -6,8 +6,8 @@
     if hasattr(provider, "__aenter__"):   # resource owners: the composition root enters them
         ...
 
-``capabilities(config)`` is the preset's ``Capabilities`` with the config's
-overrides applied. Kinds: see ``engine.providers.presets.PRESETS`` plus
+``ProviderConfig`` and ``capabilities`` live in ``engine/providers/config.py``
+(re-exported here). Kinds: see ``engine.providers.presets.PRESETS`` plus
 ``bedrock`` (``engine/providers/bedrock.py``, loaded only when used, so
 aioboto3 is not imported by users who do not need it).
 A bad combination raises ``ConfigError`` naming the provider.
@@ -15,65 +15,13 @@ A bad combination raises ``ConfigError`` naming the provider.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
-
-from pydantic import SecretStr
-
 from engine.errors import ConfigError
 from engine.ports import Provider
+from engine.providers.config import ProviderConfig, capabilities
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.providers.presets import PRESETS
-from engine.types import Capabilities
 
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    """Everything needed to build one provider; plain values only."""
-
-    name: str
-    kind: str
-    model: str = ""
-    api_key: SecretStr | None = None
-    base_url: str | None = None
-    timeout_s: float = 30.0
-    first_token_timeout_s: float = 15.0
-    idle_timeout_s: float = 15.0
-    fail_max: int = 3
-    reset_timeout_s: float = 30.0
-    temperature: float | None = None
-    # capability overrides; None = the preset's default
-    vision: bool | None = None
-    tools: bool | None = None
-    context_window: int | None = None
-    max_output_tokens: int | None = None
-    # USD per million tokens (usage accounting)
-    price_input_per_mtok: float = 0.0
-    price_output_per_mtok: float = 0.0
-    # local only
-    model_path: Path | None = None
-    threads: int = 1
-    # bedrock only
-    region: str | None = None
-    profile: str | None = None
-    endpoint_url: str | None = None
-    # explicit AWS keys (e.g. from .env, which is not the process environment);
-    # None = botocore's own chain (environment, profile, SSO, instance role)
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: SecretStr | None = None
-    aws_session_token: SecretStr | None = None
-
-
-def capabilities(config: ProviderConfig) -> Capabilities:
-    preset = PRESETS.get(config.kind)
-    base = preset.capabilities if preset else Capabilities()
-    return replace(
-        base,
-        vision=base.vision if config.vision is None else config.vision,
-        tools=base.tools if config.tools is None else config.tools,
-        context_window=config.context_window or base.context_window,
-        max_output_tokens=config.max_output_tokens or base.max_output_tokens,
-    )
+__all__ = ["ProviderConfig", "build_provider", "capabilities"]  # one import for callers
 
 
 def build_provider(config: ProviderConfig) -> Provider:

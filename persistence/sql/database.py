@@ -160,6 +160,12 @@ class Database:
         async with self.engine.connect() as connection:
             return await connection.run_sync(_current)
 
+    async def ping(self) -> bool:
+        """``SELECT 1`` on a pooled connection: the readiness check of ``/readyz``."""
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return True
+
     async def start(self) -> None:
         await self.migrate()
         self._engine = create_engine(self.url, echo=self._echo)

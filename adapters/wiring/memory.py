@@ -1,0 +1,85 @@
+"""Long-term memory, wired: the embedding model, the LanceDB stores, the recall
+log and the extraction queue, started only when a bot has memory enabled.
+
+Part of the composition root. lancedb, pyarrow and fastembed are imported
+inside ``start_memory``: they take seconds to import, and commands without
+memory (``providers``, ``usage``) never pay for them.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from adapters.wiring import scaleout
+from adapters.wiring.app import App
+from adapters.wiring.settings import Settings
+from engine.admin import BotInfo, MemoryAdmin
+from engine.background import Background
+from engine.memory.policy import BotMemory, MemoryConfig
+from engine.ports import ReplyObserver
+from engine.providers.fallback import FallbackChain
+from persistence.sql.recall_log import SqlRecallLog
+
+if TYPE_CHECKING:
+    from persistence.vectors.embeddings import FastEmbedder
+    from persistence.vectors.memory import LanceMemoryStore
+    from persistence.vectors.shared import SharedMemory
+
+
+@dataclass
+class MemoryParts:
+    embedder: FastEmbedder
+    store: LanceMemoryStore
+    shared: SharedMemory
+    recall_log: SqlRecallLog
+    jobs: Background
+
+
+async def start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> MemoryParts | None:
+    """The embedding model, the LanceDB stores, the recall log and the extraction queue.
+
+    Entered after the providers, so on exit the extraction queue drains
+    first (while stores and providers are still open), then the stores close.
+    """
+    bots = settings.bots
+    if not any(bot.memory.enabled for bot in bots.values()):
+        return None
+    from persistence.vectors.embeddings import FastEmbedder
+    from persistence.vectors.memory import LanceMemoryStore
+    from persistence.vectors.shared import SharedMemory
+
+    storage = settings.storage
+    embedder = await FastEmbedder.load(
+        storage.data_dir, threads=max(b.memory.embedding_threads for b in bots.values()))
+    uri, options = storage.resolved_memory_uri(), scaleout.memory_storage_options(settings)
+    store = await stack.enter_async_context(
+        await LanceMemoryStore.open(uri, embedder, storage_options=options))
+    shared = await stack.enter_async_context(
+        await SharedMemory.open(uri, embedder, storage_options=options,
+                                writer_lock=scaleout.writer_lock(app, "shared-memory")))
+    parts = MemoryParts(embedder, store, shared, SqlRecallLog(app.database),
+                         await stack.enter_async_context(Background(name="memory")))
+    app.memory_jobs = parts.jobs
+    app.memory_admin = MemoryAdmin(
+        store, shared=shared, recall_log=parts.recall_log,
+        bots={n: BotInfo(n, b.trust_level, tuple(b.trust_groups)) for n, b in bots.items()},
+    )
+    return parts
+
+
+def bot_memory(parts: MemoryParts | None, settings: Settings, bot_name: str,
+                chain: FallbackChain, usage: ReplyObserver | None) -> BotMemory | None:
+    bot = settings.bots[bot_name]
+    if parts is None or not bot.memory.enabled:
+        return None
+    m = bot.memory
+    config = MemoryConfig(
+        bot=bot_name, top_k=m.top_k, min_score=m.min_score, extract=m.extract,
+        extract_with_local=m.extract_with_local, trust_groups=tuple(bot.trust_groups),
+        local_providers=frozenset(n for n, p in settings.providers.items() if p.kind == "local"),
+    )
+    return BotMemory(config, store=parts.store, embedder=parts.embedder, jobs=parts.jobs,
+                     shared=parts.shared, chain=chain, recall_log=parts.recall_log,
+                     usage=usage)  # extraction tokens are recorded and budgeted too
