@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.admin import BotInfo, MemoryAdmin
+from engine.admin.memory import BotInfo, MemoryAdmin
 from engine.background import Background
 from engine.memory.policy import BotMemory, MemoryConfig
 from engine.types import IncomingMessage

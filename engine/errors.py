@@ -19,7 +19,8 @@ Every SDK error is mapped to one of these at the edge where it happens
     │   ├── TamperDetected          a stored row fails its integrity check
     │   ├── EmbeddingMismatch       a table was written with another model
     │   └── FileRejected            an attachment was refused (size, name, type)
-    └── PermissionDenied            a non-admin tried an admin command
+    ├── PermissionDenied            a non-admin tried an admin command
+    └── AdminError                  an admin operation was asked something impossible
 
 Messages never contain secrets: a key is never formatted into an error.
 """
@@ -124,3 +125,7 @@ class FileRejected(StorageError):
 
 class PermissionDenied(BoternityError):
     """The caller may not run this admin command."""
+
+
+class AdminError(BoternityError):
+    """An admin operation was asked something impossible (unknown bot, missing fact)."""

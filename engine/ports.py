@@ -7,10 +7,10 @@ Provider port. The engine depends on these Protocols only.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from engine.types import (
-    Attachment,
     Capabilities,
     Chunk,
     CompletionRequest,
@@ -312,9 +312,9 @@ class FileStore(Protocol):
     same bytes are stored once per bot), and records the metadata. It raises
     ``FileRejected`` (a message fit for the user) for a file over the
     per-file or per-bot cap, an empty file or a name that sanitizes to
-    nothing; a rejected file leaves nothing behind. ``attachment`` turns a
-    stored file into what a prompt can carry: extracted text for documents
-    (within ``text_budget`` characters), bytes for images.
+    nothing; a rejected file leaves nothing behind. ``path`` says where a
+    stored file's bytes are, for readers (``adapters/chat/documents.py``
+    turns them into what a prompt can carry).
     """
 
     async def save(
@@ -340,4 +340,6 @@ class FileStore(Protocol):
         """Forget one file (bytes go when no other record shares them)."""
         ...
 
-    async def attachment(self, stored: StoredFile, *, text_budget: int = 20_000) -> Attachment: ...
+    def path(self, stored: StoredFile) -> Path:
+        """Where the bytes of ``stored`` are on disk."""
+        ...

@@ -122,7 +122,7 @@ class BotPipeline:
     async def start(self) -> None:
         from pydantic import SecretStr
 
-        from engine.admin import LastReplies, PersonaAdmin, ProviderAdmin
+        from engine.admin.bot import LastReplies, PersonaAdmin, ProviderAdmin
         from engine.conversation import Conversation
         from engine.providers.fallback import Breakers, FallbackChain
         from engine.providers.openai_compat import OpenAICompatProvider
@@ -152,7 +152,7 @@ class BotPipeline:
 
     def commands(self, admins: tuple[str, ...]) -> object:
         from adapters.chat.commands import Commands
-        from engine.admin import FileAdmin
+        from engine.admin.bot import FileAdmin
 
         return Commands(bot="demo", admins=admins, providers=self.provider_admin,
                         persona=self.persona_admin,

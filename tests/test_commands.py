@@ -17,7 +17,8 @@ import pytest
 from pydantic import SecretStr
 
 from adapters.chat.commands import COMMANDS, Caller, Commands, is_command, parse
-from engine.admin import BotInfo, FileAdmin, LastReplies, MemoryAdmin, PersonaAdmin, ProviderAdmin
+from engine.admin.bot import FileAdmin, LastReplies, PersonaAdmin, ProviderAdmin
+from engine.admin.memory import BotInfo, MemoryAdmin
 from engine.conversation import Conversation
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider

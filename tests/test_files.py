@@ -10,7 +10,9 @@ import pytest
 from pypdf import PdfWriter
 from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
+from adapters.chat import documents
 from engine.errors import FileRejected
+from engine.types import Attachment, StoredFile
 from persistence.sql.database import Database
 from persistence.sql.files import SqlFileStore, sanitize_name
 
@@ -35,6 +37,11 @@ async def save(store: SqlFileStore, data: bytes, name: str = "notes.txt", *,
     return await store.save(bot=bot, platform="telegram", chat=chat, uploader="telegram:7",
                             name=name, mime_type=mime, chunks=chunks(data),
                             declared_size=declared)
+
+
+async def read(store: SqlFileStore, stored: StoredFile, **kw: int) -> Attachment:
+    """What a prompt gets of a stored file: the chat room's reader over the store's bytes."""
+    return await documents.attachment(stored, store.path(stored), **kw)
 
 
 async def test_save_is_content_addressed_with_metadata(store: SqlFileStore, tmp_path: Path) -> None:
@@ -135,11 +142,11 @@ async def test_empty_file_is_rejected(store: SqlFileStore) -> None:
 async def test_text_extraction_with_budget(store: SqlFileStore) -> None:
     stored = await save(store, ("é" * 5000).encode(), "accents.md", mime="")
     assert stored.mime_type == "text/markdown"
-    att = await store.attachment(stored, text_budget=1000)
+    att = await read(store, stored, text_budget=1000)
     assert att.text is not None and att.text.startswith("é" * 1000)
     assert "truncated" in att.text and att.data is None
     csv = await save(store, b"a,b\n1,2\n", "t.csv", mime="text/csv")
-    assert (await store.attachment(csv)).text == "a,b\n1,2\n"
+    assert (await read(store, csv)).text == "a,b\n1,2\n"
 
 
 def _pdf(text: str) -> bytes:
@@ -161,17 +168,17 @@ def _pdf(text: str) -> bytes:
 
 async def test_pdf_extraction_and_broken_pdf(store: SqlFileStore) -> None:
     good = await save(store, _pdf("Quarterly revenue grew"), "report.pdf", mime="application/pdf")
-    att = await store.attachment(good)
+    att = await read(store, good)
     assert att.text is not None and "Quarterly revenue grew" in att.text
     bad = await save(store, b"%PDF-1.4 this is not really a pdf", "bad.pdf",
                      mime="application/pdf")
-    assert "could not read" in ((await store.attachment(bad)).text or "") or \
-        "no extractable text" in ((await store.attachment(bad)).text or "")
+    assert "could not read" in ((await read(store, bad)).text or "") or \
+        "no extractable text" in ((await read(store, bad)).text or "")
 
 
 async def test_images_are_passed_as_bytes(store: SqlFileStore) -> None:
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
     stored = await save(store, png, "photo.png", mime="image/png")
-    att = await store.attachment(stored)
+    att = await read(store, stored)
     assert att.data == png and att.text is None
 

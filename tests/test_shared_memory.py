@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from engine.errors import StorageError
 from engine.types import Fact, TrustLevel
 from persistence.vectors.embeddings import FastEmbedder
-from persistence.vectors.shared import TABLE, SharedMemory, TrustRule
+from persistence.vectors.shared import TABLE, SharedMemory
+from persistence.vectors.trust import TrustRule
 
 HOSTILE = ["x' OR '1'='1", "') OR trust_level <> ('", "a'b", 'q"uote', "back\\slash'"]
 

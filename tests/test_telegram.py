@@ -29,7 +29,7 @@ from adapters.chat.outbound import TELEGRAM, Limits, MessageSender
 from adapters.chat.render import to_telegram
 from adapters.ops.metrics import MeteredSender, Metrics
 from adapters.platforms.telegram import TelegramAdapter, TelegramConfig
-from engine.admin import FileAdmin
+from engine.admin.bot import FileAdmin
 from engine.errors import ConfigError
 from engine.types import Reply
 from tests.conftest import BotPipeline

@@ -309,7 +309,8 @@ async def test_app_records_usage_and_cli_prints_it(
 
 
 async def test_usage_admin_report(db: Database) -> None:
-    from engine.admin import AdminError, UsageAdmin
+    from engine.admin.bot import UsageAdmin
+    from engine.errors import AdminError
 
     admin = UsageAdmin(SqlUsageStore(db))
     await admin.store.add(record(datetime.now(UTC), "demo", "aws", 10, 10))

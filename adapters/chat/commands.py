@@ -3,7 +3,7 @@
 ``COMMANDS`` is the spec each platform registers (Telegram setMyCommands,
 Slack slash commands, Discord app commands). ``Commands.run(caller, name,
 args)`` parses the text arguments, checks the caller, delegates to
-``engine.admin`` and returns Markdown for the platform to send:
+``engine.admin`` (``memory``, ``bot``) and returns Markdown for the platform to send:
 
     /memory list [user] | search <query> | forget <id> | why
     /provider status
@@ -27,7 +27,8 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from engine.admin import FileAdmin, MemoryAdmin, PersonaAdmin, ProviderAdmin
+from engine.admin.bot import FileAdmin, PersonaAdmin, ProviderAdmin
+from engine.admin.memory import MemoryAdmin
 from engine.errors import BoternityError
 from engine.types import Fact
 

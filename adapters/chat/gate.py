@@ -26,7 +26,7 @@ Decision = Literal["answer", "not_addressed", "channel_muted", "from_bot", "bot_
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Plain values from ``_PlatformSettings`` (one per bot and platform)."""
+    """Plain values from ``PlatformSettings`` (one per bot and platform)."""
 
     group_reply: Literal["mention", "always"] = "mention"
     channels: dict[str, GroupMode] = field(default_factory=dict)

@@ -7,7 +7,7 @@ between a bot's platforms to bound the whole process). ``handle``:
 
 1. stores each attachment in the ``FileStore`` (streamed from the platform,
    size-checked before download when the platform declares a size) and turns
-   it into an ``Attachment`` (extracted text, or image bytes); a refused file
+   it into an ``Attachment`` (``documents``: extracted text, or image bytes); a refused file
    gets a clear note in the chat and the rest of the message goes on;
 2. streams ``Replier.reply(message)`` through ``Outbound.stream`` (first
    message as soon as text arrives, throttled edits, final text with footer).
@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from adapters.chat import documents
 from adapters.chat.outbound import Delivery, Outbound
 from engine.errors import FileRejected
 from engine.log_context import bind
@@ -163,8 +164,8 @@ class Handler:
                     uploader=message.user, name=pending.name, mime_type=pending.mime_type,
                     chunks=pending.download(), declared_size=pending.size,
                 )
-                attachments.append(
-                    await self.files.attachment(stored, text_budget=self.text_budget))
+                attachments.append(await documents.attachment(
+                    stored, self.files.path(stored), text_budget=self.text_budget))
             except FileRejected as exc:
                 notes.append(f"⚠️ {exc}")
             except Exception as exc:  # a failed download or disk: this file only

@@ -2,7 +2,7 @@
 
 ``add_commands(subparsers)`` registers both groups; every handler is
 ``async def handler(args, app) -> int`` and only parses, calls
-``app.memory_admin`` (``engine.admin.MemoryAdmin``) and renders. Tables go
+``app.memory_admin`` (``engine.admin.memory.MemoryAdmin``) and renders. Tables go
 to stdout (``--json`` prints one JSON object per line instead, for
 scripts); progress bars and problems go to stderr, so
 ``boternity memory export > facts.jsonl`` stays clean.
@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.admin import AdminError, MemoryAdmin, fact_record
-from engine.errors import BoternityError
+from engine.admin.memory import MemoryAdmin, fact_record
+from engine.errors import AdminError, BoternityError
 from engine.types import Fact
 
 LEVELS = ("public", "trusted", "private")

@@ -20,7 +20,7 @@ from adapters.chat.outbound import RateBudget
 from adapters.ops.metrics import Metrics
 from adapters.ops.server import Check, OpsServer
 from adapters.wiring.settings import Settings
-from engine.admin import MemoryAdmin
+from engine.admin.memory import MemoryAdmin
 from engine.background import Background
 from engine.conversation import Conversation
 from engine.memory.policy import BotMemory

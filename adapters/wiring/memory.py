@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from adapters.wiring import scaleout
 from adapters.wiring.app import App
 from adapters.wiring.settings import Settings
-from engine.admin import BotInfo, MemoryAdmin
+from engine.admin.memory import BotInfo, MemoryAdmin
 from engine.background import Background
 from engine.memory.policy import BotMemory, MemoryConfig
 from engine.ports import ReplyObserver

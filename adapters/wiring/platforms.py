@@ -44,7 +44,7 @@ from adapters.wiring.settings import (
     SlackSettings,
     TelegramSettings,
 )
-from engine.admin import FileAdmin, LastReplies, PersonaAdmin, ProviderAdmin, UsageAdmin
+from engine.admin.bot import FileAdmin, LastReplies, PersonaAdmin, ProviderAdmin, UsageAdmin
 from engine.errors import ConfigError
 from engine.ports import FileStore
 from persistence.sql.files import SqlFileStore

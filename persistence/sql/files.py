@@ -37,8 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import FileRejected, StorageError
-from engine.types import Attachment, StoredFile
-from persistence.extract import kind_of, read_pdf, read_text
+from engine.types import StoredFile
 from persistence.sql.database import Database
 from persistence.sql.tables import Base, utcnow
 
@@ -120,6 +119,7 @@ class SqlFileStore:
         return self._root / _segment(bot) / "files"
 
     def path(self, stored: StoredFile) -> Path:
+        """Where the bytes of ``stored`` are (shared by every record of the same content)."""
         return self._dir(stored.bot) / stored.sha256[:2] / stored.sha256
 
     async def bot_bytes(self, bot: str) -> int:
@@ -254,20 +254,6 @@ class SqlFileStore:
         if not await self._known(bot, stored.sha256):  # last reference: free the bytes
             await asyncio.to_thread(self.path(stored).unlink, missing_ok=True)
         return True
-
-    async def attachment(self, stored: StoredFile, *, text_budget: int = 20_000) -> Attachment:
-        kind = kind_of(stored.name, stored.mime_type)
-        path = self.path(stored)
-        text: str | None = None
-        data: bytes | None = None
-        if kind == "text":
-            text = await asyncio.to_thread(read_text, path, text_budget)
-        elif kind == "pdf":
-            text = await asyncio.to_thread(read_pdf, path, text_budget)
-        elif kind == "image":
-            data = await asyncio.to_thread(path.read_bytes)
-        return Attachment(name=stored.name, mime_type=stored.mime_type, size=stored.size,
-                          sha256=stored.sha256, text=text, data=data)
 
 
 def _write_chunk(handle: IO[bytes], digest: hashlib._Hash, chunk: bytes) -> None:

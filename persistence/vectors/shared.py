@@ -3,12 +3,13 @@
 ``SharedMemory`` implements ``engine.ports.SharedMemoryStore`` and is the only
 holder of the shared LanceDB table: no other code gets the raw table.
 
-Visibility lives in ONE place, ``TrustRule``: a reader bot sees ``public``
-rows, ``trusted`` rows whose group is one of its groups, and its own
-``private`` rows; and only rows about the allowed users (the speaker and ""
-for general; none when the speaker is unknown). The rule renders the SQL
-predicate every query carries, and checks each returned row again in Python,
-so an escaping mistake can never widen what a reader sees.
+Visibility lives in ONE place, ``TrustRule`` (``persistence/vectors/trust.py``):
+a reader bot sees ``public`` rows, ``trusted`` rows whose group is one of
+its groups, and its own ``private`` rows; and only rows about the allowed
+users (the speaker and "" for general; none when the speaker is unknown).
+The rule renders the SQL predicate every query carries, and checks each
+returned row again in Python, so an escaping mistake can never widen what a
+reader sees.
 
 Integrity: each row stores ``prev_hash`` (the previous row's hash) and
 ``write_hash`` = SHA-256 over its content (text, user, category, importance,
@@ -27,12 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC
 from types import TracebackType
 from typing import Any, TypeVar
@@ -51,8 +50,6 @@ from persistence.vectors.tables import (
     check_model,
     connect,
     hybrid_search,
-    in_list,
-    micros,
     now,
     quote,
     storage_errors,
@@ -60,6 +57,7 @@ from persistence.vectors.tables import (
     with_model,
     with_new_vectors,
 )
+from persistence.vectors.trust import TrustRule, row_hash, split_rows, walk_chain
 
 log = logging.getLogger(__name__)
 
@@ -85,85 +83,6 @@ SCALAR_INDEXES: dict[str, ScalarIndex] = {
     "id": "btree", "user": "btree", "trust_level": "bitmap", "trust_group": "btree",
     "author_bot": "btree"}
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class TrustRule:
-    """What one reader may see. ``users=None`` only for admin listings (any user)."""
-
-    reader: str
-    groups: frozenset[str]
-    users: frozenset[str] | None
-
-    @classmethod
-    def of(cls, reader: str, groups: Sequence[str], users: Sequence[str] | None) -> TrustRule:
-        return cls(reader, frozenset(g for g in groups if g),
-                   None if users is None else frozenset(users))
-
-    def sql(self) -> str:
-        visible = ["trust_level = 'public'",
-                   f"(trust_level = 'private' AND author_bot = {quote(self.reader)})"]
-        if self.groups:
-            visible.append(f"(trust_level = 'trusted' AND {in_list('trust_group', self.groups)})")
-        predicate = "(" + " OR ".join(visible) + ")"
-        if self.users is not None:
-            predicate += f" AND {in_list('user', self.users)}"
-        return predicate
-
-    def allows(self, row: dict[str, Any]) -> bool:
-        level = row["trust_level"]
-        seen = (level == "public"
-                or (level == "trusted" and row["trust_group"] in self.groups)
-                or (level == "private" and row["author_bot"] == self.reader))
-        return seen and (self.users is None or row["user"] in self.users)
-
-
-def row_hash(row: dict[str, Any]) -> str:
-    """SHA-256 over a row's content, its place in the chain and the previous hash."""
-    content = [
-        row["seq"], row["id"], row["text"], row["user"], row["category"],
-        repr(float(row["importance"])), micros(row["created_at"]), row["trust_level"],
-        row["trust_group"], row["author_bot"], row["author_name"], row["metadata"],
-        row["prev_hash"],
-    ]
-    canonical = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def split_rows(rows: list[dict[str, Any]],
-               rule: TrustRule) -> tuple[list[dict[str, Any]], list[str]]:
-    """(rows that pass their hash and the rule, ids of rows that fail their hash)."""
-    good, bad = [], []
-    for row in rows:
-        if row_hash(row) != row["write_hash"]:
-            bad.append(row["id"])
-        elif rule.allows(row):
-            good.append(row)
-    return good, bad
-
-
-def walk_chain(rows: list[dict[str, Any]], head_seq: int) -> IntegrityReport:
-    """Check every row's hash and that each links to the one before (by ``seq``).
-
-    ``head_seq``: the last sequence number this process wrote or read at start;
-    rows deleted from the end show up only against it.
-    """
-    rows = sorted(rows, key=lambda r: r["seq"])
-    tampered: list[str] = []
-    missing: list[str] = []
-    prev_seq, prev_hash, prev_id = 0, "", ""
-    for row in rows:
-        if row_hash(row) != row["write_hash"]:
-            tampered.append(row["id"])
-        if row["seq"] != prev_seq + 1 or row["prev_hash"] != prev_hash:
-            gap = row["seq"] - prev_seq - 1
-            where = f"after {prev_id}" if prev_id else "at the start"
-            missing.append(f"{max(gap, 1)} row(s) {where}, before {row['id']}")
-        prev_seq, prev_hash, prev_id = row["seq"], row["write_hash"], row["id"]
-    if head_seq > prev_seq:
-        missing.append(f"{head_seq - prev_seq} row(s) at the head, after "
-                       f"{prev_id or 'the start'}")
-    return IntegrityReport(checked=len(rows), tampered=tuple(tampered), missing=tuple(missing))
 
 
 def _fact(row: dict[str, Any], score: float = 0.0) -> Fact:

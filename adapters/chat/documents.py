@@ -1,17 +1,26 @@
 """What a prompt can carry of a stored file: text of documents, bytes of images.
 
-Synchronous on purpose: callers run it in a worker thread (PDF parsing and
-file reads are CPU and disk work). Text is cut at ``budget`` characters with
-a visible marker; a document that cannot be read says so instead of failing.
+``await attachment(stored, path, text_budget=...)`` turns a file the
+``FileStore`` keeps at ``path`` into an ``Attachment``: extracted text for
+text files and PDFs, bytes for images, neither for anything else. Reading
+is not storage: the store keeps bytes and metadata, this module reads them
+for every platform's handler.
+
+The readers are synchronous and run in a worker thread (PDF parsing and file
+reads are CPU and disk work). Text is cut at ``budget`` characters with a
+visible marker; a document that cannot be read says so instead of failing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
 from pypdf import PdfReader
 from pypdf.errors import PyPdfError
+
+from engine.types import Attachment, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +73,18 @@ def read_pdf(path: Path, budget: int) -> str:
         return "(I could not read this PDF)"
     text = "\n\n".join(p.strip() for p in parts if p.strip())
     return _cut(text, budget) if text else "(this PDF has no extractable text)"
+
+
+async def attachment(stored: StoredFile, path: Path, *, text_budget: int = 20_000) -> Attachment:
+    """What a prompt can carry of ``stored``, whose bytes are at ``path``."""
+    kind = kind_of(stored.name, stored.mime_type)
+    text: str | None = None
+    data: bytes | None = None
+    if kind == "text":
+        text = await asyncio.to_thread(read_text, path, text_budget)
+    elif kind == "pdf":
+        text = await asyncio.to_thread(read_pdf, path, text_budget)
+    elif kind == "image":
+        data = await asyncio.to_thread(path.read_bytes)
+    return Attachment(name=stored.name, mime_type=stored.mime_type, size=stored.size,
+                      sha256=stored.sha256, text=text, data=data)
