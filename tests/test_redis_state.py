@@ -20,6 +20,7 @@ from adapters.chat.handler import Handler
 from adapters.chat.outbound import Limits, Outbound
 from engine.types import IncomingMessage, Reply
 from persistence.redis.breakers import SharedBreakers
+from persistence.redis.connection import connect, stop
 from persistence.redis.inflight import OnceStore, RedisInflight
 from persistence.redis.state import RedisEventClaims, RedisRateBudget, RedisState
 
@@ -388,3 +389,37 @@ async def test_without_redis_a_worker_paces_alone_and_still_answers() -> None:
         await claims.release("slack:T:C:1.0")  # no error either
     finally:
         await dead.aclose()
+
+
+async def test_stop_ends_tasks_whose_cancellation_redis_swallowed(namespace: str) -> None:
+    """Background loops end even when redis-py swallows their cancellation.
+
+    Cancelled in the middle of a command, redis-py's asyncio client sometimes
+    eats the CancelledError and the loop goes on (redis/redis-py#2028): a
+    worker's ``__aexit__`` then waited forever (seen as a 120 s hang of the
+    take-over tests). Each loop here runs EVALs back to back on the real
+    client, as the renew and sweep loops do, and is stopped at a different
+    point of its command; every ``stop`` must return with its task done.
+    """
+    client = await connect(REDIS_URL)
+    progressed = asyncio.Event()
+
+    async def loop() -> None:
+        while True:
+            try:
+                await client.eval("return redis.call('PING')", 0)
+                progressed.set()
+            except Exception:  # as the real loops do: a Redis blip, next round
+                await asyncio.sleep(0)
+
+    try:
+        for trial in range(20):
+            progressed.clear()
+            task = asyncio.create_task(loop())
+            await progressed.wait()  # mid-loop: the next EVAL is in flight
+            for _ in range(trial % 4):
+                await asyncio.sleep(0)  # a different point of the command each time
+            await asyncio.wait_for(stop([task]), timeout=30)
+            assert task.done(), f"trial {trial}: the loop outlived stop()"
+    finally:
+        await client.aclose()
