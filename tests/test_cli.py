@@ -225,7 +225,8 @@ _PROBE = """
 import sys
 from adapters.cli.main import main
 code = main(sys.argv[1:])
-heavy = sorted(m for m in ("lancedb", "pyarrow", "fastembed", "onnxruntime") if m in sys.modules)
+heavy = sorted(m for m in ("lancedb", "pyarrow", "fastembed", "onnxruntime", "pypdf",
+                          "telegram", "discord", "slack_bolt") if m in sys.modules)
 print("loaded:", ",".join(heavy) or "none")
 sys.exit(code)
 """
@@ -234,7 +235,8 @@ sys.exit(code)
 @pytest.mark.parametrize("command", [["providers"], ["usage", "--days", "1"]])
 async def test_providers_and_usage_start_no_memory(tmp_path: Path, command: list[str]) -> None:
     """Memory is on in this config, yet these commands load neither the
-    embedding model nor LanceDB (a fresh process, so sys.modules tells)."""
+    embedding model nor LanceDB, nor a platform SDK or the PDF reader
+    (a fresh process, so sys.modules tells)."""
     config = write_config(tmp_path, "http://127.0.0.1:9/v1")
     config.write_text(config.read_text(encoding="utf-8").replace(
         "enabled = false", "enabled = true"), encoding="utf-8")

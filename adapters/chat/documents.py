@@ -17,9 +17,6 @@ import asyncio
 import logging
 from pathlib import Path
 
-from pypdf import PdfReader
-from pypdf.errors import PyPdfError
-
 from engine.types import Attachment, StoredFile
 
 log = logging.getLogger(__name__)
@@ -56,6 +53,11 @@ def read_text(path: Path, budget: int) -> str:
 
 
 def read_pdf(path: Path, budget: int) -> str:
+    # Imported here, in the worker thread, when a PDF arrives: pypdf (with PIL
+    # and cryptography) costs every command's start-up otherwise.
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
     try:
         reader = PdfReader(path)
         if reader.is_encrypted:
