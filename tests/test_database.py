@@ -109,3 +109,18 @@ async def test_workers_starting_together_migrate_once(database_url: str) -> None
     async with databases[0] as db:
         assert await db.revision() == head_revision()
         await SqlConversationStore(db).add(bot="b", chat="c", role="user", content="ok")
+
+
+async def test_workers_racing_to_create_a_new_sqlite_file_all_start(tmp_path: Path) -> None:
+    """Three workers opening the same new SQLite file at once all migrate.
+
+    Their switches to WAL race; SQLite answered the loser "database is
+    locked" at once, without waiting (4 of 60 such starts failed, and the
+    test above failed in CI so). Forty fresh files make the race likely.
+    """
+    for round_ in range(40):
+        url = sqlite_url(tmp_path / f"race-{round_}.db")
+        databases = [Database(url) for _ in range(3)]
+        await asyncio.gather(*(db.migrate() for db in databases))
+        async with databases[0] as db:
+            assert await db.revision() == head_revision()

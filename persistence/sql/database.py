@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+WAL_SWITCH_ATTEMPTS = 100  # x 50 ms: 5 s for a rival start to finish its switch
 MIGRATION_LOCK = 0x626F7465  # any fixed key; "bote"
 
 
@@ -51,10 +53,31 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # busy_timeout first: switching to WAL itself needs the lock.
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process switches a new file.
+
+    Workers that open a new database file at the same moment race to switch
+    it to WAL; SQLite answers "database is locked" at once, without the busy
+    handler, to the one whose switch would deadlock with the other's (3 of 40
+    starts of three workers failed so). Once one has switched, the pragma is
+    a no-op for the others, so a short retry is enough. It only happens on a
+    new file, which ``Database.migrate`` opens in its own thread: the sleep
+    never holds up a serving event loop.
+    """
+    for attempt in range(WAL_SWITCH_ATTEMPTS):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the driver's OperationalError, whichever adapter
+            if "locked" not in str(exc) or attempt == WAL_SWITCH_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05)
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
