@@ -27,13 +27,16 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
+from sqlalchemy import make_url
+
 from adapters.ops.metrics import Metrics, ReplyMetrics
 from adapters.ops.server import Check, OpsServer
 from adapters.wiring.app import App
 from adapters.wiring.settings import Settings
+from engine.errors import StorageError
 from engine.providers.fallback import Breakers
 from persistence.redis.breakers import SharedBreakers
-from persistence.redis.connection import connection_errors
 from persistence.redis.inflight import OnceStore, RedisInflight
 from persistence.redis.state import RedisState
 
@@ -96,8 +99,13 @@ async def start(stack: AsyncExitStack, app: App) -> None:
     app.ready_checks["database"] = app.database.ping
 
     if storage.redis_url:
-        with connection_errors(storage.redis_url):
+        try:
             await _start_redis(stack, app, storage.redis_url)
+        except (RedisError, OSError) as exc:
+            safe = make_url(storage.redis_url).render_as_string(hide_password=True) \
+                if "://" in storage.redis_url else "(unparsable url)"
+            raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
+                               "check [storage] redis_url") from exc
 
     if settings.http.enabled:
         ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)

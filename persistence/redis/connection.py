@@ -4,9 +4,6 @@ Contract:
 - ``connect(url)`` returns a ``redis.asyncio.Redis`` (``decode_responses``)
   that has answered a PING, so a wrong URL or a Redis that is down fails at
   startup with the real error; a client that failed is closed, not leaked.
-- ``with connection_errors(url):`` around a start-up turns a Redis or socket
-  error into a ``StorageError`` naming the URL without its password and the
-  error's type (never its text, which may hold the password).
 - ``stop(tasks)`` cancels background tasks and waits until each has ended,
   so nothing still writes through a client that is about to be closed. A
   task that is still running shortly after its cancellation is cancelled
@@ -20,13 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Iterator
-from urllib.parse import urlsplit
+from collections.abc import Iterable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from engine.errors import StorageError
 
 
 async def connect(url: str, *, client_name: str | None = None) -> aioredis.Redis:
@@ -38,28 +31,6 @@ async def connect(url: str, *, client_name: str | None = None) -> aioredis.Redis
         await client.aclose()
         raise
     return client
-
-
-@contextlib.contextmanager
-def connection_errors(url: str) -> Iterator[None]:
-    """Redis and socket errors inside become one ``StorageError`` fit for the operator."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StorageError(f"redis {safe_url(url)}: cannot connect ({type(exc).__name__}); "
-                           "check [storage] redis_url") from exc
-
-
-def safe_url(url: str) -> str:
-    """The URL with its password hidden, fit for a message or a log line."""
-    if "://" not in url:
-        return "(unparsable url)"
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 RECANCEL_S = 0.2  # how long a cancelled task may take before it is cancelled again

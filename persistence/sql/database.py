@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from types import TracebackType
@@ -64,7 +65,7 @@ def _switch_to_wal(cursor: Any) -> None:
 
     Workers that open a new database file at the same moment race to switch
     it to WAL; SQLite answers "database is locked" at once, without the busy
-    handler, to the one whose switch would deadlock with the other's (3 of 40
+    handler, to the one whose switch would deadlock with the other's (4 of 60
     starts of three workers failed so). Once one has switched, the pragma is
     a no-op for the others, so a short retry is enough. It only happens on a
     new file, which ``Database.migrate`` opens in its own thread: the sleep
@@ -74,7 +75,7 @@ def _switch_to_wal(cursor: Any) -> None:
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
             return
-        except Exception as exc:  # the driver's OperationalError, whichever adapter
+        except sqlite3.OperationalError as exc:  # aiosqlite re-raises sqlite3's own
             if "locked" not in str(exc) or attempt == WAL_SWITCH_ATTEMPTS - 1:
                 raise
             time.sleep(0.05)
