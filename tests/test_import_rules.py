@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("adapters", "engine", "persistence")
 LLM_SDKS = {"openai", "aioboto3", "aiobotocore", "botocore", "boto3", "pybreaker"}
 COMPOSITION_ROOT = ROOT / "adapters" / "wiring"
-# A room past ~10 modules is split; a module past ~400 lines is split (README
+# A room past ~10 modules is split; a module past ~400 lines is split (docs/development.md
 # "Development"). The margins allow "about", not a new habit.
 MAX_MODULES_PER_FOLDER = 10
 MAX_LINES_PER_MODULE = 420
