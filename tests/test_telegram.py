@@ -388,9 +388,11 @@ async def test_webhook_mode_checks_the_secret_and_answers_a_redelivery_once(
     commands = Commands(bot="demo", admins=(str(ADMIN),))
     config = TelegramConfig(
         bot="demo", token=SecretStr(tg.token), api_base_url=tg.url, mode="webhook",
-        webhook_url=f"http://127.0.0.1:{port}/demo", webhook_secret=SecretStr("s3cret"),
+        webhook_url=f"http://127.0.0.1:{port}/hooks/telegram", webhook_secret=SecretStr("s3cret"),
         webhook_listen="127.0.0.1", webhook_port=port)
-    url = f"http://127.0.0.1:{port}/demo"
+    # The worker listens on the URL's own path, whatever the bot is called
+    # (a reverse proxy passes it through; anything else is a silent 404).
+    url = f"http://127.0.0.1:{port}/hooks/telegram"
     async with TelegramAdapter(config, replier=bot_pipeline.conversation, commands=commands), \
             aiohttp.ClientSession() as http:
         assert tg.webhook == {"url": url, "secret_token": "s3cret"}

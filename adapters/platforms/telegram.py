@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 from telegram import (
@@ -154,6 +155,17 @@ class TelegramConfig:
     limits: Limits = TELEGRAM  # Telegram's published limits; tests may use faster ones
     request_timeout_s: float = 10.0  # per Bot API call (sends, edits, downloads)
 
+    @property
+    def webhook_path(self) -> str:
+        """Where the webhook server listens: the path of ``webhook_url`` itself.
+
+        Telegram posts to exactly that URL, so a reverse proxy that passes the
+        path through reaches the worker; listening anywhere else is a silent 404.
+        """
+        if not self.webhook_url:
+            return self.bot
+        return urlsplit(self.webhook_url).path.strip("/")
+
 
 class TelegramAdapter:
     """One bot on Telegram (see the module docstring)."""
@@ -236,7 +248,7 @@ class TelegramAdapter:
             secret = self.config.webhook_secret
             await updater.start_webhook(
                 listen=self.config.webhook_listen, port=self.config.webhook_port,
-                url_path=self.config.bot, webhook_url=self.config.webhook_url,
+                url_path=self.config.webhook_path, webhook_url=self.config.webhook_url,
                 secret_token=secret.get_secret_value() if secret else None)
         else:
             await updater.start_polling(timeout=self.config.poll_timeout_s, poll_interval=0)
