@@ -33,6 +33,7 @@ from sqlalchemy import make_url
 from adapters.ops.metrics import Metrics, ReplyMetrics
 from adapters.ops.server import Check, OpsServer
 from adapters.wiring.app import App
+from adapters.wiring.console import start_console
 from adapters.wiring.settings import Settings
 from engine.errors import StorageError
 from engine.providers.fallback import Breakers
@@ -107,8 +108,10 @@ async def start(stack: AsyncExitStack, app: App) -> None:
             raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
                                "check [storage] redis_url") from exc
 
-    if settings.http.enabled:
-        ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)
+    ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port) \
+        if settings.http.enabled else None
+    start_console(app, ops)  # the admin API and console, when a token is set
+    if ops is not None:
         ops.checks = app.ready_checks  # the same dict: checks added later count too
         await stack.enter_async_context(ops)
         app.ops = ops
