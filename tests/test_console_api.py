@@ -111,7 +111,7 @@ async def test_nobody_without_the_token_gets_data(
         # the history is intact: nothing was reset by the refused calls
         async with http.get(f"{service.url}/api/v1/bots/demo/conversations/99",
                             headers=service.headers) as r:
-            assert [m["content"] for m in (await r.json())["messages"]][0] == "my secret plan"
+            assert next(m["content"] for m in (await r.json())["messages"]) == "my secret plan"
 
 
 async def test_console_changes_need_the_csrf_token_and_the_same_origin(

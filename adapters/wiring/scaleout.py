@@ -33,7 +33,6 @@ from sqlalchemy import make_url
 from adapters.ops.metrics import Metrics, ReplyMetrics
 from adapters.ops.server import Check, OpsServer
 from adapters.wiring.app import App
-from adapters.wiring.console import start_console
 from adapters.wiring.settings import Settings
 from engine.errors import StorageError
 from engine.providers.fallback import Breakers
@@ -89,7 +88,7 @@ def lancedb_check(store: LanceMemoryStore) -> Check:
     return check
 
 
-async def start(stack: AsyncExitStack, app: App) -> None:
+async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
     """Start the scale-out and ops pieces the settings ask for (see module docstring)."""
     settings = app.settings
     storage = settings.storage
@@ -107,6 +106,10 @@ async def start(stack: AsyncExitStack, app: App) -> None:
                 if "://" in storage.redis_url else "(unparsable url)"
             raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
                                "check [storage] redis_url") from exc
+
+    if not serve:
+        return  # a one-shot command beside the service must not take (or fail on) its port
+    from adapters.wiring.console import start_console  # aiohttp, jinja2: only when serving
 
     ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port) \
         if settings.http.enabled else None
