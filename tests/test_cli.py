@@ -139,7 +139,7 @@ def test_embedded_demo_config_when_no_default_file(
     assert main(["providers"]) == 0
     captured = capsys.readouterr()
     assert "using the embedded demo config" in captured.err
-    assert captured.out.startswith("local ")
+    assert captured.out.splitlines()[1].startswith("local ")  # after "THIS process only"
     assert "demo model" in captured.out
     assert (tmp_path / "data" / "boternity.db").exists()
 

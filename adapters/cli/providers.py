@@ -51,6 +51,8 @@ def _print(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         line = (f"{r['name']:<{width}}  {r.get('kind', ''):<19} {r.get('model', ''):<28} "
                 f"breaker: {r['state']}")
+        if r.get("label"):
+            line += f"  ({r['label']})"
         if r.get("last_error"):
             line += f"  (last error: {r['last_error']})"
         print(line)
@@ -82,7 +84,8 @@ async def cmd_providers(args: argparse.Namespace, app: App) -> int:
             "name": name, "kind": p.kind,
             "model": provider.model if provider is not None else (p.model or "-"),
             "state": app.breakers.state(name) if provider is not None else "not in any chain",
-            "last_error": record.last_error if record is not None else None})
+            "last_error": record.last_error if record is not None else None,
+            "label": getattr(provider, "label", "") if provider is not None else ""})
     if not rows:
         print("no providers configured")
     _print(rows)
