@@ -116,9 +116,11 @@ class Pages:
         latencies = o["latencies"]
         return self.render(
             "overview.html", title="Overview", csrf=s.csrf, here="/", o=o,
-            per_minute={"x": minutes, "series": {"replies": o["per_minute"]}, "kind": "bars"},
+            per_minute={"x": minutes, "series": {"replies": o["per_minute"]}, "kind": "bars",
+                        "xlabel": "minute"},
             latency={"x": [str(i + 1) for i in range(len(latencies))],
-                     "series": {"latency": latencies}, "kind": "line", "unit": " s"})
+                     "series": {"latency": latencies}, "kind": "line", "unit": " s",
+                     "xlabel": "reply"})
 
     async def _providers_values(self, s: Session) -> dict[str, Any]:
         providers = await self.s.providers()
@@ -181,7 +183,7 @@ class Pages:
         return self.render(
             "usage.html", title="Usage", csrf=s.csrf, here="/usage", rows=chart["rows"],
             cost={"x": [d[5:] for d in chart["days"]], "series": chart["series"],
-                  "kind": "bars", "unit": " $"})
+                  "kind": "bars", "unit": " $", "xlabel": "day"})
 
     async def files(self, request: web.Request, s: Session) -> web.StreamResponse:
         bot = self._bot(request)
@@ -217,5 +219,7 @@ def redirect(location: str) -> web.Response:
 def secure(response: web.StreamResponse) -> None:
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on
+    # form posts, and the origin check would refuse the console its own forms.
+    response.headers["Referrer-Policy"] = "same-origin"
     response.headers["Cache-Control"] = "no-store"

@@ -9,7 +9,7 @@
     var names = Object.keys(data.series);
     var xs = data.x.map(function (_, i) { return i; });
     var fg = getComputedStyle(document.body).color;
-    var series = [{ label: data.xlabel || "", value: function (u, i) {
+    var series = [{ label: data.xlabel || "at", value: function (u, i) {
       return i == null ? "" : data.x[i]; } }];
     var columns = [xs];
     names.forEach(function (name, i) {
