@@ -34,6 +34,11 @@ export HF_HUB_OFFLINE=1
 cmd="${1:-chat}"
 if [ "$cmd" = "test" ]; then
   shift
+  # The console's browser tests drive Debian's Chromium (Playwright cannot download its own).
+  if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+      || echo "boternity: could not install chromium; browser tests will say why" >&2
+  fi
   "$venv/bin/ruff" check adapters engine persistence tests benchmarks
   "$venv/bin/mypy"
   "$venv/bin/lint-imports"

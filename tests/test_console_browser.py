@@ -47,8 +47,9 @@ async def shot(page: Any, tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name}.png"
     await page.screenshot(path=str(path), full_page=True)
     if where := os.environ.get("BOTERNITY_SCREENSHOTS"):
-        Path(where).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(where) / path.name)
+        target = Path(where)
+        target.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (a test helper, once per page)
+        shutil.copy(path, target / path.name)
 
 
 async def chart_drawn(page: Any, chart: str) -> bool:
