@@ -9,7 +9,7 @@ sends a burst of concurrent replies (5 deltas each, 10 ms apart, like a
 model typing) and times each reply. Rounds alternate, in random order:
 
     quiet      no console traffic
-    console    meanwhile a client in another thread, with its own event loop,
+    console    meanwhile a client in another process (as a browser is),
                fetches the console pages (overview, providers, usage,
                conversations) and the API (providers, overview, replies),
                logged in as an operator, at ``--rate`` requests per second
@@ -29,7 +29,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,25 +44,42 @@ PAGES = ("/", "/providers", "/usage", "/conversations?bot=demo")
 API = ("/api/v1/providers", "/api/v1/overview", "/api/v1/replies?limit=200")
 
 
-def console_load(url: str, stop: threading.Event, served: list[int], rate: float) -> None:
-    """Another thread, its own loop: an operator clicking through as fast as it answers."""
+async def console_load(url: str, rate: float, limit_s: float = 120) -> None:
+    """``--load URL``: an operator's browser, in its own process; prints "ready"
+    once logged in, then fetches until stdin closes (or ``limit_s`` passes),
+    then prints how many pages it got."""
+    served = 0
+    closed = asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.post(f"{url}/login", data={"token": TOKEN}) as r:
+            assert r.status == 200
+        print("ready", flush=True)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        deadline = time.monotonic() + limit_s
+        while not closed.done() and time.monotonic() < deadline:
+            for path in PAGES + API:
+                async with http.get(url + path, headers=auth) as r:
+                    await r.read()
+                    assert r.status == 200, (path, r.status)
+                served += 1
+                if rate > 0:
+                    await asyncio.sleep(1 / rate)
+    print(served, flush=True)
 
-    async def run() -> None:
-        jar = aiohttp.CookieJar(unsafe=True)
-        async with aiohttp.ClientSession(cookie_jar=jar) as http:
-            async with http.post(f"{url}/login", data={"token": TOKEN}) as r:
-                assert r.status == 200
-            auth = {"Authorization": f"Bearer {TOKEN}"}
-            while not stop.is_set():
-                for path in PAGES + API:
-                    async with http.get(url + path, headers=auth) as r:
-                        await r.read()
-                        assert r.status == 200, (path, r.status)
-                    served[0] += 1
-                    if rate > 0:
-                        await asyncio.sleep(1 / rate)
 
-    asyncio.run(run())
+async def start_load(url: str, rate: float) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--load", url, "--rate", str(rate),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    assert (await proc.stdout.readline()).strip() == b"ready"
+    return proc
+
+
+async def stop_load(proc: asyncio.subprocess.Process) -> int:
+    out, _ = await proc.communicate(b"")  # stdin closes: the operator stops
+    return int(out.split()[-1])
 
 
 async def burst(service: Service, n: int, round_no: int) -> list[float]:
@@ -87,18 +103,10 @@ async def main(rounds: int, size: int, rate: float) -> None:
                 order = ["quiet", "console"] * rounds
                 random.shuffle(order)
                 for round_no, kind in enumerate(order):
-                    stop, served = threading.Event(), [0]
-                    load = None
-                    if kind == "console":
-                        load = threading.Thread(target=console_load,
-                                                args=(service.url, stop, served, rate))
-                        load.start()
-                        await asyncio.sleep(0.2)  # the operator is already clicking
+                    load = await start_load(service.url, rate) if kind == "console" else None
                     times[kind] += await burst(service, size, round_no)
-                    stop.set()
                     if load is not None:
-                        await asyncio.to_thread(load.join)
-                        pages += served[0]
+                        pages += await stop_load(load)
     print(f"{rounds} rounds each, bursts of {size} concurrent replies; console load "
           f"{'back to back' if rate <= 0 else f'{rate:g}/s'}: {pages} pages/API calls served")
     for kind, values in times.items():
@@ -114,5 +122,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--burst", type=int, default=20)
     parser.add_argument("--rate", type=float, default=10.0)
+    parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.burst, args.rate))
+    if args.load:
+        asyncio.run(console_load(args.load, args.rate))
+    else:
+        asyncio.run(main(args.rounds, args.burst, args.rate))

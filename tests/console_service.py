@@ -24,11 +24,13 @@ TOKEN = "console-test-token-0123456789"
 
 
 def console_config(tmp_path: Path, fake: FakeOpenAI, *, memory: bool = False,
-                   port: int = 0, extra: str = "") -> Path:
+                   port: int = 0, extra: str = "", storage: str = "") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "boternity.toml"
     config.write_text(f"""
 [storage]
 data_dir = "{tmp_path / 'data'}"
+{storage}
 
 [http]
 enabled = true
@@ -91,9 +93,9 @@ class Service:
 
 @asynccontextmanager
 async def console_service(tmp_path: Path, fake: FakeOpenAI, *, memory: bool = False,
-                          token: str | None = TOKEN) -> AsyncIterator[Service]:
+                          token: str | None = TOKEN, storage: str = "") -> AsyncIterator[Service]:
     env = {**ENV, "BOTERNITY_ADMIN_TOKEN": token or ""}
-    settings = load_settings(console_config(tmp_path, fake, memory=memory),
+    settings = load_settings(console_config(tmp_path, fake, memory=memory, storage=storage),
                              environ=env, dotenv=None)
     async with build_app(settings, with_memory=memory) as app:
         assert app.ops is not None
