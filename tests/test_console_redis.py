@@ -18,9 +18,8 @@ from tests.test_console_run import cli
 from tests.test_redis_state import REDIS_URL, namespace  # noqa: F401 (the fixture)
 
 
-
 async def test_cli_prints_the_shared_redis_state_after_loading_it(
-    tmp_path: Path, openai_fake: FakeOpenAI, namespace: str
+    tmp_path: Path, openai_fake: FakeOpenAI, namespace: str,  # noqa: F811 (the fixture)
 ) -> None:
     storage = f'redis_url = "{REDIS_URL}"\nredis_namespace = "{namespace}"'
     openai_fake.script(Status(500), model="primary-model")
