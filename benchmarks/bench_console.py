@@ -85,7 +85,7 @@ async def stop_load(proc: asyncio.subprocess.Process) -> int:
 async def burst(service: Service, n: int, round_no: int) -> list[float]:
     async def one(i: int) -> float:
         started = time.perf_counter()
-        await service.say(f"question {i}", chat=f"r{round_no}-{i}", user=f"telegram:{i}")
+        await service.say(f"question {i}", chat=f"r{round_no}-{i}", user=str(i))
         return time.perf_counter() - started
 
     return list(await asyncio.gather(*(one(i) for i in range(n))))

@@ -228,3 +228,56 @@ async def test_files_list_download_delete_only_with_the_token(
             assert (await r.json())["deleted"] is True
         async with http.get(base, headers=service.headers) as r:
             assert (await r.json())["files"] == []
+
+
+async def test_memory_per_user_forget_why_and_shared_tamper_status(
+    tmp_path: Path, openai_fake: FakeOpenAI
+) -> None:
+    from tests.test_shared_memory import raw_table
+
+    async with console_service(tmp_path, openai_fake, memory=True) as service, \
+            client() as http:
+        admin = service.app.memory_admin
+        assert admin is not None
+        ada = await admin.add("demo", "Ada is vegetarian", user="telegram:7")
+        await admin.add("demo", "Grace prefers tea", user="telegram:8")
+        await service.say("Am I vegetarian?")
+        base = f"{service.url}/api/v1/bots/demo"
+        async with http.get(f"{base}/memory?user=telegram:8") as r:
+            assert r.status == 401 and "tea" not in await r.text()
+        async with http.get(f"{base}/memory?user=telegram:8", headers=service.headers) as r:
+            body = await r.json()
+        assert [f["text"] for f in body["facts"]] == ["Grace prefers tea"]  # that user's only
+        assert body["users"] == ["telegram:7", "telegram:8"]
+        async with http.get(f"{base}/memory/search", params={"q": "meat", "user": "telegram:7"},
+                            headers=service.headers) as r:
+            found = [f["text"] for f in (await r.json())["facts"]]
+        assert found == ["Ada is vegetarian"]  # Grace's fact is not searched for Ada
+        async with http.get(f"{base}/memory/why?chat=7", headers=service.headers) as r:
+            recall = (await r.json())["recall"]
+        assert recall["chat"] == "7" and [f["id"] for f in recall["facts"]] == [ada.id]
+        async with http.post(f"{base}/memory/{ada.id}/forget", headers=service.headers) as r:
+            assert (await r.json())["forgotten"] is True
+        assert await admin.store.get("demo", ada.id) is None
+        async with http.get(f"{base}/memory/why?chat=7", headers=service.headers) as r:
+            assert (await r.json())["recall"]["facts"] == []  # scrubbed from the recall log
+        # shared memory: trust level, author; an edit on disk shows as tampered
+        grace = (await admin.list_facts("demo", user="telegram:8"))[0]
+        published = await admin.publish("demo", grace.id, level="public")
+        async with http.get(f"{base}/shared?verify=1", headers=service.headers) as r:
+            shared = await r.json()
+        [row] = shared["facts"]
+        assert (row["trust_level"], row["author_bot"], row["tampered"]) == \
+            ("public", "demo", False)
+        assert shared["verify"]["ok"] is True
+        table = await raw_table(tmp_path / "data" / "lancedb")
+        await table.update(updates={"text": "Grace prefers coffee"},
+                           where=f"id = '{published.id}'")
+        async with http.get(f"{base}/shared?verify=1", headers=service.headers) as r:
+            shared = await r.json()
+        assert shared["facts"] == []  # hidden from every bot
+        assert shared["verify"]["tampered"] == [published.id] and not shared["verify"]["ok"]
+        await login(http, service.url)
+        async with http.get(f"{service.url}/memory?bot=demo") as r:
+            page = await r.text()
+        assert "tampered" in page and published.id in page
