@@ -36,12 +36,13 @@ def start_console(app: App, ops: OpsServer | None) -> Sources | None:
     settings = app.settings
     token_env = settings.admin.token_env
     token = settings.secret(token_env, key="admin.token_env")
+    if ops is None:
+        # info, not a warning: `boternity chat` shows warnings in the terminal
+        log.info("admin API and web console are off: [http] enabled = false")
+        return None
     if token is None:
         log.warning("admin API and web console are off: the environment variable %s "
                     "([admin] token_env) is not set", token_env)
-        return None
-    if ops is None:
-        log.info("admin API and web console are off: [http] enabled = false")
         return None
     prices = {n: Price(p.price_input_per_mtok, p.price_output_per_mtok)
               for n, p in settings.providers.items()}
