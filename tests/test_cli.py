@@ -117,7 +117,8 @@ def test_providers_lists_kind_model_and_breaker(
 ) -> None:
     monkeypatch.setenv("FAKE_PRIMARY_KEY", "sk-x")
     assert main(["--config", str(_providers_config(tmp_path)), "providers"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    note, *lines = capsys.readouterr().out.splitlines()
+    assert note.startswith("THIS process only")  # no [http] + token, no Redis: said plainly
     assert len(lines) == 2
     assert lines[0].split()[:3] == ["primary", "openai_compatible", "primary-model"]
     assert "breaker: closed" in lines[0] and lines[1].startswith("backup")
@@ -138,7 +139,7 @@ def test_embedded_demo_config_when_no_default_file(
     assert main(["providers"]) == 0
     captured = capsys.readouterr()
     assert "using the embedded demo config" in captured.err
-    assert captured.out.startswith("local ")
+    assert captured.out.splitlines()[1].startswith("local ")  # after "THIS process only"
     assert "demo model" in captured.out
     assert (tmp_path / "data" / "boternity.db").exists()
 

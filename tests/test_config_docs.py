@@ -22,6 +22,7 @@ README = "\n".join((ROOT / name).read_text(encoding="utf-8")
 MODELS: list[type[BaseModel]] = [
     settings.StorageSettings, settings.ChainSettings, settings.ProviderSettings,
     settings.BotSettings, settings.LogSettings, settings.HttpSettings,
+    settings.AdminSettings,
 ]
 
 

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from adapters.cli.providers import cmd_providers
 from adapters.ops.logs import configure_logging
 from adapters.platforms import terminal
 from adapters.wiring.app import App
@@ -63,21 +64,6 @@ def _default_bot(app: App) -> str:
         return "demo"
     known = ", ".join(sorted(app.conversations)) or "none"
     raise ConfigError(f"{app.settings.source}: bots: choose one with --bot (configured: {known})")
-
-
-async def cmd_providers(args: argparse.Namespace, app: App) -> int:
-    settings = app.settings
-    width = max((len(n) for n in settings.providers), default=8)
-    for name, p in settings.providers.items():
-        provider = app.providers.get(name)
-        model = provider.model if provider is not None else (p.model or "-")
-        state = app.breakers.state(name) if provider is not None else "not in any chain"
-        label = getattr(provider, "label", "") if provider is not None else ""
-        line = f"{name:<{width}}  {p.kind:<19} {model:<28} breaker: {state}"
-        print(f"{line}  ({label})" if label else line)
-    if not settings.providers:
-        print("no providers configured")
-    return 0
 
 
 async def cmd_run(args: argparse.Namespace, app: App) -> int:
@@ -122,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     providers = sub.add_parser("providers", help="list providers with their breaker state")
     # needs_memory=False: no embedding model, no LanceDB (build_app(with_memory=False))
-    providers.set_defaults(handler=cmd_providers, needs_memory=False)
+    # serve=False: no [http] server beside the running service (it asks that one)
+    providers.set_defaults(handler=cmd_providers, needs_memory=False, serve=False)
 
     run = sub.add_parser("run", help="start every configured platform adapter")
     run.set_defaults(handler=cmd_run)
@@ -184,7 +171,8 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
         loop.add_signal_handler(signal.SIGTERM, terminate)
     try:
         # A command that never replies may set needs_memory=False (see build_parser).
-        async with build_app(settings, with_memory=getattr(args, "needs_memory", True)) as app:
+        async with build_app(settings, with_memory=getattr(args, "needs_memory", True),
+                             serve=getattr(args, "serve", True)) as app:
             return await handler(args, app)
     except asyncio.CancelledError:
         if terminated:

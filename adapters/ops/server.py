@@ -51,6 +51,11 @@ class OpsServer:
         self.port = port
         self.check_timeout_s = check_timeout_s
         self._runner: web.AppRunner | None = None
+        self._setups: list[Callable[[web.Application], None]] = []
+
+    def add_setup(self, setup: Callable[[web.Application], None]) -> None:
+        """More routes on the same server (the admin console); call before entering."""
+        self._setups.append(setup)
 
     def add_check(self, name: str, check: Check) -> None:
         self.checks[name] = check
@@ -96,6 +101,8 @@ class OpsServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        for setup in self._setups:
+            setup(app)
         return app
 
     async def __aenter__(self) -> OpsServer:
@@ -113,7 +120,8 @@ class OpsServer:
             sockets = getattr(server, "sockets", None) or []
             if sockets:
                 self.port = int(sockets[0].getsockname()[1])
-        log.info("ops endpoint on http://%s:%d (/healthz /readyz /metrics)", self.host, self.port)
+        log.info("ops endpoint on http://%s:%d (/healthz /readyz /metrics%s)", self.host,
+                 self.port, " /api/v1 and the console at /" if self._setups else "")
         return self
 
     async def __aexit__(

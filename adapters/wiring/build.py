@@ -42,13 +42,15 @@ log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def build_app(settings: Settings, *, with_memory: bool = True) -> AsyncIterator[App]:
+async def build_app(settings: Settings, *, with_memory: bool = True,
+                    serve: bool = True) -> AsyncIterator[App]:
     """Start everything the settings describe; stop it all on exit.
 
     ``with_memory=False`` starts no long-term memory at all (no embedding model,
     no LanceDB, no extraction queue; ``app.memories`` stays empty), for
     commands that only read providers or usage. Replies still work, without
-    recall.
+    recall. ``serve=False`` starts no ``[http]`` server (nor the console):
+    one-shot commands run beside the service.
     """
     configs = {n: provider_config(n, p, settings) for n, p in settings.providers.items()}
     used = {name for bot in settings.bots.values() for name in bot.chain}
@@ -63,7 +65,7 @@ async def build_app(settings: Settings, *, with_memory: bool = True) -> AsyncIte
             breakers=Breakers(fail_max=settings.chain.fail_max,
                               reset_timeout_s=settings.chain.reset_timeout_s),
         )
-        await scaleout.start(stack, app)  # Redis-shared state, metrics, ops endpoint
+        await scaleout.start(stack, app, serve=serve)  # Redis-shared state, metrics, ops endpoint
         for name, config in configs.items():
             if name not in used:
                 continue  # configured but in no chain: do not start it (a local model is heavy)

@@ -88,7 +88,7 @@ def lancedb_check(store: LanceMemoryStore) -> Check:
     return check
 
 
-async def start(stack: AsyncExitStack, app: App) -> None:
+async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
     """Start the scale-out and ops pieces the settings ask for (see module docstring)."""
     settings = app.settings
     storage = settings.storage
@@ -107,8 +107,14 @@ async def start(stack: AsyncExitStack, app: App) -> None:
             raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
                                "check [storage] redis_url") from exc
 
-    if settings.http.enabled:
-        ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)
+    if not serve:
+        return  # a one-shot command beside the service must not take (or fail on) its port
+    from adapters.wiring.console import start_console  # aiohttp, jinja2: only when serving
+
+    ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port) \
+        if settings.http.enabled else None
+    start_console(app, ops)  # the admin API and console, when a token is set
+    if ops is not None:
         ops.checks = app.ready_checks  # the same dict: checks added later count too
         await stack.enter_async_context(ops)
         app.ops = ops

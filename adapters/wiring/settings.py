@@ -189,6 +189,13 @@ class HttpSettings(_Strict):
     port: int = 9108
 
 
+class AdminSettings(_Strict):
+    """The admin API and web console, served by ``[http]`` (off without a token)."""
+
+    token_env: str = "BOTERNITY_ADMIN_TOKEN"  # noqa: S105  (a variable name, not a secret)
+    session_ttl_s: float = Field(default=12 * 3600, gt=0)  # console login lifetime
+
+
 class Settings(_Strict):
     """The whole configuration. ``env`` holds the environment used for secrets."""
 
@@ -198,6 +205,7 @@ class Settings(_Strict):
     bots: dict[str, BotSettings] = Field(default_factory=dict)
     log: LogSettings = Field(default_factory=LogSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
     source: str = Field(default="<memory>", exclude=True)
     env: dict[str, str] = Field(default_factory=dict, exclude=True, repr=False)
 

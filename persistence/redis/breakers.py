@@ -191,6 +191,14 @@ class SharedBreakers:
         """Wait until every queued write reached Redis (tests, shutdown)."""
         await self._queue.join()
 
+    async def read(self, name: str) -> dict[str, str]:
+        """The shared state of ``name`` as Redis holds it now (state, opened_at,
+        fail_counter; {} when no worker wrote one). For the admin console."""
+        if self._client is None:
+            return {}
+        raw = await self._client.hgetall(self.key(name))
+        return {str(k): str(v) for k, v in raw.items()}
+
     async def wait_for(self, name: str, state: str) -> None:
         """Wait until the mirror of ``name`` shows ``state`` (an event, not a
         sleep; callers bound it with ``asyncio.timeout``)."""

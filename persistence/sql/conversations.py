@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from engine.admin.conversations import ChatSummary
 from engine.errors import StorageError
 from engine.types import Role, StoredMessage
 from persistence.sql.database import Database
@@ -75,3 +76,31 @@ class SqlConversationStore:
     async def count(self, bot: str, chat: str) -> int:
         """How many messages a chat holds (for tests and admin commands)."""
         return len(await self.history(bot, chat, limit=1_000_000))
+
+    async def chats(self, bot: str, *, limit: int = 100) -> list[ChatSummary]:
+        """The chats of a bot, most recently active first (the console's list)."""
+        query = (
+            select(MessageRow.chat, func.count(MessageRow.id), func.max(MessageRow.created_at))
+            .where(MessageRow.bot == bot)
+            .group_by(MessageRow.chat)
+            .order_by(func.max(MessageRow.id).desc())
+            .limit(limit)
+        )
+        try:
+            async with self._db.sessions() as session:
+                rows = (await session.execute(query)).all()
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not list chats: {type(exc).__name__}") from exc
+        return [ChatSummary(chat, int(count), last.replace(tzinfo=UTC)
+                            if last is not None and last.tzinfo is None else last)
+                for chat, count, last in rows]
+
+    async def clear(self, bot: str, chat: str) -> int:
+        """Delete a chat's history (a reset: the bot starts that chat afresh)."""
+        try:
+            async with self._db.sessions.begin() as session:
+                result = await session.execute(
+                    delete(MessageRow).where(MessageRow.bot == bot, MessageRow.chat == chat))
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not reset a chat: {type(exc).__name__}") from exc
+        return int(getattr(result, "rowcount", 0) or 0)
