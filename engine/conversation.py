@@ -8,10 +8,11 @@
    the reply goes on without it);
 2. build the prompt within the chain's context budget (``engine.prompt``);
 3. stream it through the fallback chain, yielding each text delta;
-4. store the assistant's answer with who served it;
-5. build the final ``Reply`` (footer, usage, latency, recalled ids), hand it to
-   ``memory.learn`` (which returns at once) and to every ``ReplyObserver``
-   (usage accounting, metrics; their errors are logged), then yield it last.
+4. build the final ``Reply`` (footer, usage, latency, recalled ids); store the
+   assistant's answer with who served it while every ``ReplyObserver`` (usage
+   accounting, metrics; their errors are logged) sees the reply, so the
+   answer and the usage row share one group commit;
+5. hand it to ``memory.learn`` (which returns at once), then yield it last.
 
 Provider trouble never raises out of ``reply``: when every provider failed,
 or the request was invalid, the user gets one clear sentence and
@@ -149,14 +150,14 @@ class Conversation:
             async for delta in deltas:
                 yield delta
 
-        await self._store_assistant(message, outcome)
         reply = self._finish(outcome, facts, started)
+        # Queued together, the answer and the usage row share one group commit.
+        await asyncio.gather(self._store_assistant(message, outcome), self._notify(message, reply))
         if self.memory is not None and reply.error is None:
             try:
                 self.memory.learn(message, reply)
             except Exception:
                 log.exception("bot %s: memory.learn failed; the reply is unaffected", self.bot)
-        await self._notify(message, reply)
         log.info(
             "bot %s chat %s: %s in %.2fs, %d+%d tokens%s%s", self.bot, message.chat,
             f"served by {reply.served_by}" if reply.served_by else f"no answer ({reply.error})",

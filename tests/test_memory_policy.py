@@ -162,6 +162,7 @@ async def test_recall_is_logged_for_why_with_scores(stack: Stack) -> None:
     peanuts = await add(stack, "Alice is allergic to peanuts", ALICE)
     memory = stack.memory(min_score=0.2)
     recalled = await memory.recall(msg("am I allergic to anything?", message_id="m42"))
+    await memory.flush()  # the log is written beside the reply, not before it
     record = await stack.log.last("helper", "group-1")
     assert record is not None and record.message_id == "m42"
     assert [(f.id, f.source) for f in record.facts] == [(peanuts.id, "own")]
@@ -170,6 +171,7 @@ async def test_recall_is_logged_for_why_with_scores(stack: Stack) -> None:
 
     # The next reply in the chat replaces it; other chats keep theirs.
     await memory.recall(msg("How tall is Mount Everest?", message_id="m43"))
+    await memory.flush()
     record = await stack.log.last("helper", "group-1")
     assert record is not None and record.message_id == "m43" and record.facts == ()
     assert await stack.log.last("helper", "group-2") is None

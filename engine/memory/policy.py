@@ -167,6 +167,8 @@ class BotMemory:
         # are recorded and count against the daily budgets.
         self._usage = usage
         self._clock = clock
+        # Recall-log writes in flight: never awaited by the reply (``flush`` waits).
+        self._log_writes: set[asyncio.Task[None]] = set()
         # One reconciliation at a time per bot: two jobs adding the same fact
         # concurrently would both see "new" and store it twice.
         self._reconcile_lock = asyncio.Lock()
@@ -207,8 +209,18 @@ class BotMemory:
             else:
                 found += result
         facts = self._select(found, users)
-        await self._log_recall(message, facts)
+        if self._recall_log is not None:
+            # Off the reply's path: the model is not kept waiting for a write
+            # that only ``memory why`` reads.
+            task = asyncio.create_task(self._log_recall(message, facts))
+            self._log_writes.add(task)
+            task.add_done_callback(self._log_writes.discard)
         return facts
+
+    async def flush(self) -> None:
+        """Wait for the recall-log writes started so far (tests, shutdown)."""
+        if self._log_writes:
+            await asyncio.gather(*self._log_writes, return_exceptions=True)
 
     def _select(self, found: Sequence[Fact], users: Collection[str]) -> list[Fact]:
         allowed = set(users)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC
+from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.admin.conversations import ChatSummary
 from engine.errors import StorageError
@@ -13,9 +15,14 @@ from engine.types import Role, StoredMessage
 from persistence.sql.database import Database
 from persistence.sql.tables import MessageRow, utcnow
 
+_HISTORY_COLUMNS = (MessageRow.id, MessageRow.bot, MessageRow.chat, MessageRow.role,
+                    MessageRow.content, MessageRow.user, MessageRow.created_at,
+                    MessageRow.served_by, MessageRow.user_name)
 
-def _stored(row: MessageRow) -> StoredMessage:
-    role: Role = row.role  # type: ignore[assignment]  # only ever written from Role
+
+def _stored(row: Any) -> StoredMessage:
+    """A Core row (or ORM object) of ``messages`` as the engine's ``StoredMessage``."""
+    role: Role = row.role  # only ever written from Role
     created = row.created_at
     if created is not None and created.tzinfo is None:
         created = created.replace(tzinfo=UTC)  # SQLite drops the zone; we store UTC
@@ -27,7 +34,11 @@ def _stored(row: MessageRow) -> StoredMessage:
 
 
 class SqlConversationStore:
-    """Each ``add`` is its own committed transaction: durable before it returns."""
+    """Each ``add`` is committed before it returns (in a group commit: ``Database.write``).
+
+    History is read as Core rows, not ORM objects: a reply reads up to 31
+    rows, and materializing them as ORM instances was the loop's top cost.
+    """
 
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -44,16 +55,20 @@ class SqlConversationStore:
         served_by: str | None = None,
         user_name: str = "",
     ) -> int:
-        row = MessageRow(
+        values = dict(
             bot=bot, chat=chat, role=role, content=content, user=user,
             user_name=user_name[:200], platform=platform, served_by=served_by,
             created_at=utcnow(),
         )
+
+        async def write(connection: AsyncConnection) -> int:
+            result = await connection.execute(
+                insert(MessageRow).values(**values).returning(MessageRow.id))
+            key: int = result.scalar_one()
+            return key
+
         try:
-            async with self._db.sessions.begin() as session:
-                session.add(row)
-                await session.flush()
-                return row.id
+            return await self._db.write(write)
         except SQLAlchemyError as exc:
             raise StorageError(f"could not store a message: {type(exc).__name__}") from exc
 
@@ -61,14 +76,14 @@ class SqlConversationStore:
         if limit <= 0:
             return []
         query = (
-            select(MessageRow)
+            select(*_HISTORY_COLUMNS)
             .where(MessageRow.bot == bot, MessageRow.chat == chat)
             .order_by(MessageRow.id.desc())
             .limit(limit)
         )
         try:
-            async with self._db.sessions() as session:
-                rows = (await session.scalars(query)).all()
+            async with self._db.engine.connect() as connection:
+                rows = (await connection.execute(query)).all()
         except SQLAlchemyError as exc:
             raise StorageError(f"could not read history: {type(exc).__name__}") from exc
         return [_stored(row) for row in reversed(rows)]

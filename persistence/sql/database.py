@@ -18,9 +18,10 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -30,6 +31,7 @@ from sqlalchemy import event, make_url, pool, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -37,11 +39,16 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from engine.errors import StorageError
+from persistence.sql.writer import GroupWriter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+# Readers on SQLite: WAL lets them run beside the writer; each aiosqlite
+# connection is a thread, so the pool is bounded (it grew to 57 under load).
+SQLITE_READERS = 4
 WAL_SWITCH_ATTEMPTS = 100  # x 50 ms: 5 s for a rival start to finish its switch
 MIGRATION_LOCK = 0x626F7465  # any fixed key; "bote"
 
@@ -142,12 +149,20 @@ def head_revision() -> str | None:
 
 
 class Database:
-    """The engine and a session factory, migrated to head while entered."""
+    """The engine, a session factory and the group writer, migrated to head while entered.
+
+    The hot-path writes (messages, usage rows, the recall log) go through
+    ``write``: one writer per database commits what arrives together in one
+    transaction (``persistence.sql.writer``). On SQLite the writer has its own
+    connection, which takes the lock with ``BEGIN IMMEDIATE``.
+    """
 
     def __init__(self, url: str | URL, *, echo: bool = False) -> None:
         self.url = make_url(url)
         self._echo = echo
         self._engine: AsyncEngine | None = None
+        self._writer_engine: AsyncEngine | None = None
+        self._writer: GroupWriter | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
 
     @property
@@ -190,13 +205,43 @@ class Database:
             await connection.execute(text("SELECT 1"))
         return True
 
+    @property
+    def writer(self) -> GroupWriter:
+        if self._writer is None:
+            raise StorageError("database is not started (use 'async with Database(...)')")
+        return self._writer
+
+    async def write(self, job: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``job`` in the next group transaction; return once it committed."""
+        return await self.writer.write(job)
+
     async def start(self) -> None:
         await self.migrate()
-        self._engine = create_engine(self.url, echo=self._echo)
+        if self.dialect == "sqlite":
+            self._engine = create_engine(self.url, echo=self._echo,
+                                         poolclass=pool.AsyncAdaptedQueuePool,
+                                         pool_size=SQLITE_READERS, max_overflow=0)
+            self._writer_engine = create_engine(self.url, echo=self._echo,
+                                                poolclass=pool.AsyncAdaptedQueuePool,
+                                                pool_size=1, max_overflow=0)
+            # We say BEGIN IMMEDIATE ourselves: the lock is taken up front, and
+            # the driver's own transaction handling would break savepoints.
+            event.listen(self._writer_engine.sync_engine, "connect", _sqlite_driver_autocommit)
+            event.listen(self._writer_engine.sync_engine, "begin", _sqlite_begin_immediate)
+        else:
+            self._engine = create_engine(self.url, echo=self._echo)
+        self._writer = GroupWriter(self._writer_engine or self._engine)
+        self._writer.start()
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         log.info("database ready: %s at revision %s", _safe(self.url), await self.revision())
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+        self._writer = None
+        if self._writer_engine is not None:
+            await self._writer_engine.dispose()
+        self._writer_engine = None
         if self._engine is not None:
             await self._engine.dispose()
         self._engine = None

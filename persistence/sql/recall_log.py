@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import DateTime, Index, String, Text, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import StorageError
@@ -69,9 +70,11 @@ class SqlRecallLog:
             set_={k: statement.excluded[k] for k in ("message_id", "query", "facts",
                                                      "created_at")},
         )
+        async def write(connection: AsyncConnection) -> None:
+            await connection.execute(statement)
+
         try:
-            async with self._db.sessions.begin() as session:
-                await session.execute(statement)
+            await self._db.write(write)
         except SQLAlchemyError as exc:
             raise StorageError(f"could not record recall: {type(exc).__name__}") from exc
 

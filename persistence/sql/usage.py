@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
-from sqlalchemy import Boolean, DateTime, Float, Index, Integer, String, func, select
+from sqlalchemy import Boolean, DateTime, Float, Index, Integer, String, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import StorageError
@@ -56,16 +57,19 @@ class SqlUsageStore:
         self._db = database
 
     async def add(self, record: UsageRecord) -> None:
-        row = UsageRow(
+        values = dict(
             created_at=record.at, day=_day(record.at), bot=record.bot, user=record.user,
             chat=record.chat, platform=record.platform, provider=record.provider,
             model=record.model, prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, estimated=record.estimated,
             cost_usd=record.cost_usd, kind=record.kind,
         )
+
+        async def write(connection: AsyncConnection) -> None:
+            await connection.execute(insert(UsageRow).values(**values))
+
         try:
-            async with self._db.sessions.begin() as session:
-                session.add(row)
+            await self._db.write(write)
         except SQLAlchemyError as exc:
             raise StorageError(f"could not store usage: {type(exc).__name__}") from exc
 

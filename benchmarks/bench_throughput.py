@@ -1,0 +1,244 @@
+"""Replies per second of one process, with the production wiring.
+
+    .venv/bin/python benchmarks/bench_throughput.py [--replies 400] [--concurrency 1 8 32]
+        [--db sqlite postgresql] [--before PATH]
+
+A zero-latency provider (the fake OpenAI server) runs in another process. For
+each database and concurrency C, C chats each send messages one after the
+other, through ``build_app`` (SQLite or PostgreSQL, usage accounting, the
+recall log, memory), and the script reports replies/s, reply latency p50/p95
+and the event loop's lag p99 (a 5 ms ticker's overshoot):
+
+    floor        the bare ``openai`` SDK streaming from the same fake
+    memory off   build_app, no long-term memory
+    memory on    build_app, recall over 2,000 facts (extraction off: the
+                 fake provider does not write facts)
+
+``--before PATH`` runs the same scenarios on another checkout's code (e.g.
+``git worktree add /tmp/before <commit>``) in the same run, so before and
+after are side by side. Each scenario runs in its own process. PostgreSQL
+needs a server on 127.0.0.1:5432 (user postgres; a database is created and
+dropped). Absolute numbers depend on the machine; compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTS = 2000
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+async def _ticker(lags: list[float], stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        planned = loop.time() + 0.005
+        await asyncio.sleep(0.005)
+        lags.append(max(0.0, loop.time() - planned))
+
+
+async def _drive(send: Any, concurrency: int, replies: int) -> dict[str, float]:
+    latencies: list[float] = []
+    lags: list[float] = []
+    stop = asyncio.Event()
+    per_chat = max(1, replies // concurrency)
+
+    async def chat(n: int) -> None:
+        for i in range(per_chat):
+            started = time.perf_counter()
+            await send(n, i)
+            latencies.append(time.perf_counter() - started)
+
+    ticker = asyncio.create_task(_ticker(lags, stop))
+    started = time.perf_counter()
+    await asyncio.gather(*(chat(n) for n in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await ticker
+    return {"replies_s": len(latencies) / elapsed, "p50_ms": _pct(latencies, 0.5) * 1000,
+            "p95_ms": _pct(latencies, 0.95) * 1000, "lag_p99_ms": _pct(lags, 0.99) * 1000}
+
+
+async def _floor(base_url: str, concurrency: int, replies: int) -> dict[str, float]:
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=base_url, api_key="sk-bench") as client:
+        async def send(n: int, i: int) -> None:
+            stream = await client.chat.completions.create(
+                model="m", stream=True, messages=[{"role": "user", "content": f"q{n}-{i}"}])
+            async for _ in stream:
+                pass
+
+        await send(0, 0)  # warm the connection pool
+        return await _drive(send, concurrency, replies)
+
+
+def _config(data: Path, base_url: str, db_url: str | None, memory: bool) -> Path:
+    path = data / "boternity.toml"
+    db = f'database_url = "{db_url}"\n' if db_url else ""
+    path.write_text(
+        f'[storage]\ndata_dir = "{data}"\n{db}\n'
+        f'[providers.fast]\nkind = "openai_compatible"\nmodel = "m"\nbase_url = "{base_url}"\n\n'
+        f'[bots.b]\nchain = ["fast"]\n\n'
+        f'[bots.b.memory]\nenabled = {"true" if memory else "false"}\nextract = false\n'
+        f'min_score = 0.0\n')
+    return path
+
+
+async def _app(base_url: str, concurrency: int, replies: int, memory: bool,
+               db_url: str | None) -> dict[str, float]:
+    import logging
+
+    from adapters.wiring.build import build_app
+    from adapters.wiring.settings import load_settings
+    from engine.types import IncomingMessage, Reply
+
+    logging.disable(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(_config(Path(tmp), base_url, db_url, memory), environ={},
+                                 dotenv=None)
+        async with build_app(settings) as app:
+            if memory:
+                await _seed(app, concurrency)
+            conversation = app.conversations["b"]
+
+            async def send(n: int, i: int) -> None:
+                message = IncomingMessage(platform="telegram", bot="b", chat=str(1000 + n),
+                                          user=str(n), text=f"what do you know about {i}?",
+                                          message_id=f"{n}-{i}")
+                async for item in conversation.reply(message):
+                    if isinstance(item, Reply) and item.error:
+                        raise RuntimeError(item.error)
+
+            await send(0, -1)
+            return await _drive(send, concurrency, replies)
+
+
+async def _seed(app: Any, users: int) -> None:
+    from engine.admin.memory import ImportedFact
+
+    store = app.memory_admin.store
+    facts = [ImportedFact(text=f"User {n % max(users, 1)} mentioned topic {n}: item {n * 7}",
+                          user=f"telegram:{n % max(users, 1)}").to_fact("b")
+             for n in range(FACTS)]
+    await store.add_many(facts)
+
+
+def child(args: argparse.Namespace) -> None:
+    sys.path.insert(0, args.root)
+    args.concurrency = args.concurrency[0]
+    if args.mode == "floor":
+        result = asyncio.run(_floor(args.base_url, args.concurrency, args.replies))
+    else:
+        result = asyncio.run(_app(args.base_url, args.concurrency, args.replies,
+                                  args.mode == "on", args.db_url))
+    print(json.dumps(result))
+
+
+def _fake_server() -> tuple[subprocess.Popen[str], str]:
+    code = (
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from tests.fakes.openai_server import start_openai_fake, Text\n"
+        "async def main():\n"
+        "    async with start_openai_fake(Text(chunks=('The', ' answer', ' is', ' 42.'),"
+        " usage=(20, 4))) as fake:\n"
+        "        print(fake.base_url, flush=True)\n"
+        "        await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def _pg_database() -> tuple[str, str]:
+    import asyncpg
+
+    name = f"boternity_bench_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        admin = await asyncpg.connect(PG_ADMIN)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+
+    asyncio.run(create())
+    return name, f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+
+
+def _drop(name: str) -> None:
+    import asyncpg
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(PG_ADMIN)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+    asyncio.run(drop())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replies", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--db", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--modes", nargs="+", default=["floor", "off", "on"])
+    parser.add_argument("--before", help="another checkout to run side by side")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=str(ROOT), help=argparse.SUPPRESS)
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--db-url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    roots = [("after", str(ROOT))] + ([("before", args.before)] if args.before else [])
+    server, base_url = _fake_server()
+    print(f"{'db':<11}{'mode':<7}{'C':>3}  {'code':<7}{'replies/s':>10}{'p50 ms':>9}"
+          f"{'p95 ms':>9}{'lag p99':>9}")
+    try:
+        for db in args.db:
+            for mode in args.modes:
+                if mode == "floor" and db != args.db[0]:
+                    continue  # the floor has no database
+                for concurrency in args.concurrency:
+                    for label, root in roots:
+                        name, db_url = _pg_database() if db == "postgresql" else ("", "")
+                        try:
+                            out = subprocess.run(
+                                [sys.executable, __file__, "--child", "--mode", mode,
+                                 "--root", root, "--base-url", base_url,
+                                 "--concurrency", str(concurrency), "--replies",
+                                 str(args.replies)] + (["--db-url", db_url] if db_url else []),
+                                capture_output=True, text=True, check=False,
+                                cwd=tempfile.gettempdir())
+                        finally:
+                            if name:
+                                _drop(name)
+                        if out.returncode != 0:
+                            sys.exit(f"{db} {mode} C={concurrency} {label} failed:\n{out.stderr}")
+                        r = json.loads(out.stdout.strip().splitlines()[-1])
+                        print(f"{db if mode != 'floor' else '-':<11}{mode:<7}{concurrency:>3}  "
+                              f"{label:<7}{r['replies_s']:>10.1f}{r['p50_ms']:>9.1f}"
+                              f"{r['p95_ms']:>9.1f}{r['lag_p99_ms']:>9.1f}", flush=True)
+    finally:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The group writer: writes that arrive together commit in one transaction.
+
+Structural proofs, no clocks: how many transactions a burst took, what a
+failing job does to its neighbours, what a caller that gives up leaves behind.
+On SQLite and PostgreSQL (the ``database_url`` fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from engine.errors import StorageError
+from engine.types import RecallRecord
+from engine.usage import UsageRecord
+from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.database import Database
+from persistence.sql.recall_log import SqlRecallLog
+from persistence.sql.usage import SqlUsageStore
+
+
+async def test_a_burst_of_writes_commits_in_few_transactions(database_url: str) -> None:
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        before = db.writer.batches
+        ids = await asyncio.gather(*(
+            store.add(bot="demo", chat=f"telegram:{n % 4}", role="user", content=f"m{n}",
+                      user=f"telegram:{n}", platform="telegram")
+            for n in range(40)))
+        batches = db.writer.batches - before
+        # 40 writes queued in one loop turn: far fewer commits than writes.
+        assert batches < 10, f"{batches} transactions for 40 writes"
+        assert len(set(ids)) == 40
+        histories = [await store.history("demo", f"telegram:{c}", limit=100) for c in range(4)]
+        assert sorted(m.content for h in histories for m in h) == sorted(f"m{n}" for n in range(40))
+
+
+async def test_a_failing_job_fails_alone(database_url: str) -> None:
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+
+        async def broken(connection: AsyncConnection) -> None:
+            await connection.execute(text("INSERT INTO no_such_table VALUES (1)"))
+
+        results = await asyncio.gather(
+            store.add(bot="demo", chat="c", role="user", content="before"),
+            db.write(broken),
+            store.add(bot="demo", chat="c", role="user", content="after"),
+            return_exceptions=True)
+        assert isinstance(results[1], Exception)
+        assert isinstance(results[0], int) and isinstance(results[2], int)
+        assert [m.content for m in await store.history("demo", "c")] == ["before", "after"]
+
+
+async def test_every_hot_path_write_goes_through_one_writer(database_url: str) -> None:
+    """Message, usage row and recall log of one reply: one transaction when they meet."""
+    async with Database(database_url) as db:
+        before = db.writer.jobs
+        await asyncio.gather(
+            SqlConversationStore(db).add(bot="demo", chat="c", role="assistant", content="a"),
+            SqlUsageStore(db).add(UsageRecord(
+                at=datetime.now(UTC), bot="demo", user="telegram:42", chat="c", platform="telegram",
+                provider="p", model="m", prompt_tokens=3, completion_tokens=4,
+                estimated=False, cost_usd=0.0)),
+            SqlRecallLog(db).record(RecallRecord(bot="demo", chat="c", message_id="1",
+                                                 query="q", facts=())))
+        assert db.writer.jobs - before == 3
+
+
+async def test_a_caller_that_gives_up_still_has_its_write_committed(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/w.db"
+    async with Database(url) as db:
+        store = SqlConversationStore(db)
+        task = asyncio.create_task(
+            store.add(bot="demo", chat="c", role="user", content="kept"))
+        await asyncio.sleep(0)  # queued
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    async with Database(url) as db:  # close() drained the queue first
+        assert [m.content for m in await SqlConversationStore(db).history("demo", "c")] == ["kept"]
+
+
+async def test_writes_after_close_are_refused_clearly(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/x.db")
+    async with db:
+        pass
+    with pytest.raises(StorageError, match="not started"):
+        await SqlConversationStore(db).add(bot="demo", chat="c", role="user", content="x")
+
+
+async def test_a_unique_violation_reaches_its_caller(database_url: str) -> None:
+    async with Database(database_url) as db:
+        async def insert(connection: AsyncConnection) -> None:
+            await connection.execute(text(
+                "INSERT INTO recall_log (bot, chat, message_id, query, facts, created_at) "
+                "VALUES ('b', 'c', '', '', '[]', CURRENT_TIMESTAMP)"))
+
+        await db.write(insert)
+        with pytest.raises(IntegrityError):
+            await db.write(insert)
