@@ -196,7 +196,8 @@ async def test_why_shows_what_the_last_reply_recalled(
                                           user="telegram:alice")
         await app.memory_admin.add("helper", "Bob is allergic to cats", user="telegram:bob")
         openai_fake.script(Text(["Avoid", " peanuts."]))
-        message = IncomingMessage(platform="telegram", bot="helper", chat="c1", user="alice",
+        message = IncomingMessage(platform="telegram", bot="helper", chat="c1",
+                                  user="telegram:alice",
                                   user_name="Alice", text="am I allergic to anything?",
                                   message_id="m7", is_group=True)
         *_, reply = [item async for item in app.conversations["helper"].reply(message)]

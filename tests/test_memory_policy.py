@@ -26,7 +26,8 @@ from pydantic import SecretStr
 from engine.background import Background
 from engine.conversation import Conversation
 from engine.memory.extraction import parse_facts, parse_judgement
-from engine.memory.policy import BotMemory, MemoryConfig, recall_scope, user_key
+from engine.memory.policy import BotMemory, MemoryConfig, personalize
+from engine.memory.scope import recall_scope, user_key
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Fact, IncomingMessage, RecalledFact, RecallRecord, Reply
@@ -45,7 +46,9 @@ BOB = "telegram:bob"
 
 def msg(text: str, user: str = "alice", *, chat: str = "group-1", platform: str = "telegram",
         group: bool = True, message_id: str = "m1") -> IncomingMessage:
-    return IncomingMessage(platform=platform, bot="helper", chat=chat, user=user, text=text,  # type: ignore[arg-type]
+    """A message as the adapters make it: ``user`` is the key ``platform:id``."""
+    return IncomingMessage(platform=platform, bot="helper", chat=chat,  # type: ignore[arg-type]
+                           user=user_key(platform, user), text=text,
                            user_name=user.title(), is_group=group, message_id=message_id)
 
 
@@ -78,8 +81,10 @@ async def stack(tmp_path: Path, embedder: Any) -> AsyncIterator[Stack]:
         yield Stack(store, shared, SqlRecallLog(database), embedder, jobs)
 
 
-async def add(stack: Stack, text: str, user: str = "", bot: str = "helper") -> Fact:
-    return await stack.store.add(Fact(id="", text=text, bot=bot, user=user))
+async def add(stack: Stack, text: str, user: str = "", bot: str = "helper",
+              chat: str = "") -> Fact:
+    """A fact as an admin adds it (bot-wide), or as learned in ``chat``."""
+    return await stack.store.add(Fact(id="", text=text, bot=bot, user=user, chat=chat))
 
 
 # --- recall -------------------------------------------------------------------
@@ -114,8 +119,19 @@ async def test_same_user_id_on_another_platform_is_another_person(stack: Stack) 
     memory = stack.memory(min_score=0.0)
     recalled = await memory.recall(msg("what am I allergic to?", platform="discord"))
     assert recalled == []
-    assert recall_scope(msg("x", platform="discord")) == ["discord:alice", ""]
-    assert user_key(msg("x", "")) == ""
+    assert recall_scope(msg("x", platform="discord")).users == ["discord:alice", ""]
+    assert msg("x", "").user == ""
+
+
+async def test_a_backslash_in_the_display_name_keeps_recall_working(stack: Stack) -> None:
+    """Issue 13 item 4: the name was used as a regex replacement ("\\d" broke recall)."""
+    for name in ("Dr\\Who", "C:\\Users\\al", "back\\1slash", "\\g<0>"):
+        assert personalize("where do I live?", name) == f"where do {name} live?"
+    peanuts = await add(stack, "Alice is allergic to peanuts", ALICE)
+    message = IncomingMessage(platform="telegram", bot="helper", chat="dm-alice", user=ALICE,
+                              user_name="Alice\\d", text="am I allergic to anything?")
+    recalled = await stack.memory(min_score=0.1).recall(message)
+    assert [f.id for f in recalled] == [peanuts.id]
 
 
 async def test_recall_includes_visible_shared_facts_with_provenance(stack: Stack) -> None:
@@ -556,7 +572,7 @@ async def test_extraction_and_judging_tokens_are_recorded_and_count_for_budgets(
         memory = BotMemory(MemoryConfig(bot="helper"), store=stack.store,
                            embedder=stack.embedder, jobs=stack.jobs, chain=chain,
                            usage=usage.extraction)  # as the composition root wires it
-        await add(stack, "Alice lives in Paris", ALICE)
+        await add(stack, "Alice lives in Paris", ALICE, chat="group-1")
         raw = json.dumps({"facts": [about_alice("Alice lives in Berlin")]})
         openai_fake.script(Text([raw], usage=(300, 20)),
                            Text([json.dumps({"action": "update", "target": 1})], usage=(100, 5)))
@@ -565,4 +581,4 @@ async def test_extraction_and_judging_tokens_are_recorded_and_count_for_budgets(
         [line] = await usage.store.summary(since=datetime(2000, 1, 1, tzinfo=UTC), bot="helper")
         assert (line.provider, line.kind, line.replies, line.prompt_tokens,
                 line.completion_tokens) == ("primary", "extraction", 2, 400, 25)
-        assert (await usage.spent_today("helper"))["alice"] == pytest.approx(400.0)
+        assert (await usage.spent_today("helper"))[ALICE] == pytest.approx(400.0)

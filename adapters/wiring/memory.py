@@ -78,6 +78,7 @@ def bot_memory(parts: MemoryParts | None, settings: Settings, bot_name: str,
     config = MemoryConfig(
         bot=bot_name, top_k=m.top_k, min_score=m.min_score, extract=m.extract,
         extract_with_local=m.extract_with_local, trust_groups=tuple(bot.trust_groups),
+        recall_across_chats=m.recall_across_chats,
         local_providers=frozenset(n for n, p in settings.providers.items() if p.kind == "local"),
     )
     return BotMemory(config, store=parts.store, embedder=parts.embedder, jobs=parts.jobs,
