@@ -76,7 +76,7 @@ class Chain(Protocol):
 
 
 class ConversationStore(Protocol):
-    """Conversation history per (bot, chat)."""
+    """Conversation history per (bot, platform, chat)."""
 
     async def add(
         self,
@@ -96,8 +96,14 @@ class ConversationStore(Protocol):
         """
         ...
 
-    async def history(self, bot: str, chat: str, limit: int = 50) -> list[StoredMessage]:
-        """The last ``limit`` messages of a chat, oldest first."""
+    async def history(self, bot: str, chat: str, limit: int = 50, *,
+                      platform: str | None = None) -> list[StoredMessage]:
+        """The last ``limit`` messages of a chat, oldest first.
+
+        A conversation is (bot, platform, chat): the same chat id on two
+        platforms is two conversations. ``platform=None`` (admin tools only):
+        the chat id on any platform.
+        """
         ...
 
 
