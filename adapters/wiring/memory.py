@@ -8,8 +8,10 @@ memory (``providers``, ``usage``) never pay for them.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from adapters.wiring import scaleout
@@ -20,6 +22,7 @@ from engine.background import Background
 from engine.memory.policy import BotMemory, MemoryConfig
 from engine.ports import ReplyObserver
 from engine.providers.fallback import FallbackChain
+from persistence.sql.provenance import learned_in
 from persistence.sql.recall_log import SqlRecallLog
 
 if TYPE_CHECKING:
@@ -54,6 +57,7 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> M
     embedder = await FastEmbedder.load(
         storage.data_dir, threads=max(b.memory.embedding_threads for b in bots.values()))
     uri, options = storage.resolved_memory_uri(), scaleout.memory_storage_options(settings)
+    await upgrade_stored_memories(app, uri, options)
     store = await stack.enter_async_context(
         await LanceMemoryStore.open(uri, embedder, storage_options=options))
     shared = await stack.enter_async_context(
@@ -67,6 +71,23 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> M
         bots={n: BotInfo(n, b.trust_level, tuple(b.trust_groups)) for n, b in bots.items()},
     )
     return parts
+
+
+async def upgrade_stored_memories(app: App, uri: str, options: dict[str, str] | None) -> None:
+    """Rewrite old user keys and place pre-scope facts (``persistence/vectors/rekey.py``).
+
+    Before the stores open (the shared store reads its chain head on open);
+    under the shared-memory writer lock when workers share one table.
+    """
+    from persistence.vectors.rekey import upgrade_memory
+    from persistence.vectors.tables import connect
+
+    async def place(bot: str, user: str, at: datetime) -> tuple[str, str]:
+        return await learned_in(app.database, bot, user, at)
+
+    lock = scaleout.writer_lock(app, "shared-memory")
+    async with lock() if lock is not None else contextlib.nullcontext():
+        await upgrade_memory(await connect(uri, options), place)
 
 
 def bot_memory(parts: MemoryParts | None, settings: Settings, bot_name: str,
