@@ -533,7 +533,8 @@ def test_recall_never_returns_what_the_bot_or_speaker_may_not_see(
 ) -> None:
     memory = world.stack.memory(bot=reader, trust_groups=tuple(groups), top_k=top_k,
                                 min_score=-1.0)
-    message = IncomingMessage(platform=platform, bot=reader, chat="c", user=speaker,  # type: ignore[arg-type]
+    message = IncomingMessage(platform=platform, bot=reader, chat="c",  # type: ignore[arg-type]
+                              user=user_key(platform, speaker),
                               text=f"what do I know about {topic}?", is_group=is_group)
     recalled = world.loop.run_until_complete(memory.recall(message))
     allowed = {f"{platform}:{speaker}", ""} if speaker else {""}
