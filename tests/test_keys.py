@@ -19,10 +19,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from engine.conversation import Conversation
 from engine.errors import AdminError
-from engine.memory.scope import normalize_key, parse_user, user_key
+from engine.memory.scope import learned_place, normalize_key, parse_user, recall_scope, user_key
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
-from engine.types import Capabilities, IncomingMessage, Reply
+from engine.types import Capabilities, Fact, IncomingMessage, Reply
 from persistence.sql.conversations import SqlConversationStore
 from persistence.sql.database import Database, alembic_config
 from tests.fakes.openai_server import FakeOpenAI, Text
@@ -43,6 +43,25 @@ def test_the_user_key_is_platform_colon_id_and_bare_ids_need_a_platform() -> Non
             parse_user(bad)
     assert normalize_key("discord:discord:discord:9") == "discord:9"
     assert normalize_key("terminal:telegram:7") == "terminal:telegram:7"  # a name, kept
+
+
+def test_a_slack_thread_learns_and_recalls_as_its_channel() -> None:
+    """What is said in a thread is said in its channel (all of it can read it)."""
+    def slack(chat: str, user: str = "UALICE", group: bool = True) -> IncomingMessage:
+        return IncomingMessage(platform="slack", bot="b", chat=chat, user=user_key("slack", user),
+                               text="x", is_group=group)
+
+    assert learned_place(slack("C1/1764064000.000100"), about_speaker=False) == ("", "C1")
+    assert learned_place(slack("C1"), about_speaker=True) == ("slack:UALICE", "C1")
+    assert learned_place(slack("D9/17.1", group=False), about_speaker=False) == (
+        "slack:UALICE", "D9")
+    lunch = Fact(id="f", text="Lunch at noon", bot="b", chat="C1")
+    dm_fact = Fact(id="g", text="Door code", bot="b", user="slack:UALICE", chat="D9")
+    assert recall_scope(slack("C1/1764069999.000200", "UBOB")).allows(lunch)
+    assert not recall_scope(slack("C2", "UBOB")).allows(lunch)
+    assert not recall_scope(slack("C1")).allows(dm_fact)
+    assert recall_scope(slack("D9", group=False)).allows(dm_fact)
+    assert not recall_scope(slack("D8", "UBOB", group=False)).allows(dm_fact)
 
 
 async def test_the_same_chat_id_on_two_platforms_is_two_conversations(

@@ -75,6 +75,17 @@ def parse_user(text: str, platform: str | None = None) -> str:
         f"e.g. telegram:{text} ({', '.join(PLATFORMS)})")
 
 
+def place_of(message: IncomingMessage) -> str:
+    """The chat a fact learned from ``message`` belongs to.
+
+    A Slack thread's chat is ``channel/thread``; what is said in a thread is
+    said in its channel (everyone there can read it), so the channel.
+    """
+    if message.platform == "slack":
+        return message.chat.partition("/")[0]
+    return message.chat
+
+
 @dataclass(frozen=True)
 class RecallScope:
     """Which facts one message may recall: user -> allowed chats (None = any chat).
@@ -99,7 +110,7 @@ class RecallScope:
 
 def recall_scope(message: IncomingMessage, *, across_chats: bool = False) -> RecallScope:
     """What ``message`` may recall (see the module docstring)."""
-    speaker = message.user
+    speaker, here = message.user, place_of(message)
     chats: dict[str, tuple[str, ...] | None] = {}
     if not message.is_group:
         if speaker:
@@ -112,16 +123,17 @@ def recall_scope(message: IncomingMessage, *, across_chats: bool = False) -> Rec
         chats[""] = None
     else:
         if speaker:
-            chats[speaker] = ("", message.chat)
-        chats[""] = ("", message.chat)
+            chats[speaker] = ("", here)
+        chats[""] = ("", here)
     return RecallScope(chats)
 
 
 def learned_place(message: IncomingMessage, about_speaker: bool) -> tuple[str, str] | None:
     """(user, chat) a fact learned from ``message`` is stored under; None: not stored."""
+    here = place_of(message)
     if not message.is_group:
         # A DM is one person's: even a "general" fact there is theirs.
-        return (message.user, message.chat) if message.user else None
+        return (message.user, here) if message.user else None
     if about_speaker:
-        return (message.user, message.chat) if message.user else None
-    return ("", message.chat)
+        return (message.user, here) if message.user else None
+    return ("", here)

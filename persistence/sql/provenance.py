@@ -38,13 +38,16 @@ async def learned_in(database: Database, bot: str, user: str, at: datetime, *,
     """(user, chat) for a fact about ``user`` ("" = general) stored at ``at``."""
     moment = at if database.dialect == "postgresql" else _naive_utc(at)
     start = moment - window
-    query = select(MessageRow.chat).distinct().where(
+    query = select(MessageRow.platform, MessageRow.chat).distinct().where(
         MessageRow.bot == bot, MessageRow.role == "user",
         MessageRow.created_at >= start, MessageRow.created_at <= moment)
     if user:
         query = query.where(MessageRow.user == user)
     async with database.sessions() as session:
-        chats = list((await session.scalars(query.limit(2))).all())
+        found = (await session.execute(query)).all()
+        # A Slack thread (channel/thread) belongs to its channel, as the policy places it.
+        chats = {chat.partition("/")[0] if platform == "slack" else chat
+                 for platform, chat in found}
         if not chats:
             return user, ""
         if len(chats) > 1:
@@ -52,8 +55,9 @@ async def learned_in(database: Database, bot: str, user: str, at: datetime, *,
         [chat] = chats
         speakers = list((await session.scalars(
             select(MessageRow.user).distinct().where(
-                MessageRow.bot == bot, MessageRow.chat == chat, MessageRow.role == "user",
-                MessageRow.user != "").limit(2))).all())
+                MessageRow.bot == bot, MessageRow.role == "user", MessageRow.user != "",
+                (MessageRow.chat == chat) | MessageRow.chat.startswith(chat + "/", autoescape=True),
+            ).limit(2))).all())
     if not user and len(speakers) == 1:
         return speakers[0], chat  # a DM: even its general facts are that person's
     return user, chat
