@@ -36,7 +36,14 @@ import pyarrow as pa
 from engine.memory.scope import normalize_key
 from persistence.vectors.memory import PREFIX
 from persistence.vectors.shared import TABLE
-from persistence.vectors.tables import in_list, now, owner_of, quote, table_names
+from persistence.vectors.tables import (
+    in_list,
+    now,
+    owner_of,
+    quote,
+    storage_errors,
+    table_names,
+)
 from persistence.vectors.trust import row_hash, walk_chain
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,7 @@ Place = Callable[[str, str, datetime], Awaitable[tuple[str, str]]]
 """``place(bot, user, created_at)`` -> (user, chat) a pre-scope fact is stored under."""
 
 
+@storage_errors
 async def upgrade_memory(db: Any, place: Place) -> dict[str, int]:
     """Run every step on every table of ``db``; returns counts (also logged)."""
     done: dict[str, int] = defaultdict(int)
@@ -74,7 +82,12 @@ async def _update_ids(table: Any, ids: list[str], values: dict[str, str]) -> Non
 
 async def _upgrade_bot(table: Any, bot: str, place: Place) -> tuple[int, int]:
     if "chat" not in (await table.schema()).names:
-        await table.add_columns({"chat": quote(UNSCOPED)})
+        try:
+            await table.add_columns({"chat": quote(UNSCOPED)})
+        except Exception:
+            # Another worker starting at the same time may have added it first.
+            if "chat" not in (await table.schema()).names:
+                raise
     rekeyed = 0
     users = (await table.query().select(["user"]).to_arrow()).column("user").unique()
     for old in users.to_pylist():
