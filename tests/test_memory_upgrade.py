@@ -135,3 +135,42 @@ async def test_old_keys_and_unscoped_facts_are_upgraded_once(
         bob_dm = await recalled("what is the door code? when is lunch?", BOB, "8", False)
         assert "The door code is 4711" not in bob_dm and "Lunch is served at noon" not in bob_dm
         assert "The office closes at six" in bob_dm
+
+
+async def test_the_upgrade_runs_when_memory_starts(
+    tmp_path: Path, embedder: Any, caplog: Any,
+) -> None:
+    """``build_app`` (what ``boternity run`` and every memory command start) upgrades once."""
+    import logging
+
+    from adapters.wiring.build import build_app
+    from adapters.wiring.settings import load_settings
+
+    config = tmp_path / "boternity.toml"
+    config.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'data'}"
+
+[providers.primary]
+kind = "openai_compatible"
+base_url = "http://127.0.0.1:9/v1"
+model = "fake-model"
+
+[bots.helper]
+chain = ["primary"]
+""", encoding="utf-8")
+    await _old_bot_table(str(tmp_path / "data" / "lancedb"), embedder, [
+        ("Alice is allergic to peanuts", "telegram:telegram:7", T0)])
+    settings = load_settings(config, environ={}, dotenv=None)
+    with caplog.at_level(logging.INFO, logger="persistence.vectors.rekey"):
+        async with build_app(settings) as app:
+            assert app.memory_admin is not None
+            [fact] = await app.memory_admin.list_facts("helper", user="telegram:7")
+            # No history from that time: where it was learned cannot be told, so the
+            # safe choice (recalled in her DMs only, until an admin promotes it).
+            assert (fact.user, fact.chat) == (ALICE, UNKNOWN)
+    assert "memory upgrade: 1 keys rewritten" in caplog.text
+    caplog.clear()
+    async with build_app(settings):
+        pass
+    assert "memory upgrade" not in caplog.text  # once

@@ -4,12 +4,14 @@ Learning runs in the background seconds after a reply, so the conversation
 a learned fact came from is the one the speaker wrote in just before it was
 stored. ``learned_in`` answers from the history:
 
-- no user message to the bot in the ``window`` before: no conversation was
-  going on, so it is an admin's fact (``memory add``, an import): bot-wide, "";
+- no user message to the bot in the ``window`` before, while the history
+  goes back that far: no conversation was going on, so it is an admin's fact
+  (``memory add``, an import): bot-wide, "";
 - one chat: that chat. A chat where only one person ever wrote is taken as
   their DM, and a general fact from it becomes theirs (what one says in
   private stays theirs);
-- several chats (busy bot, cannot tell): ``UNKNOWN``, a chat that is no
+- several chats (busy bot), or no history of the bot from before the fact
+  (deleted, or never kept): it cannot be told, so ``UNKNOWN``, a chat that is no
   chat: a person's fact is then recalled in their DMs only, a general fact
   nowhere until an admin promotes it (the safe choice).
 """
@@ -49,7 +51,9 @@ async def learned_in(database: Database, bot: str, user: str, at: datetime, *,
         chats = {chat.partition("/")[0] if platform == "slack" else chat
                  for platform, chat in found}
         if not chats:
-            return user, ""
+            older = await session.scalar(select(MessageRow.id).where(
+                MessageRow.bot == bot, MessageRow.created_at <= moment).limit(1))
+            return user, "" if older is not None else UNKNOWN
         if len(chats) > 1:
             return user, UNKNOWN
         [chat] = chats
