@@ -134,6 +134,30 @@ async def test_a_backslash_in_the_display_name_keeps_recall_working(stack: Stack
     assert [f.id for f in recalled] == [peanuts.id]
 
 
+async def test_learned_facts_are_recalled_where_they_were_said(stack: Stack) -> None:
+    """A group's general fact stays in that group; a DM's facts stay in DMs; admins'
+    facts (chat "") are everywhere; ``recall_across_chats`` widens groups only."""
+    lunch = await add(stack, "The team lunch is at noon on Fridays", chat="group-1")
+    diabetes = await add(stack, "Alice has type 1 diabetes", ALICE, chat="dm-alice")
+    cello = await add(stack, "Alice plays the cello in the team band", ALICE, chat="group-1")
+    office = await add(stack, "The office closes at six on Fridays")  # an admin's
+
+    async def ids(text: str, user: str, chat: str, group: bool, **config: Any) -> set[str]:
+        memory = stack.memory(min_score=-1.0, top_k=10, **config)
+        return {f.id for f in await memory.recall(msg(text, user, chat=chat, group=group))}
+
+    question = "Fridays? health? music?"
+    assert await ids(question, "alice", "group-1", True) == {lunch.id, cello.id, office.id}
+    assert await ids(question, "alice", "group-2", True) == {office.id}
+    assert await ids(question, "bob", "group-1", True) == {lunch.id, office.id}
+    assert await ids(question, "alice", "dm-alice", False) == {diabetes.id, cello.id, office.id}
+    assert await ids(question, "bob", "dm-bob", False) == {office.id}
+    widened = await ids(question, "alice", "group-2", True, recall_across_chats=True)
+    assert widened == {lunch.id, diabetes.id, cello.id, office.id}
+    assert await ids(question, "bob", "group-2", True, recall_across_chats=True) == {
+        lunch.id, office.id}  # never another person's facts
+
+
 async def test_recall_includes_visible_shared_facts_with_provenance(stack: Stack) -> None:
     await stack.shared.publish(
         Fact(id="", text="The office wifi password changes every Monday", bot="scout"),
