@@ -182,7 +182,8 @@ class Conversation:
             return []
         try:
             return await self.store.history(self.bot, message.chat,
-                                            limit=self.history_messages + 1)
+                                            limit=self.history_messages + 1,
+                                            platform=message.platform)
         except StorageError as exc:
             log.warning("bot %s chat %s: history unavailable, answering without it: %s",
                         self.bot, message.chat, exc)

@@ -6,7 +6,7 @@ Provider port. The engine depends on these Protocols only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -76,7 +76,7 @@ class Chain(Protocol):
 
 
 class ConversationStore(Protocol):
-    """Conversation history per (bot, chat)."""
+    """Conversation history per (bot, platform, chat)."""
 
     async def add(
         self,
@@ -96,8 +96,14 @@ class ConversationStore(Protocol):
         """
         ...
 
-    async def history(self, bot: str, chat: str, limit: int = 50) -> list[StoredMessage]:
-        """The last ``limit`` messages of a chat, oldest first."""
+    async def history(self, bot: str, chat: str, limit: int = 50, *,
+                      platform: str | None = None) -> list[StoredMessage]:
+        """The last ``limit`` messages of a chat, oldest first.
+
+        A conversation is (bot, platform, chat): the same chat id on two
+        platforms is two conversations. ``platform=None`` (admin tools only):
+        the chat id on any platform.
+        """
         ...
 
 
@@ -153,10 +159,13 @@ class MemoryStore(Protocol):
     async def search(
         self, bot: str, query: str, *, users: Sequence[str], limit: int = 5,
         min_score: float | None = None, vector: Sequence[float] | None = None,
+        chats: Mapping[str, Sequence[str] | None] | None = None,
     ) -> list[Fact]:
         """Best matches about one of ``users`` (and only them), best first.
 
         Pass the speaker and "" for general facts; ``users=[]`` returns [].
+        ``chats``: for a user named there with a sequence, only facts whose
+        ``Fact.chat`` is in it (where they may be recalled); None: any chat.
         ``Fact.score`` is the cosine similarity to the query (ranking may
         also use full-text relevance). ``vector``: the query's embedding if
         the caller has it already (saves embedding twice). Superseded facts
@@ -166,6 +175,10 @@ class MemoryStore(Protocol):
 
     async def supersede(self, bot: str, old_id: str, new_id: str) -> None:
         """Mark ``old_id`` as replaced by ``new_id`` (kept as history)."""
+        ...
+
+    async def promote(self, bot: str, fact_id: str) -> bool:
+        """Make a learned fact bot-wide (``chat`` = ""); False if it did not exist."""
         ...
 
     async def delete(self, bot: str, fact_id: str) -> bool:

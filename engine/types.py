@@ -144,7 +144,11 @@ class StoredMessage:
 
 @dataclass(frozen=True)
 class Fact:
-    """A long-term memory. ``user`` is whom it is about; "" means general."""
+    """A long-term memory. ``user`` is whom it is about; "" means general.
+
+    ``chat`` is where a learned fact may be recalled ("" = bot-wide, what
+    only admins make; see ``engine/memory/scope.py``).
+    """
 
     id: str
     text: str
@@ -164,6 +168,7 @@ class Fact:
     author_bot: str = ""
     author_name: str = ""
     orphaned: bool = False  # the author bot was deleted; the fact stays
+    chat: str = ""  # per-bot memories only: the chat it was learned in ("" = bot-wide)
 
 
 @dataclass(frozen=True)

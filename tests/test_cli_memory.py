@@ -196,7 +196,8 @@ async def test_why_shows_what_the_last_reply_recalled(
                                           user="telegram:alice")
         await app.memory_admin.add("helper", "Bob is allergic to cats", user="telegram:bob")
         openai_fake.script(Text(["Avoid", " peanuts."]))
-        message = IncomingMessage(platform="telegram", bot="helper", chat="c1", user="alice",
+        message = IncomingMessage(platform="telegram", bot="helper", chat="c1",
+                                  user="telegram:alice",
                                   user_name="Alice", text="am I allergic to anything?",
                                   message_id="m7", is_group=True)
         *_, reply = [item async for item in app.conversations["helper"].reply(message)]
@@ -236,3 +237,31 @@ def test_the_installed_command_runs_as_a_subprocess(config: Path, tmp_path: Path
     )
     assert run.returncode == 0, run.stderr
     assert "imported 1" in run.stderr
+
+
+def test_users_are_named_platform_colon_id_and_promote_makes_a_fact_bot_wide(
+    cli: Cli, tmp_path: Path,
+) -> None:
+    """Issue 12: the documented form finds the user; a bare id is refused, not guessed."""
+    code, _, err = cli("memory", "add", "Ada likes tea", "--bot", "helper", "--user", "7")
+    assert code != 0 and "telegram:7" in err and "platform" in err  # names the fix
+    lines = tmp_path / "keys.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "Ada likes tea", "user": "telegram:7"},
+        {"text": "Ada keeps a bonsai", "user": "telegram:telegram:7"},  # an old export
+        {"text": "Bo likes chess", "user": "7"},  # which platform? refused
+        {"text": "Ada's desk is by the window", "user": "telegram:7", "chat": "-100"},
+    ]) + "\n")
+    code, _, err = cli("memory", "import", str(lines), "--bot", "helper")
+    assert "imported 3, already present 0, bad lines 1" in err and "skipped" in err
+    listed = cli.json_lines("memory", "list", "--bot", "helper", "--user", "telegram:7")
+    assert {(f["text"], f["user"], f["chat"]) for f in listed} == {
+        ("Ada likes tea", "telegram:7", ""), ("Ada keeps a bonsai", "telegram:7", ""),
+        ("Ada's desk is by the window", "telegram:7", "-100")}
+    desk = next(f["id"] for f in listed if f["chat"])
+    code, _, err = cli("memory", "promote", desk, "--bot", "helper")
+    assert code == 0 and "bot-wide" in err
+    listed = cli.json_lines("memory", "list", "--bot", "helper", "--user", "telegram:7")
+    assert {f["chat"] for f in listed} == {""}
+    code, _, err = cli("memory", "forget", "--bot", "helper", "--user", "telegram:7")
+    assert code == 0 and "forgot 3" in err

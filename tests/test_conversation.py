@@ -381,7 +381,8 @@ async def test_long_history_is_refitted_for_a_small_last_resort(pipeline: Pipeli
     conv = Conversation(bot="demo", persona="P", chain=FallbackChain(providers, pipeline.breakers),
                         store=pipeline.store)
     for i in range(12):
-        await pipeline.store.add(bot="demo", chat="c1", role="user", content=f"{i} " + "x" * 400)
+        await pipeline.store.add(bot="demo", chat="c1", role="user", content=f"{i} " + "x" * 400,
+                                 platform="terminal")
     pipeline.fake.script(Status(500), model="primary-model")
     pipeline.fake.script(Text(["small but served"]), model="backup-model")
 

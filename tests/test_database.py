@@ -36,7 +36,7 @@ async def test_migrations_create_schema_from_scratch(tmp_path: Path) -> None:
     assert {"messages", "alembic_version"} <= tables
     assert {"id", "bot", "chat", "role", "content", "user", "platform",
             "served_by", "created_at"} <= columns
-    assert "ix_messages_bot_chat_id" in indexes
+    assert "ix_messages_bot_platform_chat_id" in indexes
 
 
 async def test_restart_is_idempotent_and_keeps_data(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ from pydantic import SecretStr
 from engine.background import Background
 from engine.conversation import Conversation
 from engine.memory.extraction import parse_facts, parse_judgement
-from engine.memory.policy import BotMemory, MemoryConfig, recall_scope, user_key
+from engine.memory.policy import BotMemory, MemoryConfig, personalize
+from engine.memory.scope import recall_scope, user_key
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Fact, IncomingMessage, RecalledFact, RecallRecord, Reply
@@ -45,7 +46,9 @@ BOB = "telegram:bob"
 
 def msg(text: str, user: str = "alice", *, chat: str = "group-1", platform: str = "telegram",
         group: bool = True, message_id: str = "m1") -> IncomingMessage:
-    return IncomingMessage(platform=platform, bot="helper", chat=chat, user=user, text=text,  # type: ignore[arg-type]
+    """A message as the adapters make it: ``user`` is the key ``platform:id``."""
+    return IncomingMessage(platform=platform, bot="helper", chat=chat,  # type: ignore[arg-type]
+                           user=user_key(platform, user), text=text,
                            user_name=user.title(), is_group=group, message_id=message_id)
 
 
@@ -78,8 +81,10 @@ async def stack(tmp_path: Path, embedder: Any) -> AsyncIterator[Stack]:
         yield Stack(store, shared, SqlRecallLog(database), embedder, jobs)
 
 
-async def add(stack: Stack, text: str, user: str = "", bot: str = "helper") -> Fact:
-    return await stack.store.add(Fact(id="", text=text, bot=bot, user=user))
+async def add(stack: Stack, text: str, user: str = "", bot: str = "helper",
+              chat: str = "") -> Fact:
+    """A fact as an admin adds it (bot-wide), or as learned in ``chat``."""
+    return await stack.store.add(Fact(id="", text=text, bot=bot, user=user, chat=chat))
 
 
 # --- recall -------------------------------------------------------------------
@@ -114,8 +119,43 @@ async def test_same_user_id_on_another_platform_is_another_person(stack: Stack) 
     memory = stack.memory(min_score=0.0)
     recalled = await memory.recall(msg("what am I allergic to?", platform="discord"))
     assert recalled == []
-    assert recall_scope(msg("x", platform="discord")) == ["discord:alice", ""]
-    assert user_key(msg("x", "")) == ""
+    assert recall_scope(msg("x", platform="discord")).users == ["discord:alice", ""]
+    assert msg("x", "").user == ""
+
+
+async def test_a_backslash_in_the_display_name_keeps_recall_working(stack: Stack) -> None:
+    """Issue 13 item 4: the name was used as a regex replacement ("\\d" broke recall)."""
+    for name in ("Dr\\Who", "C:\\Users\\al", "back\\1slash", "\\g<0>"):
+        assert personalize("where do I live?", name) == f"where do {name} live?"
+    peanuts = await add(stack, "Alice is allergic to peanuts", ALICE)
+    message = IncomingMessage(platform="telegram", bot="helper", chat="dm-alice", user=ALICE,
+                              user_name="Alice\\d", text="am I allergic to anything?")
+    recalled = await stack.memory(min_score=0.1).recall(message)
+    assert [f.id for f in recalled] == [peanuts.id]
+
+
+async def test_learned_facts_are_recalled_where_they_were_said(stack: Stack) -> None:
+    """A group's general fact stays in that group; a DM's facts stay in DMs; admins'
+    facts (chat "") are everywhere; ``recall_across_chats`` widens groups only."""
+    lunch = await add(stack, "The team lunch is at noon on Fridays", chat="group-1")
+    diabetes = await add(stack, "Alice has type 1 diabetes", ALICE, chat="dm-alice")
+    cello = await add(stack, "Alice plays the cello in the team band", ALICE, chat="group-1")
+    office = await add(stack, "The office closes at six on Fridays")  # an admin's
+
+    async def ids(text: str, user: str, chat: str, group: bool, **config: Any) -> set[str]:
+        memory = stack.memory(min_score=-1.0, top_k=10, **config)
+        return {f.id for f in await memory.recall(msg(text, user, chat=chat, group=group))}
+
+    question = "Fridays? health? music?"
+    assert await ids(question, "alice", "group-1", True) == {lunch.id, cello.id, office.id}
+    assert await ids(question, "alice", "group-2", True) == {office.id}
+    assert await ids(question, "bob", "group-1", True) == {lunch.id, office.id}
+    assert await ids(question, "alice", "dm-alice", False) == {diabetes.id, cello.id, office.id}
+    assert await ids(question, "bob", "dm-bob", False) == {office.id}
+    widened = await ids(question, "alice", "group-2", True, recall_across_chats=True)
+    assert widened == {lunch.id, diabetes.id, cello.id, office.id}
+    assert await ids(question, "bob", "group-2", True, recall_across_chats=True) == {
+        lunch.id, office.id}  # never another person's facts
 
 
 async def test_recall_includes_visible_shared_facts_with_provenance(stack: Stack) -> None:
@@ -519,7 +559,8 @@ def test_recall_never_returns_what_the_bot_or_speaker_may_not_see(
 ) -> None:
     memory = world.stack.memory(bot=reader, trust_groups=tuple(groups), top_k=top_k,
                                 min_score=-1.0)
-    message = IncomingMessage(platform=platform, bot=reader, chat="c", user=speaker,  # type: ignore[arg-type]
+    message = IncomingMessage(platform=platform, bot=reader, chat="c",  # type: ignore[arg-type]
+                              user=user_key(platform, speaker),
                               text=f"what do I know about {topic}?", is_group=is_group)
     recalled = world.loop.run_until_complete(memory.recall(message))
     allowed = {f"{platform}:{speaker}", ""} if speaker else {""}
@@ -558,7 +599,7 @@ async def test_extraction_and_judging_tokens_are_recorded_and_count_for_budgets(
         memory = BotMemory(MemoryConfig(bot="helper"), store=stack.store,
                            embedder=stack.embedder, jobs=stack.jobs, chain=chain,
                            usage=usage.extraction)  # as the composition root wires it
-        await add(stack, "Alice lives in Paris", ALICE)
+        await add(stack, "Alice lives in Paris", ALICE, chat="group-1")
         raw = json.dumps({"facts": [about_alice("Alice lives in Berlin")]})
         openai_fake.script(Text([raw], usage=(300, 20)),
                            Text([json.dumps({"action": "update", "target": 1})], usage=(100, 5)))
@@ -567,4 +608,4 @@ async def test_extraction_and_judging_tokens_are_recorded_and_count_for_budgets(
         [line] = await usage.store.summary(since=datetime(2000, 1, 1, tzinfo=UTC), bot="helper")
         assert (line.provider, line.kind, line.replies, line.prompt_tokens,
                 line.completion_tokens) == ("primary", "extraction", 2, 400, 25)
-        assert (await usage.spent_today("helper"))["alice"] == pytest.approx(400.0)
+        assert (await usage.spent_today("helper"))[ALICE] == pytest.approx(400.0)

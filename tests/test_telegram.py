@@ -144,6 +144,28 @@ async def test_reply_to_the_bot_in_a_group_is_answered(
         await tg.wait_for(lambda: last_text(tg, GROUP) == shown(bot_pipeline.replies[0]))
 
 
+async def test_posts_as_a_chat_are_keyed_on_the_chat_not_the_shared_placeholder(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    """Issue 13 item 15: channel posts, anonymous admins and automatic forwards all come
+    from one placeholder user; each must be its own sender (memory, budget, history)."""
+    channel_a = {"id": -100111, "type": "channel", "title": "News A"}
+    channel_b = {"id": -100222, "type": "channel", "title": "News B"}
+    anonymous = {"id": GROUP, "type": "supergroup", "title": "The group"}
+    posts = [(channel_a, 136817688, False), (channel_b, 136817688, False),
+             (anonymous, 1087968824, True), (channel_a, 777000, False)]
+    async with adapter(tg, bot_pipeline):
+        for i, (sender, placeholder, is_bot) in enumerate(posts):
+            tg.push_message(GROUP, f"question {i}", chat_type="supergroup", mention=True,
+                            user_id=placeholder, is_bot=is_bot, sender_chat=sender)
+            await tg.wait_for(lambda n=i: len(bot_pipeline.replies) > n)  # type: ignore[misc]
+    history = await bot_pipeline.conversation.store.history("demo", str(GROUP),
+                                                            platform="telegram")
+    speakers = [(m.user, m.user_name) for m in history if m.role == "user"]
+    assert speakers == [("telegram:-100111", "News A"), ("telegram:-100222", "News B"),
+                        (f"telegram:{GROUP}", "The group"), ("telegram:-100111", "News A")]
+
+
 async def test_attachment_is_stored_with_metadata_and_read(
     tg: FakeTelegram, bot_pipeline: BotPipeline
 ) -> None:

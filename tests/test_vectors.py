@@ -145,7 +145,7 @@ async def test_hybrid_and_ann_index_keep_filters(tmp_path: Path, embedder: FastE
         await store.maintain("bot")
         table = await store._table("bot")
         indexed = {c for ix in await table.list_indices() for c in ix.columns}
-        assert indexed == {"text", "vector", "id", "user", "superseded_by"}
+        assert indexed == {"text", "vector", "id", "user", "superseded_by", "chat"}
         found = await store.search("bot", "Quetzal", users=["zeb", "user3"], limit=10)
         assert found[0].text.startswith("Zebulon")  # the rare keyword wins via full text
         assert {f.user for f in found} <= {"zeb", "user3"}

@@ -30,6 +30,7 @@ from datetime import datetime
 from engine.admin.bot import FileAdmin, PersonaAdmin, ProviderAdmin
 from engine.admin.memory import MemoryAdmin
 from engine.errors import BoternityError
+from engine.memory.scope import parse_user
 from engine.types import Fact
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ class Commands:
             return "Long-term memory is not enabled for this bot."
         sub = words[0].lower() if words else ""
         if sub == "list":
-            user = words[1] if len(words) > 1 else None
+            # A bare id means a user of the platform the command came from.
+            user = parse_user(words[1], caller.platform) if len(words) > 1 else None
             facts = await self.memory.list_facts(self.bot, user=user, limit=20)
             return _facts("Memories", facts)
         if sub == "search" and len(words) > 1:

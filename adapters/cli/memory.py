@@ -80,7 +80,7 @@ def _progress(label: str) -> Iterator[Any]:
 def _facts_table(facts: list[Fact], *, shared: bool = False) -> Table:
     table = Table(show_lines=False)
     table.add_column("id", no_wrap=True)
-    for column in ("score", "user", "category", "text"):
+    for column in ("score", "user", "chat", "category", "text"):
         table.add_column(column, overflow="fold")
     if shared:
         table.add_column("trust")
@@ -89,7 +89,7 @@ def _facts_table(facts: list[Fact], *, shared: bool = False) -> Table:
         text = fact.text + (f"  [dim](superseded by {fact.superseded_by})[/dim]"
                             if fact.superseded_by else "")
         row = [fact.id, f"{fact.score:.3f}" if fact.score else "", fact.user or "(general)",
-               fact.category, text]
+               fact.chat or "(bot-wide)", fact.category, text]
         if shared:
             trust = f"{fact.trust_level}" + (f":{fact.trust_group}" if fact.trust_group else "")
             when = fact.created_at.strftime("%Y-%m-%d %H:%M") if fact.created_at else ""
@@ -154,6 +154,14 @@ async def memory_forget(args: argparse.Namespace, app: Any) -> int:
         return 0 if count else 1
     if await admin.forget(bot, args.id):
         _err().print(f"forgot {args.id}")
+        return 0
+    _err().print(f"no memory {args.id}")
+    return 1
+
+
+async def memory_promote(args: argparse.Namespace, app: Any) -> int:
+    if await _admin(app).promote(_bot(args, app), args.id):
+        _err().print(f"{args.id} is now bot-wide")
         return 0
     _err().print(f"no memory {args.id}")
     return 1
@@ -320,7 +328,8 @@ def add_commands(subparsers: Any) -> None:
     p = sub.add_parser("search", help="memories nearest to a query, with scores")
     _common(p, json_out=True)
     p.add_argument("query")
-    p.add_argument("--user", help="that user's and general facts (default: every user)")
+    p.add_argument("--user", help="that user's (platform:id) and general facts "
+                   "(default: every user)")
     p.add_argument("--limit", type=int, default=10)
     p.set_defaults(handler=_guarded(memory_search))
 
@@ -336,8 +345,13 @@ def add_commands(subparsers: Any) -> None:
     p = sub.add_parser("forget", help="delete one memory, or every memory about a user")
     _common(p)
     p.add_argument("id", nargs="?")
-    p.add_argument("--user", help="forget everything about this user")
+    p.add_argument("--user", help="forget everything about this user (platform:id)")
     p.set_defaults(handler=_guarded(memory_forget))
+
+    p = sub.add_parser("promote", help="make a learned memory bot-wide (every chat)")
+    _common(p)
+    p.add_argument("id")
+    p.set_defaults(handler=_guarded(memory_promote))
 
     p = sub.add_parser("why", help="which memories the last reply in a chat recalled")
     _common(p, json_out=True)

@@ -57,6 +57,7 @@ from adapters.chat.outbound import (
 from adapters.chat.render import to_discord
 from adapters.chat.splitting import split_markdown
 from engine.errors import ConfigError
+from engine.memory.scope import user_key
 from engine.ports import FileStore, Replier
 from engine.types import IncomingMessage
 
@@ -316,7 +317,7 @@ class DiscordAdapter:
             return
         incoming = IncomingMessage(
             platform="discord", bot=self.config.bot, chat=str(message.channel.id),
-            user=f"discord:{message.author.id}", text=self.strip_mention(message.content),
+            user=user_key("discord", message.author.id), text=self.strip_mention(message.content),
             message_id=str(message.id), user_name=message.author.display_name,
             is_group=is_group, reply_to=str(reference.message_id)
             if reference and reference.message_id else None,

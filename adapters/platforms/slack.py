@@ -53,6 +53,7 @@ from adapters.chat.outbound import (
 )
 from adapters.chat.render import to_slack
 from engine.errors import ConfigError
+from engine.memory.scope import user_key
 from engine.ports import FileStore, Replier
 from engine.types import IncomingMessage
 
@@ -313,7 +314,7 @@ class SlackAdapter:
         message = IncomingMessage(
             platform="slack", bot=self.config.bot,
             chat=f"{channel}/{thread}" if thread else channel,
-            user=f"slack:{user}", text=text, message_id=str(event["ts"]), user_name=user,
+            user=user_key("slack", user), text=text, message_id=str(event["ts"]), user_name=user,
             is_group=is_group, reply_to=str(thread) if thread else None,
         )
         pending = [self._pending(f) for f in event.get("files") or [] if f.get("id")]

@@ -66,6 +66,7 @@ from adapters.chat.outbound import (
 from adapters.chat.render import to_telegram
 from adapters.chat.splitting import utf16_len
 from engine.errors import ConfigError
+from engine.memory.scope import user_key
 from engine.ports import FileStore, Replier
 from engine.types import IncomingMessage
 
@@ -283,11 +284,19 @@ class TelegramAdapter:
                 self._spawn(self._command(message, *parsed))
             return
         user = message.from_user
+        # Posted as a channel, by an anonymous group admin or forwarded from a
+        # linked channel: ``from_user`` is one placeholder account shared by
+        # everyone who posts that way (136817688, 1087968824, 777000), so the
+        # sender is the chat in ``sender_chat`` (its own memory and budget).
+        sender = message.sender_chat
+        sender_id, sender_name = (
+            (sender.id, sender.title or sender.username or str(sender.id)) if sender
+            else (user.id, user.full_name))
         reply = message.reply_to_message
         replied_to_us = bool(reply and reply.from_user and reply.from_user.id == self.bot_id)
         facts = Facts(chat=str(message.chat.id), is_group=is_group,
                       addressed=self._mentioned(message) or replied_to_us,
-                      from_bot=user.is_bot, from_self=user.id == self.bot_id)
+                      from_bot=user.is_bot and sender is None, from_self=user.id == self.bot_id)
         decision = self.gate.decide(facts)
         if decision != "answer":
             log.debug("telegram %s: not answering %s (%s)", self.config.bot, facts.chat, decision)
@@ -297,8 +306,8 @@ class TelegramAdapter:
             return
         incoming = IncomingMessage(
             platform="telegram", bot=self.config.bot, chat=str(message.chat.id),
-            user=f"telegram:{user.id}", text=self._strip_mention(text),
-            message_id=str(message.message_id), user_name=user.full_name,
+            user=user_key("telegram", sender_id), text=self._strip_mention(text),
+            message_id=str(message.message_id), user_name=sender_name,
             is_group=is_group, reply_to=str(reply.message_id) if reply else None,
         )
         self.handler.submit(incoming, self._pending_files(message))

@@ -16,6 +16,7 @@ import threading
 from typing import TextIO
 
 from engine.log_context import bind
+from engine.memory.scope import user_key
 from engine.ports import Replier
 from engine.types import IncomingMessage, Reply
 
@@ -47,7 +48,8 @@ def _lines(stream: TextIO) -> asyncio.Queue[str | None]:
 
 
 def _message(bot: str, chat: str, user: str, text: str) -> IncomingMessage:
-    return IncomingMessage(platform="terminal", bot=bot, chat=chat, user=user,
+    return IncomingMessage(platform="terminal", bot=bot, chat=chat,
+                           user=user_key("terminal", user),
                            user_name=user, text=text)
 
 

@@ -8,8 +8,10 @@ memory (``providers``, ``usage``) never pay for them.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from adapters.wiring import scaleout
@@ -20,6 +22,7 @@ from engine.background import Background
 from engine.memory.policy import BotMemory, MemoryConfig
 from engine.ports import ReplyObserver
 from engine.providers.fallback import FallbackChain
+from persistence.sql.provenance import learned_in
 from persistence.sql.recall_log import SqlRecallLog
 
 if TYPE_CHECKING:
@@ -54,6 +57,7 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> M
     embedder = await FastEmbedder.load(
         storage.data_dir, threads=max(b.memory.embedding_threads for b in bots.values()))
     uri, options = storage.resolved_memory_uri(), scaleout.memory_storage_options(settings)
+    await upgrade_stored_memories(app, uri, options)
     store = await stack.enter_async_context(
         await LanceMemoryStore.open(uri, embedder, storage_options=options))
     shared = await stack.enter_async_context(
@@ -69,6 +73,23 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> M
     return parts
 
 
+async def upgrade_stored_memories(app: App, uri: str, options: dict[str, str] | None) -> None:
+    """Rewrite old user keys and place pre-scope facts (``persistence/vectors/rekey.py``).
+
+    Before the stores open (the shared store reads its chain head on open);
+    under the shared-memory writer lock when workers share one table.
+    """
+    from persistence.vectors.rekey import upgrade_memory
+    from persistence.vectors.tables import connect
+
+    async def place(bot: str, user: str, at: datetime) -> tuple[str, str]:
+        return await learned_in(app.database, bot, user, at)
+
+    lock = scaleout.writer_lock(app, "shared-memory")
+    async with lock() if lock is not None else contextlib.nullcontext():
+        await upgrade_memory(await connect(uri, options), place)
+
+
 def bot_memory(parts: MemoryParts | None, settings: Settings, bot_name: str,
                 chain: FallbackChain, usage: ReplyObserver | None) -> BotMemory | None:
     bot = settings.bots[bot_name]
@@ -78,6 +99,7 @@ def bot_memory(parts: MemoryParts | None, settings: Settings, bot_name: str,
     config = MemoryConfig(
         bot=bot_name, top_k=m.top_k, min_score=m.min_score, extract=m.extract,
         extract_with_local=m.extract_with_local, trust_groups=tuple(bot.trust_groups),
+        recall_across_chats=m.recall_across_chats,
         local_providers=frozenset(n for n, p in settings.providers.items() if p.kind == "local"),
     )
     return BotMemory(config, store=parts.store, embedder=parts.embedder, jobs=parts.jobs,

@@ -108,6 +108,8 @@ class MemorySettings(_Strict):
     min_score: float = Field(default=0.3, ge=-1, le=1)
     extract: bool = True
     extract_with_local: bool = False  # the demo model's "facts" are unreliable
+    # groups also recall what was learned in DMs and other groups (trusted groups only)
+    recall_across_chats: bool = False
     embedding_threads: int = Field(default=2, ge=1)
 
 

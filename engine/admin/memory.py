@@ -14,7 +14,12 @@ Import format (JSON Lines, one fact per line)::
     {"text": "Alice is vegetarian", "user": "telegram:42", "category": "personal",
      "importance": 0.8, "metadata": {"source": "crm"}}
 
-``text`` is required; the rest is optional. ``export`` writes the same shape
+``text`` is required; the rest is optional. ``user`` is a user key,
+``platform:id`` (``engine/memory/scope.py``; a bare id is refused: which
+platform is it?); ``chat`` (from an export) keeps a learned fact in the chat it
+was learned in, and without it an imported fact is bot-wide (an admin's).
+Every user an admin names (list, search, add, forget, import) goes through
+``parse_user``. ``export`` writes the same shape
 plus ``id``, ``created_at`` and ``superseded_by``, and ``import`` keeps those
 when present, so export -> import restores the history; a line whose ``id``
 already exists is skipped (importing twice adds nothing). A bad line is
@@ -32,6 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.errors import AdminError
+from engine.memory.scope import parse_user
 from engine.ports import MemoryStore, Progress, RecallLog, SharedMemoryStore
 from engine.types import (
     Fact,
@@ -73,6 +79,15 @@ class ImportedFact(BaseModel):
     id: str = Field(default="", max_length=64)
     created_at: datetime | None = None
     superseded_by: str | None = None
+    chat: str = Field(default="", max_length=200)
+
+    @field_validator("user")
+    @classmethod
+    def _user_key(cls, value: str) -> str:
+        try:
+            return parse_user(value)
+        except AdminError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("text")
     @classmethod
@@ -89,6 +104,7 @@ class ImportedFact(BaseModel):
             id=self.id, text=self.text, bot=bot, user=self.user, category=self.category,
             importance=self.importance, created_at=created, superseded_by=self.superseded_by,
             metadata=json.dumps(self.metadata, ensure_ascii=False) if self.metadata else "",
+            chat=self.chat,
         )
 
 
@@ -102,7 +118,7 @@ def fact_record(fact: Fact) -> dict[str, Any]:
         "id": fact.id, "text": fact.text, "user": fact.user, "category": fact.category,
         "importance": fact.importance, "metadata": metadata,
         "created_at": fact.created_at.isoformat() if fact.created_at else None,
-        "superseded_by": fact.superseded_by,
+        "superseded_by": fact.superseded_by, "chat": fact.chat,
     }
 
 
@@ -144,7 +160,8 @@ class MemoryAdmin:
     ) -> list[Fact]:
         self._bot(bot)
         return await self.store.list_facts(
-            bot, user=user, history=history, limit=limit, offset=offset
+            bot, user=None if user is None else parse_user(user), history=history,
+            limit=limit, offset=offset,
         )
 
     async def users(self, bot: str) -> list[str]:
@@ -158,6 +175,7 @@ class MemoryAdmin:
     ) -> list[Fact]:
         """Nearest facts; ``user`` given: that user's and general facts, else every user's."""
         self._bot(bot)
+        user = parse_user(user) if user else None
         users = [user, ""] if user else await self.users(bot)
         if not users:
             return []
@@ -177,6 +195,14 @@ class MemoryAdmin:
             raise AdminError(_line_error(exc)) from None
         return await self.store.add(record.to_fact(bot))
 
+    async def promote(self, bot: str, fact_id: str) -> bool:
+        """Make a learned fact bot-wide: recalled in every chat (for its user, if any).
+
+        Learned facts stay where they were said; only an admin widens one.
+        """
+        self._bot(bot)
+        return await self.store.promote(bot, fact_id)
+
     async def forget(self, bot: str, fact_id: str) -> bool:
         """Delete one fact, and its text from the recall log."""
         self._bot(bot)
@@ -188,6 +214,7 @@ class MemoryAdmin:
     async def forget_user(self, bot: str, user: str) -> int:
         """Delete every fact about ``user`` (history included), and from the recall log."""
         self._bot(bot)
+        user = parse_user(user)
         if not user:
             raise AdminError("name a user to forget (general facts are forgotten one by one)")
         ids = [fact.id async for fact in self.store.iterate(bot) if fact.user == user]
@@ -275,7 +302,7 @@ class MemoryAdmin:
         """What ``reader_bot`` may read (any user unless ``user`` is given)."""
         info = self._bot(reader_bot)
         return await self._shared().list_facts(
-            reader_bot, info.trust_groups, users=None if user is None else [user],
+            reader_bot, info.trust_groups, users=None if user is None else [parse_user(user)],
             limit=limit, offset=offset,
         )
 

@@ -7,9 +7,11 @@ Recall (``recall``, awaited before the reply):
   ``personalize``), search the bot's own memories and the shared
   memories it may read (the shared store applies the trust predicate), keep
   those at or above ``min_score``, merge, and return the best ``top_k``.
-  Scope: only facts about the speaker and general facts (user ""), in a
-  group chat and in private alike; the store is asked for exactly those users
-  and the result is filtered again here (fail closed: a store bug must not
+  Scope (``engine/memory/scope.py``): facts about the speaker and general
+  facts, each only where it may be recalled: what a person said in a DM stays
+  theirs and stays in DMs, what was learned in a group stays in that group,
+  bot-wide facts are an admin's. The store is asked for exactly that scope
+  and the result is checked again here (fail closed: a store bug must not
   leak another user's facts). What was recalled, with scores, goes to the
   ``RecallLog`` for ``boternity memory why``. Own and shared tables are
   searched concurrently; if one fails the other's facts are still used, and
@@ -33,8 +35,9 @@ Learning (``learn``, returns at once):
   - update: the new fact is added and the old one is marked
     ``superseded_by`` it (kept as history, no longer recalled).
 
-User ids are namespaced by platform (``user_key``): "123" on Telegram and
-"123" on Discord are different people.
+User ids are namespaced by platform (``IncomingMessage.user`` is the user
+key ``platform:id`` built by ``engine.memory.scope.user_key``): "123" on
+Telegram and "123" on Discord are different people.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -57,6 +60,7 @@ from engine.memory.extraction import (
     parse_judgement,
     speaker_label,
 )
+from engine.memory.scope import RecallScope, learned_place, recall_scope
 from engine.ports import (
     Chain,
     Embedder,
@@ -89,6 +93,8 @@ class MemoryConfig:
     extract: bool = True
     extract_with_local: bool = False
     trust_groups: tuple[str, ...] = ()
+    # widen recall in groups to what was learned anywhere (trusted groups only)
+    recall_across_chats: bool = False
     # provider names of kind "local": skipped for extraction and judging
     local_providers: frozenset[str] = frozenset()
     duplicate_score: float = 0.95
@@ -108,17 +114,16 @@ class LearnResult:
     dropped: str = ""  # why nothing was stored, when that happened
 
 
-def user_key(message: IncomingMessage) -> str:
-    """Whom a fact about the speaker is stored under: "platform:user id" ("" if anonymous)."""
-    return f"{message.platform}:{message.user}" if message.user else ""
-
-
 _FIRST_PERSON = (
     (re.compile(r"\b(?:I am|I'm)\b", re.IGNORECASE), "{name} is"),
     (re.compile(r"\bam I\b", re.IGNORECASE), "is {name}"),
     (re.compile(r"\b(?:my|mine)\b", re.IGNORECASE), "{name}'s"),
     (re.compile(r"\b(?:I|me|myself)\b"), "{name}"),
 )
+
+
+def _literal(text: str) -> Callable[[re.Match[str]], str]:
+    return lambda _match: text
 
 
 def personalize(text: str, name: str) -> str:
@@ -130,14 +135,10 @@ def personalize(text: str, name: str) -> str:
     against "Alice is allergic to peanuts", the rewrite 0.87.
     """
     for pattern, replacement in _FIRST_PERSON:
-        text = pattern.sub(replacement.replace("{name}", name), text)
+        # A function, not a template: a name is data, and "\\d" or "\\1" in a
+        # display name would be read as a regex escape (and break recall).
+        text = pattern.sub(_literal(replacement.replace("{name}", name)), text)
     return text
-
-
-def recall_scope(message: IncomingMessage) -> list[str]:
-    """The users whose facts may be recalled for this speaker: them and general ("")."""
-    key = user_key(message)
-    return [key, ""] if key else [""]
 
 
 class BotMemory:
@@ -179,7 +180,8 @@ class BotMemory:
         config = self.config
         if not config.enabled or config.top_k == 0 or not message.text.strip():
             return []
-        users = recall_scope(message)
+        scope = recall_scope(message, across_chats=config.recall_across_chats)
+        users = scope.users
         query = personalize(message.text, speaker_label(message))
         try:
             [vector] = await self._embedder.embed([query])
@@ -188,7 +190,7 @@ class BotMemory:
             return []
         searches = [self._store.search(
             config.bot, query, users=users, limit=config.top_k,
-            min_score=config.min_score, vector=vector,
+            min_score=config.min_score, vector=vector, chats=scope.chats,
         )]
         if self._shared is not None:
             searches.append(self._shared.search(
@@ -208,7 +210,7 @@ class BotMemory:
                             config.bot, source, result)
             else:
                 found += result
-        facts = self._select(found, users)
+        facts = self._select(found, scope)
         if self._recall_log is not None:
             # Off the reply's path: the model is not kept waiting for a write
             # that only ``memory why`` reads.
@@ -222,14 +224,13 @@ class BotMemory:
         if self._log_writes:
             await asyncio.gather(*self._log_writes, return_exceptions=True)
 
-    def _select(self, found: Sequence[Fact], users: Collection[str]) -> list[Fact]:
-        allowed = set(users)
+    def _select(self, found: Sequence[Fact], scope: RecallScope) -> list[Fact]:
         seen: set[str] = set()
         chosen: list[Fact] = []
         # Own facts first at equal score, so a published copy does not shadow the original.
         for fact in sorted(found, key=lambda f: (-f.score, f.trust_level is not None)):
-            if fact.user not in allowed:
-                log.error("bot %s: store returned fact %s about another user; dropped",
+            if not scope.allows(fact):
+                log.error("bot %s: store returned fact %s outside the recall scope; dropped",
                           self.config.bot, fact.id)
                 continue
             if fact.superseded_by or fact.score < self.config.min_score:
@@ -311,11 +312,12 @@ class BotMemory:
     def _to_fact(self, item: ExtractedFact, message: IncomingMessage) -> Fact | None:
         if item.about == "other" or item.importance < self.config.min_importance:
             return None
-        user = user_key(message) if item.about == "speaker" else ""
-        if item.about == "speaker" and not user:
+        place = learned_place(message, about_speaker=item.about == "speaker")
+        if place is None:
             return None  # anonymous speaker: nobody to attribute it to
+        user, chat = place
         return Fact(
-            id="", text=item.text, bot=self.config.bot, user=user,
+            id="", text=item.text, bot=self.config.bot, user=user, chat=chat,
             category=item.category, importance=item.importance,
         )
 
@@ -344,11 +346,14 @@ class BotMemory:
         """Add, update or skip one fact: (outcome, stored fact, superseded id)."""
         config = self.config
         [vector] = await self._embedder.embed([fact.text])
+        # Compared only with facts of the same person and place: a fact learned
+        # here must not be skipped as a "duplicate" of one that is not recalled here.
         similar = await self._store.search(
             config.bot, fact.text, users=[fact.user], limit=config.judge_candidates,
-            min_score=config.related_score, vector=vector,
+            min_score=config.related_score, vector=vector, chats={fact.user: (fact.chat,)},
         )
-        similar = [f for f in similar if f.user == fact.user and f.score >= config.related_score]
+        similar = [f for f in similar if f.user == fact.user and f.chat == fact.chat
+                   and f.score >= config.related_score]
         if similar and similar[0].score >= config.duplicate_score:
             return "skip", None, None
         target: Fact | None = None

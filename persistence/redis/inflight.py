@@ -293,8 +293,9 @@ class OnceStore:
             await client.set(key, row, px=self._inflight.answered_ttl_ms)
         return row
 
-    async def history(self, bot: str, chat: str, limit: int = 50) -> list[StoredMessage]:
-        return await self._inner.history(bot, chat, limit)
+    async def history(self, bot: str, chat: str, limit: int = 50, *,
+                      platform: str | None = None) -> list[StoredMessage]:
+        return await self._inner.history(bot, chat, limit, platform=platform)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)  # count() and other extras of the real store

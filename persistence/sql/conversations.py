@@ -72,12 +72,16 @@ class SqlConversationStore:
         except SQLAlchemyError as exc:
             raise StorageError(f"could not store a message: {type(exc).__name__}") from exc
 
-    async def history(self, bot: str, chat: str, limit: int = 50) -> list[StoredMessage]:
+    async def history(self, bot: str, chat: str, limit: int = 50, *,
+                      platform: str | None = None) -> list[StoredMessage]:
         if limit <= 0:
             return []
+        where = [MessageRow.bot == bot, MessageRow.chat == chat]
+        if platform is not None:
+            where.append(MessageRow.platform == platform)
         query = (
             select(*_HISTORY_COLUMNS)
-            .where(MessageRow.bot == bot, MessageRow.chat == chat)
+            .where(*where)
             .order_by(MessageRow.id.desc())
             .limit(limit)
         )
@@ -88,9 +92,9 @@ class SqlConversationStore:
             raise StorageError(f"could not read history: {type(exc).__name__}") from exc
         return [_stored(row) for row in reversed(rows)]
 
-    async def count(self, bot: str, chat: str) -> int:
+    async def count(self, bot: str, chat: str, *, platform: str | None = None) -> int:
         """How many messages a chat holds (for tests and admin commands)."""
-        return len(await self.history(bot, chat, limit=1_000_000))
+        return len(await self.history(bot, chat, limit=1_000_000, platform=platform))
 
     async def chats(self, bot: str, *, limit: int = 100) -> list[ChatSummary]:
         """The chats of a bot, most recently active first (the console's list)."""

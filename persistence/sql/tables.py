@@ -37,4 +37,6 @@ class MessageRow(Base):
     served_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    __table_args__ = (Index("ix_messages_bot_chat_id", "bot", "chat", "id"),)
+    # 0007: the platform is part of a conversation's key (a Telegram chat and a
+    # Discord channel may share an id)
+    __table_args__ = (Index("ix_messages_bot_platform_chat_id", "bot", "platform", "chat", "id"),)

@@ -8,7 +8,9 @@ Table ``memories_<sanitized bot>_<hash>``: the bot id is free text, so the
 name keeps only safe characters plus a short hash of the real id (two ids
 that sanitize alike never share a table); the real id is in the schema
 metadata. Rows: id, text, user ("" = general), category, importance,
-created_at, superseded_by ("" = current), metadata (JSON text), vector.
+created_at, superseded_by ("" = current), metadata (JSON text), chat (where
+a learned fact may be recalled, "" = bot-wide), vector. Tables written
+before ``chat`` existed get it from ``persistence/vectors/rekey.py`` at start-up.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import hashlib
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -52,10 +54,11 @@ FIELDS = [
     *FACT_FIELDS,
     pa.field("superseded_by", pa.string(), nullable=False),
     pa.field("metadata", pa.string(), nullable=False),
+    pa.field("chat", pa.string(), nullable=False),
 ]
 COLUMNS = [f.name for f in FIELDS]
 SCALAR_INDEXES: dict[str, ScalarIndex] = {"id": "btree", "user": "btree",
-                                          "superseded_by": "bitmap"}
+                                          "superseded_by": "bitmap", "chat": "btree"}
 
 
 def table_name(bot: str) -> str:
@@ -71,7 +74,26 @@ def _fact(bot: str, row: dict[str, Any], score: float = 0.0) -> Fact:
         id=row["id"], text=row["text"], bot=bot, user=row["user"], category=row["category"],
         importance=row["importance"], created_at=row["created_at"],
         superseded_by=row["superseded_by"] or None, metadata=row["metadata"], score=score,
+        chat=row.get("chat") or "",
     )
+
+
+def scope_sql(users: Sequence[str], chats: Mapping[str, Sequence[str] | None] | None) -> str:
+    """The filter for facts about ``users``, each limited to its allowed chats."""
+    chats = chats or {}
+    free = [u for u in users if chats.get(u) is None]
+    parts = [in_list("user", free)] if free else []
+    parts += [f"(user = {quote(u)} AND {in_list('chat', chats[u] or ())})"
+              for u in sorted(set(users) - set(free))]
+    return "(" + " OR ".join(parts) + ")" if parts else "false"
+
+
+def in_scope(fact: Fact, users: Sequence[str],
+             chats: Mapping[str, Sequence[str] | None] | None) -> bool:
+    if fact.user not in users:
+        return False
+    allowed = (chats or {}).get(fact.user)
+    return allowed is None or fact.chat in allowed
 
 
 class LanceMemoryStore:
@@ -195,7 +217,7 @@ class LanceMemoryStore:
         return {"id": fact.id, "text": fact.text, "user": fact.user,
                 "category": fact.category, "importance": float(fact.importance),
                 "created_at": fact.created_at, "superseded_by": fact.superseded_by or "",
-                "metadata": fact.metadata, "vector": list(vector)}
+                "metadata": fact.metadata, "chat": fact.chat, "vector": list(vector)}
 
     @storage_errors
     async def supersede(self, bot: str, old_id: str, new_id: str) -> None:
@@ -204,6 +226,16 @@ class LanceMemoryStore:
             raise StorageError(f"no memory {old_id!r} for bot {bot!r}")
         await table.update(updates={"superseded_by": new_id}, where=f"id = {quote(old_id)}")
         self._maintainers[bot].poke()  # an update rewrites the row: index it again
+
+    @storage_errors
+    async def promote(self, bot: str, fact_id: str) -> bool:
+        table = await self._table(bot)
+        where = f"id = {quote(fact_id)}"
+        if table is None or await table.count_rows(where) == 0:
+            return False
+        await table.update(updates={"chat": ""}, where=where)
+        self._maintainers[bot].poke()
+        return True
 
     @storage_errors
     async def delete(self, bot: str, fact_id: str) -> bool:
@@ -301,6 +333,7 @@ class LanceMemoryStore:
     async def search(
         self, bot: str, query: str, *, users: Sequence[str], limit: int = 5,
         min_score: float | None = None, vector: Sequence[float] | None = None,
+        chats: Mapping[str, Sequence[str] | None] | None = None,
     ) -> list[Fact]:
         if not users or limit <= 0:
             return []  # fail closed: no speaker, no personal facts
@@ -309,17 +342,17 @@ class LanceMemoryStore:
             return []
         if vector is None:
             vector = (await self._embedder.embed([query]))[0]
-        where = f"{in_list('user', users)} AND superseded_by = ''"
+        where = f"{scope_sql(users, chats)} AND superseded_by = ''"
         result = await hybrid_search(table, vector, query, where, limit,
                                      fts=self._hybrid and self._maintainers[bot].fts,
                                      min_score=min_score)
-        allowed = set(users)
         facts = []
         for row in result:
+            fact = _fact(bot, row, row["score"])
             # Second guard: the filter above is the rule; this never trusts it blindly.
-            if row["user"] not in allowed or row["superseded_by"]:
+            if not in_scope(fact, users, chats) or row["superseded_by"]:
                 continue
             if min_score is not None and row["score"] < min_score:
                 continue
-            facts.append(_fact(bot, row, row["score"]))
+            facts.append(fact)
         return facts

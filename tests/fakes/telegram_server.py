@@ -101,12 +101,13 @@ class FakeTelegram:
         username: str = "alice", is_bot: bool = False, mention: bool = False,
         reply_to_bot: bool = False, document: dict[str, Any] | None = None,
         caption: str | None = None, photo: list[dict[str, Any]] | None = None,
+        sender_chat: dict[str, Any] | None = None,
     ) -> int:
         """Queue an update carrying a user message (for getUpdates); returns its message_id."""
         update = self.make_update(
             chat_id, text, user_id=user_id, chat_type=chat_type, username=username,
             is_bot=is_bot, mention=mention, reply_to_bot=reply_to_bot, document=document,
-            caption=caption, photo=photo)
+            caption=caption, photo=photo, sender_chat=sender_chat)
         self.updates.append(update)
         self._new_update.set()
         return int(update["message"]["message_id"])
@@ -116,8 +117,14 @@ class FakeTelegram:
         username: str = "alice", is_bot: bool = False, mention: bool = False,
         reply_to_bot: bool = False, document: dict[str, Any] | None = None,
         caption: str | None = None, photo: list[dict[str, Any]] | None = None,
+        sender_chat: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """An update carrying a user message (what getUpdates or a webhook delivers)."""
+        """An update carrying a user message (what getUpdates or a webhook delivers).
+
+        ``sender_chat``: posted on behalf of a chat (a channel, an anonymous
+        group admin, an automatic forward); ``user_id`` is then Telegram's
+        placeholder account (136817688, 1087968824 or 777000).
+        """
         self.chat_types[chat_id] = chat_type
         if mention:
             text = f"@{self.bot_username} {text}"
@@ -141,6 +148,8 @@ class FakeTelegram:
                                  "length": len(text.split(" ", 1)[0])})
             if entities:
                 message["entities"] = entities
+        if sender_chat is not None:
+            message["sender_chat"] = sender_chat
         if caption is not None:
             message["caption"] = caption
         if document is not None:
