@@ -8,11 +8,12 @@
    the reply goes on without it);
 2. build the prompt within the chain's context budget (``engine.prompt``);
 3. stream it through the fallback chain, yielding each text delta;
-4. build the final ``Reply`` (footer, usage, latency, recalled ids); store the
-   assistant's answer with who served it while every ``ReplyObserver`` (usage
-   accounting, metrics; their errors are logged) sees the reply, so the
-   answer and the usage row share one group commit;
-5. hand it to ``memory.learn`` (which returns at once), then yield it last.
+4. build the final ``Reply`` (footer, usage, latency, recalled ids) and hand
+   it to ``memory.learn`` (which returns at once);
+5. store the assistant's answer with who served it while every
+   ``ReplyObserver`` (usage accounting, metrics; their errors are logged) sees
+   the reply, so the answer and the usage row share one group commit; then
+   yield the reply last.
 
 Provider trouble never raises out of ``reply``: when every provider failed,
 or the request was invalid, the user gets one clear sentence and
@@ -151,13 +152,15 @@ class Conversation:
                 yield delta
 
         reply = self._finish(outcome, facts, started)
-        # Queued together, the answer and the usage row share one group commit.
-        await asyncio.gather(self._store_assistant(message, outcome), self._notify(message, reply))
+        # Learning is queued before observers hear of the reply: one that
+        # waits for the background work then finds it queued.
         if self.memory is not None and reply.error is None:
             try:
                 self.memory.learn(message, reply)
             except Exception:
                 log.exception("bot %s: memory.learn failed; the reply is unaffected", self.bot)
+        # Queued together, the answer and the usage row share one group commit.
+        await asyncio.gather(self._store_assistant(message, outcome), self._notify(message, reply))
         log.info(
             "bot %s chat %s: %s in %.2fs, %d+%d tokens%s%s", self.bot, message.chat,
             f"served by {reply.served_by}" if reply.served_by else f"no answer ({reply.error})",

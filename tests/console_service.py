@@ -80,7 +80,7 @@ class Service:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    async def say(self, text: str, *, chat: str = "7", user: str = "7") -> Reply:
+    async def say(self, text: str, *, chat: str = "7", user: str = "telegram:7") -> Reply:
         message = IncomingMessage(platform="telegram", bot="demo", chat=chat, user=user,
                                   text=text, user_name="Ada")
         final = None
