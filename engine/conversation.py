@@ -8,7 +8,8 @@
    the reply goes on without it);
 2. build the prompt within the chain's context budget (``engine.prompt``);
 3. stream it through the fallback chain, yielding each text delta;
-4. store the assistant's answer with who served it;
+4. store the assistant's answer with who served it (an answer that looped
+   is stopped by the chain and stored as its first turn, with a notice);
 5. build the final ``Reply`` (footer, usage, latency, recalled ids), hand it to
    ``memory.learn`` (which returns at once) and to every ``ReplyObserver``
    (usage accounting, metrics; their errors are logged), then yield it last.
@@ -44,6 +45,8 @@ from engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+LOOP_NOTICE = "the answer was stopped: it kept repeating itself"
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Conversation:
         temperature: float | None = None,
         provider_notes: Mapping[str, str] | None = None,
         observer_timeout_s: float = 10.0,
+        max_output_tokens: int | None = None,
     ) -> None:
         self.bot = bot
         self.persona = persona
@@ -109,6 +113,8 @@ class Conversation:
         # shown under every reply a provider served, e.g. the demo model's warning
         self.provider_notes = dict(provider_notes or {})
         self.observer_timeout_s = observer_timeout_s
+        # The bot's output cap; each provider also sends at most its own.
+        self.max_output_tokens = max_output_tokens
 
     async def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]:
         """Yield text deltas, then exactly one ``Reply`` (see the module docstring)."""
@@ -135,7 +141,8 @@ class Conversation:
         def fit(window: int, max_output: int) -> Prompt:
             prompt = build_prompt(
                 persona=self.persona, message=message, history=history, facts=facts,
-                context_window=window, max_output_tokens=max_output,
+                context_window=window, max_tokens=self.max_output_tokens,
+                max_output_tokens=min(max_output, self.max_output_tokens or max_output),
                 vision=caps.vision, temperature=self.temperature,
             )
             if prompt.dropped_history:
@@ -254,7 +261,10 @@ class Conversation:
                 close = getattr(run, "aclose", None)
                 if close is not None:
                     await close()
-        outcome.generated = outcome.text = "".join(parts)
+        # A loop was stopped: keep its first turn only, never the repetition.
+        outcome.generated = outcome.text = run.text if run.looped else "".join(parts)
+        if run.looped:
+            outcome.notices.append(LOOP_NOTICE)
         outcome.served_by = run.served_by
         outcome.model = run.model
         outcome.failures = (*earlier, *_mine(run.failures, retry_only))

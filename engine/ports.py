@@ -57,6 +57,14 @@ class ChainRun(Protocol):
     def failures(self) -> tuple[Failure, ...]: ...
     @property
     def usage(self) -> Usage: ...
+    @property
+    def looped(self) -> bool:
+        """The answer was stopped because it repeated itself."""
+        ...
+    @property
+    def text(self) -> str:
+        """The answer so far; a loop cut back to its first turn."""
+        ...
 
 
 class Chain(Protocol):

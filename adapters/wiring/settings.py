@@ -168,6 +168,7 @@ class BotSettings(_Strict):
     chain: list[str] = Field(min_length=1)
     footer: FooterMode = "on_failover"
     history_messages: int = Field(default=30, ge=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)  # None: each provider's own
     memory: MemorySettings = Field(default_factory=MemorySettings)
     trust_level: TrustLevel = "public"  # default level of what this bot publishes
     trust_groups: list[str] = Field(default_factory=list)

