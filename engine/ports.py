@@ -44,6 +44,19 @@ class Provider(Protocol):
     def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]: ...
 
 
+@runtime_checkable
+class Transcriber(Protocol):
+    """Speech to text, offered by some providers (``transcription_model``).
+
+    ``transcribe`` returns the words heard (possibly empty) and raises only
+    ``engine.errors.ProviderError`` subclasses.
+    """
+
+    name: str
+
+    async def transcribe(self, audio: bytes, *, filename: str, mime_type: str) -> str: ...
+
+
 class ChainRun(Protocol):
     """One streamed completion of a chain: iterate the chunks, then read the
     results (final once the chunks are exhausted)."""
