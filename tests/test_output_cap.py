@@ -139,6 +139,7 @@ async def test_a_looping_answer_is_stopped_and_never_fed_back(
     "| a | b |\n|---|---|\n" + "".join(f"| {i} | {i * i} |\n" for i in range(60)),
     "\n".join(f"{i}. Buy item {i} at the shop" for i in range(1, 60)),
     "Wait" + "." * 150,  # a short run is not a loop
+    "Filler: " + "lorem ipsum " * 40,  # 480 characters of repetition asked for
     "def f():\n    return [\n" + "        0,\n" * 15 + "    ]\n",
 ])
 def test_ordinary_text_is_not_a_loop(text: str) -> None:
@@ -152,7 +153,7 @@ def test_a_loop_is_cut_back_to_its_first_turn() -> None:
     period = loop_period(text)
     assert period == len("the same line again\n")
     assert cut_loop(text, period) == "Intro. the same line again\n"
-    word = "Hi " + "the " * 80
+    word = "Hi " + "the " * 200
     assert cut_loop(word, loop_period(word) or 0) == "Hi the"
 
 

@@ -10,11 +10,11 @@ A loop is the end of the text repeating itself exactly with some period
 ``p`` (1..``MAX_PERIOD`` characters) over at least
 ``max(MIN_SPAN, (MIN_REPEATS - 1) * p)`` characters: one sentence (or word,
 or paragraph) written ``MIN_REPEATS`` times in a row, and never less than
-``MIN_SPAN`` characters of repetition, so a short run ("....", a table rule)
-is not one. Small models do this (the demo model wrote one sentence 6,758
-characters long until a timeout); sampling penalties make it rarer, this
-makes it harmless: the stream stops, and only the first turn of the loop is
-kept, so a loop is never stored and fed back as history.
+``MIN_SPAN`` characters of repetition, so a short run ("....", a table rule,
+a word repeated on purpose) is not one. Small models loop (the demo model
+wrote one sentence over 6,758 characters until a timeout); sampling penalties
+make it rarer, this makes it harmless: the stream stops, and only the first
+turn of the loop is kept, so a loop is never stored and fed back as history.
 
 The check looks at the last ``MAX_PERIOD * MIN_REPEATS`` characters only, and
 at most every ``CHECK_EVERY`` new characters: cheap enough for every delta.
@@ -24,7 +24,10 @@ from __future__ import annotations
 
 MAX_PERIOD = 500  # the longest repeating unit looked for (a paragraph)
 MIN_REPEATS = 4
-MIN_SPAN = 200  # characters of repetition before anything counts as a loop
+# Characters of repetition before anything counts as a loop: long enough that
+# filler a user asked for ("lorem ipsum " forty times) is not one, short enough
+# to stop a looping demo model well before its 512-token cap.
+MIN_SPAN = 600
 CHECK_EVERY = 16  # new characters between two checks
 
 
