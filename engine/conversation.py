@@ -10,10 +10,11 @@
 3. stream it through the fallback chain, yielding each text delta;
 4. build the final ``Reply`` (footer, usage, latency, recalled ids) and hand
    it to ``memory.learn`` (which returns at once);
-5. store the assistant's answer with who served it while every
-   ``ReplyObserver`` (usage accounting, metrics; their errors are logged) sees
-   the reply, so the answer and the usage row share one group commit; then
-   yield the reply last.
+5. store the assistant's answer with who served it (an answer that looped is
+   stopped by the chain and stored as its first turn, with a notice) while
+   every ``ReplyObserver`` (usage accounting, metrics; their errors are
+   logged) sees the reply, so the answer and the usage row share one group
+   commit; then yield the reply last.
 
 Provider trouble never raises out of ``reply``: when every provider failed,
 or the request was invalid, the user gets one clear sentence and
@@ -46,6 +47,8 @@ from engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+LOOP_NOTICE = "the answer was stopped: it kept repeating itself"
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Conversation:
         temperature: float | None = None,
         provider_notes: Mapping[str, str] | None = None,
         observer_timeout_s: float = 10.0,
+        max_output_tokens: int | None = None,
     ) -> None:
         self.bot = bot
         self.persona = persona
@@ -111,6 +115,8 @@ class Conversation:
         # shown under every reply a provider served, e.g. the demo model's warning
         self.provider_notes = dict(provider_notes or {})
         self.observer_timeout_s = observer_timeout_s
+        # The bot's output cap; each provider also sends at most its own.
+        self.max_output_tokens = max_output_tokens
 
     async def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]:
         """Yield text deltas, then exactly one ``Reply`` (see the module docstring)."""
@@ -137,7 +143,8 @@ class Conversation:
         def fit(window: int, max_output: int) -> Prompt:
             prompt = build_prompt(
                 persona=self.persona, message=message, history=history, facts=facts,
-                context_window=window, max_output_tokens=max_output,
+                context_window=window, max_tokens=self.max_output_tokens,
+                max_output_tokens=min(max_output, self.max_output_tokens or max_output),
                 vision=caps.vision, temperature=self.temperature,
             )
             if prompt.dropped_history:
@@ -259,7 +266,10 @@ class Conversation:
                 close = getattr(run, "aclose", None)
                 if close is not None:
                     await close()
-        outcome.generated = outcome.text = "".join(parts)
+        # A loop was stopped: keep its first turn only, never the repetition.
+        outcome.generated = outcome.text = run.text if run.looped else "".join(parts)
+        if run.looped:
+            outcome.notices.append(LOOP_NOTICE)
         outcome.served_by = run.served_by
         outcome.model = run.model
         outcome.failures = (*earlier, *_mine(run.failures, retry_only))

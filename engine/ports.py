@@ -44,6 +44,19 @@ class Provider(Protocol):
     def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]: ...
 
 
+@runtime_checkable
+class Transcriber(Protocol):
+    """Speech to text, offered by some providers (``transcription_model``).
+
+    ``transcribe`` returns the words heard (possibly empty) and raises only
+    ``engine.errors.ProviderError`` subclasses.
+    """
+
+    name: str
+
+    async def transcribe(self, audio: bytes, *, filename: str, mime_type: str) -> str: ...
+
+
 class ChainRun(Protocol):
     """One streamed completion of a chain: iterate the chunks, then read the
     results (final once the chunks are exhausted)."""
@@ -57,6 +70,14 @@ class ChainRun(Protocol):
     def failures(self) -> tuple[Failure, ...]: ...
     @property
     def usage(self) -> Usage: ...
+    @property
+    def looped(self) -> bool:
+        """The answer was stopped because it repeated itself."""
+        ...
+    @property
+    def text(self) -> str:
+        """The answer so far; a loop cut back to its first turn."""
+        ...
 
 
 class Chain(Protocol):

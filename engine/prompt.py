@@ -145,6 +145,7 @@ def build_prompt(
     max_output_tokens: int = 1024,
     vision: bool = False,
     temperature: float | None = None,
+    max_tokens: int | None = None,
 ) -> Prompt:
     """Assemble the request; see the module docstring for the budget rules.
 
@@ -180,8 +181,9 @@ def build_prompt(
     request = CompletionRequest(
         messages=(system, *kept, user),
         temperature=temperature,
-        # No max_tokens: each provider applies its own output limit, and the
-        # chain routes past providers whose window this prompt does not fit.
+        # The bot's output cap (None: each provider sends its own
+        # max_output_tokens; a provider never sends more than its own).
+        max_tokens=max_tokens,
         bot=message.bot,
         user=message.user,
     )

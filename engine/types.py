@@ -94,6 +94,13 @@ class Capabilities:
     max_output_tokens: int = 1024
 
 
+def output_cap(request: CompletionRequest, capabilities: Capabilities) -> int:
+    """The output limit a provider sends: the request's, never above its own."""
+    if request.max_tokens is None:
+        return capabilities.max_output_tokens
+    return min(request.max_tokens, capabilities.max_output_tokens)
+
+
 @dataclass(frozen=True)
 class Failure:
     """A provider that failed while serving one reply, and why (footer-ready)."""

@@ -332,7 +332,8 @@ async def test_unsaved_message_is_not_answered(openai_fake: FakeOpenAI) -> None:
     assert openai_fake.count == 0
 
 
-async def test_terminal_streams_in_interactive_mode(pipeline: Pipeline) -> None:
+async def test_terminal_scripted_mode_writes_whole_replies(pipeline: Pipeline) -> None:
+    # The interactive mode (a real terminal) is tested in tests/test_terminal_chat.py.
     import io
 
     from adapters.platforms.terminal import chat
@@ -342,14 +343,12 @@ async def test_terminal_streams_in_interactive_mode(pipeline: Pipeline) -> None:
     conv = await pipeline.conversation()
     out = io.StringIO()
     code = await chat(conv, bot="demo", stdin=io.StringIO("hi\n\nagain\n/quit\nnever sent\n"),
-                      stdout=out, interactive=True)
+                      stdout=out, interactive=False)
     assert code == 0
     assert out.getvalue() == (
-        "Chatting with 'demo'. /quit or Ctrl-D to leave.\n"
-        "you> demo> Streamed\n\n"
-        "you> you> demo> Hello from the fake.\n\n"
+        "Streamed\n\n"
+        "Hello from the fake.\n\n"
         "-- served by backup (backup-model); primary failed: server error 500\n\n"
-        "you> "
     )
     assert pipeline.fake.count == 3  # the empty line and /quit sent nothing
 

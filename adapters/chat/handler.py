@@ -12,8 +12,11 @@ between a bot's platforms to bound the whole process). ``handle``:
 2. streams ``Replier.reply(message)`` through ``Outbound.stream`` (first
    message as soon as text arrives, throttled edits, final text with footer).
 
-A message with no text and no usable attachment is not answered. Errors in
-one reply are logged and never reach other replies.
+A voice message (``PendingFile.voice``: a voice or video note) is not stored:
+with a ``Transcriber`` its words become the message's text and are answered;
+without one the user is told that voice is not supported here. A message
+with no text and no usable attachment is not answered. Errors in one reply
+are logged and never reach other replies.
 
 With an ``Inflight`` (several workers: ``persistence.redis.inflight``), each
 message is recorded before its reply starts and dropped when it ends, so a
@@ -34,12 +37,18 @@ from typing import Protocol
 
 from adapters.chat import documents
 from adapters.chat.outbound import Delivery, Outbound
-from engine.errors import FileRejected
+from engine.errors import FileRejected, ProviderError
 from engine.log_context import bind
-from engine.ports import FileStore, Replier
+from engine.ports import FileStore, Replier, Transcriber
 from engine.types import Attachment, IncomingMessage
 
 log = logging.getLogger(__name__)
+
+VOICE_UNSUPPORTED = ("Sorry, I can't listen to voice messages here; please type your "
+                     "message instead.")
+VOICE_FAILED = "Sorry, I could not transcribe your voice message; please type it instead."
+VOICE_EMPTY = "I could not make out any words in that voice message."
+MAX_VOICE_BYTES = 20 * 1024 * 1024  # Telegram's own download limit; transcription APIs take 25 MB
 
 
 class Inflight(Protocol):
@@ -61,6 +70,7 @@ class PendingFile:
     mime_type: str
     size: int | None
     download: Callable[[], AsyncIterator[bytes]]
+    voice: bool = False  # speech to transcribe (a voice or video note), never stored
 
 
 class Handler:
@@ -76,8 +86,10 @@ class Handler:
         concurrency: int = 8,
         text_budget: int = 20_000,
         inflight: Inflight | None = None,
+        transcriber: Transcriber | None = None,
     ) -> None:
         self.replier = replier
+        self.transcriber = transcriber
         self.inflight = inflight
         self.outbound = outbound
         self.files = files
@@ -134,7 +146,14 @@ class Handler:
         self, message: IncomingMessage, files: Sequence[PendingFile] = ()
     ) -> Delivery | None:
         """Store attachments, then stream the reply. None when nothing to answer."""
-        attachments, notes = await self._store(message, files)
+        voices = [f for f in files if f.voice]
+        attachments, notes = await self._store(message, [f for f in files if not f.voice])
+        if voices:
+            heard, said = await self._hear(voices)
+            notes += said
+            if heard:
+                message = dataclasses.replace(
+                    message, text="\n\n".join(t for t in (message.text.strip(), heard) if t))
         if notes:
             await self.outbound.send_text(message.chat, "\n".join(notes),
                                           is_group=message.is_group,
@@ -172,6 +191,28 @@ class Handler:
                 log.warning("storing %r failed: %s", pending.name, exc)
                 notes.append("⚠️ I could not store that file; please try again later.")
         return attachments, notes
+
+    async def _hear(self, voices: Sequence[PendingFile]) -> tuple[str, list[str]]:
+        """(the words of every voice message, notes for the user)."""
+        if self.transcriber is None:
+            return "", [VOICE_UNSUPPORTED]
+        words: list[str] = []
+        for voice in voices:
+            try:
+                if voice.size is not None and voice.size > MAX_VOICE_BYTES:
+                    raise FileRejected(f"{voice.name}: too long to transcribe")
+                audio = b"".join([chunk async for chunk in voice.download()])
+                words.append(await self.transcriber.transcribe(
+                    audio, filename=voice.name, mime_type=voice.mime_type))
+            except ProviderError as exc:
+                log.warning("transcribing %r with %s failed: %s", voice.name,
+                            self.transcriber.name, exc)
+                return "", [VOICE_FAILED]
+            except Exception as exc:  # a failed download, a refused size
+                log.warning("voice message %r unavailable: %s", voice.name, exc)
+                return "", [VOICE_FAILED]
+        heard = "\n".join(w for w in words if w)
+        return heard, ([] if heard else [VOICE_EMPTY])
 
     async def aclose(self, grace_s: float = 10.0) -> None:
         """Let running replies finish (up to ``grace_s``), then cancel the rest."""

@@ -12,7 +12,11 @@ starts polling (default) or a webhook. Every message update is normalized:
   the loop guard), become an ``IncomingMessage`` (the mention removed,
   ``user`` = ``telegram:<id>``) with documents and photos as ``PendingFile``
   (downloaded through the Bot API only when the reply task runs), and go to
-  ``Handler.submit``: the update callback returns at once.
+  ``Handler.submit``: the update callback returns at once;
+- what has no text still gets an answer: a voice or video note is
+  transcribed (``transcriber``) or declined with a sentence (``Handler``), a
+  sticker or a location reaches the model described in words
+  (``describe``), anything else unreadable gets ``UNREADABLE``.
 
 ``TelegramSender`` implements ``MessageSender`` for the outbound scheduler:
 Markdown is rendered to text + entities (``adapters.chat.render``), PTB's
@@ -67,12 +71,27 @@ from adapters.chat.render import to_telegram
 from adapters.chat.splitting import utf16_len
 from engine.errors import ConfigError
 from engine.memory.scope import user_key
-from engine.ports import FileStore, Replier
+from engine.ports import FileStore, Replier, Transcriber
 from engine.types import IncomingMessage
 
 log = logging.getLogger(__name__)
 
 _COMMAND_NAMES = {spec.name for spec in COMMANDS}
+UNREADABLE = ("Sorry, I can't read this kind of message; send me text, a document or a "
+              "photo.")
+
+
+def describe(message: Message) -> str:
+    """A sticker or a location in words, for the model; "" for anything else."""
+    if message.sticker is not None:
+        return f"[sends a sticker: {message.sticker.emoji or 'no emoji'}]"
+    place = message.venue.location if message.venue else message.location
+    if place is not None:
+        venue = message.venue
+        named = f" ({venue.title}, {venue.address})" if venue else ""
+        return (f"[shares a location{named}: latitude {place.latitude:.5f}, "
+                f"longitude {place.longitude:.5f}]")
+    return ""
 
 
 def _retry_after(exc: tg_error.RetryAfter) -> float:
@@ -183,6 +202,7 @@ class TelegramAdapter:
         dedupe: Dedupe | None = None,
         inflight: Inflight | None = None,
         wrap_sender: Callable[[MessageSender], MessageSender] | None = None,
+        transcriber: Transcriber | None = None,
     ) -> None:
         self.config = config
         builder = Application.builder().token(config.token.get_secret_value())
@@ -200,7 +220,7 @@ class TelegramAdapter:
         sender: MessageSender = wrap_sender(self.sender) if wrap_sender else self.sender
         self.outbound = Outbound(sender, budget or MemoryBudget())
         self.handler = Handler(replier=replier, outbound=self.outbound, files=files,
-                               semaphore=semaphore, inflight=inflight)
+                               semaphore=semaphore, inflight=inflight, transcriber=transcriber)
         self.handler.serve_redeliveries("telegram", config.bot)
         # Webhooks are redelivered and several workers may share one: handle once.
         self.dedupe: Dedupe = dedupe or MemoryDedupe()
@@ -275,7 +295,7 @@ class TelegramAdapter:
         message = update.message
         if message is None or message.from_user is None:
             return
-        text = message.text or message.caption or ""
+        text = message.text or message.caption or describe(message)
         is_group = message.chat.type != "private"
         parsed = parse(text)
         if parsed is not None and self._for_us(text, is_group):
@@ -310,7 +330,12 @@ class TelegramAdapter:
             message_id=str(message.message_id), user_name=sender_name,
             is_group=is_group, reply_to=str(reply.message_id) if reply else None,
         )
-        self.handler.submit(incoming, self._pending_files(message))
+        files = self._pending_files(message)
+        if not incoming.text and not files:  # a video, a poll, a contact...: not silence
+            self._spawn(self.outbound.send_text(incoming.chat, UNREADABLE, is_group=is_group,
+                                                reply_to=incoming.message_id))
+            return
+        self.handler.submit(incoming, files)
 
     def _for_us(self, text: str, is_group: bool) -> bool:
         """``/cmd@OtherBot`` is someone else's; a bare ``/cmd`` is ours if we know it."""
@@ -354,6 +379,17 @@ class TelegramAdapter:
                 name=f"photo_{photo.file_unique_id}.jpg", mime_type="image/jpeg",
                 size=photo.file_size,
                 download=self._downloader(photo.file_id)))
+        # Speech: transcribed by the handler, never stored.
+        if message.voice is not None:
+            files.append(PendingFile(
+                name="voice.ogg", mime_type=message.voice.mime_type or "audio/ogg",
+                size=message.voice.file_size, download=self._downloader(message.voice.file_id),
+                voice=True))
+        if message.video_note is not None:
+            note = message.video_note
+            files.append(PendingFile(name="video_note.mp4", mime_type="video/mp4",
+                                     size=note.file_size, download=self._downloader(note.file_id),
+                                     voice=True))
         return files
 
     def _downloader(self, file_id: str) -> Callable[[], AsyncIterator[bytes]]:
@@ -375,7 +411,7 @@ class TelegramAdapter:
                                       is_group=message.chat.type != "private",
                                       reply_to=str(message.message_id))
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[object]) -> None:
         async def guarded() -> None:
             try:
                 await coro

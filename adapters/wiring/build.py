@@ -102,6 +102,7 @@ async def build_app(settings: Settings, *, with_memory: bool = True,
                 memory=TimedMemory(memory, app.metrics) if memory and app.metrics else memory,
                 footer=bot.footer,
                 history_messages=bot.history_messages,
+                max_output_tokens=bot.max_output_tokens,
                 observers=app.observers,  # shared list: wiring added later is seen
                 provider_notes={
                     n: label for n in bot.chain

@@ -46,7 +46,7 @@ from adapters.wiring.settings import (
 )
 from engine.admin.bot import FileAdmin, LastReplies, PersonaAdmin, ProviderAdmin, UsageAdmin
 from engine.errors import ConfigError
-from engine.ports import FileStore
+from engine.ports import FileStore, Transcriber
 from persistence.sql.files import SqlFileStore
 
 MAX_CONCURRENT_REPLIES = 32
@@ -152,6 +152,15 @@ def _ready(app: App, name: str, adapter: SlackAdapter | DiscordAdapter | Telegra
         checks[name] = adapter.is_ready
 
 
+def transcriber_for(app: App, bot: str) -> Transcriber | None:
+    """The first provider of the bot's chain with a ``transcription_model``, if any."""
+    for name in app.settings.bots[bot].chain:
+        provider = app.providers.get(name)
+        if getattr(provider, "transcription_model", None) and isinstance(provider, Transcriber):
+            return provider
+    return None
+
+
 def platform_runners(app: App) -> list[tuple[str, Runner]]:
     """``(label, runner)`` for every Telegram, Slack and Discord section of every bot."""
     found: list[tuple[str, Runner]] = []
@@ -164,7 +173,8 @@ def platform_runners(app: App) -> list[tuple[str, Runner]]:
                 telegram_config(app, bot, settings.telegram), replier=app.conversations[bot],
                 commands=commands_for(app, bot, settings.telegram.admins), files=files(app),
                 budget=budget, semaphore=reply_semaphore(app), dedupe=dedupe,
-                inflight=getattr(app, "inflight", None), wrap_sender=_wrapper(app, "telegram"))
+                inflight=getattr(app, "inflight", None), wrap_sender=_wrapper(app, "telegram"),
+                transcriber=transcriber_for(app, bot))
             _ready(app, f"telegram:{bot}", telegram)
             found.append((f"{bot}/telegram", telegram.run))
         if settings.slack is not None:

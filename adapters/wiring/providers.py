@@ -49,6 +49,7 @@ def provider_config(name: str, p: ProviderSettings, settings: Settings) -> Provi
         max_output_tokens=p.max_output_tokens,
         price_input_per_mtok=p.price_input_per_mtok,
         price_output_per_mtok=p.price_output_per_mtok,
+        transcription_model=p.transcription_model,
         model_path=p.model_path,
         threads=p.threads,
         region=p.region or (_env_region(settings) if p.kind == "bedrock" else None),

@@ -85,6 +85,8 @@ class ProviderSettings(_Strict):
     # prices in USD per million tokens
     price_input_per_mtok: float = Field(default=0.0, ge=0)
     price_output_per_mtok: float = Field(default=0.0, ge=0)
+    # speech to text (voice messages) through this provider's /audio/transcriptions
+    transcription_model: str | None = None
     # local (llama.cpp) only
     model_path: Path | None = None
     threads: int = Field(default=1, ge=1)
@@ -99,6 +101,8 @@ class ProviderSettings(_Strict):
             raise ValueError("base_url is required for kind = 'openai_compatible'")
         if self.kind not in ("local",) and not self.model:
             raise ValueError(f"model is required for kind = '{self.kind}'")
+        if self.transcription_model and self.kind in ("local", "bedrock"):
+            raise ValueError(f"transcription_model: kind = '{self.kind}' offers no speech to text")
         return self
 
 
@@ -170,6 +174,7 @@ class BotSettings(_Strict):
     chain: list[str] = Field(min_length=1)
     footer: FooterMode = "on_failover"
     history_messages: int = Field(default=30, ge=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)  # None: each provider's own
     memory: MemorySettings = Field(default_factory=MemorySettings)
     trust_level: TrustLevel = "public"  # default level of what this bot publishes
     trust_groups: list[str] = Field(default_factory=list)

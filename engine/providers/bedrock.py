@@ -57,7 +57,7 @@ from engine.errors import (
 )
 from engine.providers.closing import ClosesOnExit
 from engine.providers.config import ProviderConfig
-from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
+from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage, output_cap
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -232,9 +232,7 @@ class BedrockProvider(ClosesOnExit):
         )
         if not messages:
             raise InvalidRequest(self.name, "nothing to send: no user message")
-        inference: dict[str, Any] = {
-            "maxTokens": request.max_tokens or self.capabilities.max_output_tokens
-        }
+        inference: dict[str, Any] = {"maxTokens": output_cap(request, self.capabilities)}
         temperature = request.temperature if request.temperature is not None \
             else self.temperature
         if temperature is not None:

@@ -42,6 +42,8 @@ class ProviderConfig:
     # USD per million tokens (usage accounting)
     price_input_per_mtok: float = 0.0
     price_output_per_mtok: float = 0.0
+    # speech to text through this provider (OpenAI-compatible kinds): the model id
+    transcription_model: str | None = None
     # local only
     model_path: Path | None = None
     threads: int = 1

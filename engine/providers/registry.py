@@ -60,7 +60,7 @@ def build_provider(config: ProviderConfig) -> Provider:
         first_token_timeout_s=first_token_s,
         idle_timeout_s=min(config.idle_timeout_s, timeout_s),
         temperature=config.temperature, max_tokens_field=preset.max_tokens_field,
-        health_url=health_url, label=label,
+        health_url=health_url, label=label, transcription_model=config.transcription_model,
     )
 
 

@@ -1,8 +1,11 @@
 """A fake OpenAI-compatible server: the network peer of the real ``openai`` SDK.
 
 An in-process aiohttp app on 127.0.0.1, port 0. It serves
-``POST /v1/chat/completions`` (streaming SSE and plain JSON) and ``GET /health``
-(for the Claude-subscription proxy preset). What each request gets is scripted:
+``POST /v1/chat/completions`` (streaming SSE and plain JSON), ``GET /health``
+(for the Claude-subscription proxy preset) and ``POST /v1/audio/transcriptions``
+(speech to text: multipart upload in, ``{"text": fake.transcription}`` out, or
+``fake.transcription_error`` when set; each upload is kept in
+``fake.transcriptions``). What each completion request gets is scripted:
 
     async with start_openai_fake() as fake:           # or the `openai_fake` fixture
         fake.script(RateLimit(retry_after=2), Text(["Hi", " there"]))
@@ -108,6 +111,16 @@ class RecordedRequest:
         return list(self.body.get("messages", []))
 
 
+@dataclass(frozen=True)
+class RecordedAudio:
+    """One upload to ``/audio/transcriptions``."""
+
+    model: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
 @dataclass
 class FakeOpenAI:
     """State of one running fake; see the module docstring."""
@@ -115,6 +128,9 @@ class FakeOpenAI:
     default: Behaviour = field(default_factory=Text)
     healthy: bool = True
     requests: list[RecordedRequest] = field(default_factory=list)
+    transcription: str = "What is the capital of France?"
+    transcription_error: Status | None = None
+    transcriptions: list[RecordedAudio] = field(default_factory=list)
     port: int = 0
     _queues: dict[str | None, deque[Behaviour]] = field(
         default_factory=lambda: defaultdict(deque)
@@ -154,6 +170,17 @@ class FakeOpenAI:
         if self.healthy:
             return web.json_response({"status": "ok"})
         return web.json_response({"status": "down"}, status=503)
+
+    async def transcribe(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        upload = form["file"]
+        assert isinstance(upload, web.FileField)
+        self.transcriptions.append(RecordedAudio(
+            str(form.get("model", "")), upload.filename, upload.content_type,
+            upload.file.read()))
+        if self.transcription_error is not None:
+            return _error(self.transcription_error)
+        return web.json_response({"text": self.transcription})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -266,6 +293,7 @@ async def start_openai_fake(default: Behaviour | None = None) -> AsyncIterator[F
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.completions)
     app.router.add_get("/health", fake.health)
+    app.router.add_post("/v1/audio/transcriptions", fake.transcribe)
     runner, fake.port = await serve(app, shutdown_timeout=1.0)
     try:
         yield fake

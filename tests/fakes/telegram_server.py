@@ -102,12 +102,17 @@ class FakeTelegram:
         reply_to_bot: bool = False, document: dict[str, Any] | None = None,
         caption: str | None = None, photo: list[dict[str, Any]] | None = None,
         sender_chat: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> int:
-        """Queue an update carrying a user message (for getUpdates); returns its message_id."""
+        """Queue an update carrying a user message (for getUpdates); returns its message_id.
+
+        ``fields`` are more Message fields as the Bot API sends them
+        (``voice={...}``, ``sticker={...}``, ``location={...}``).
+        """
         update = self.make_update(
             chat_id, text, user_id=user_id, chat_type=chat_type, username=username,
             is_bot=is_bot, mention=mention, reply_to_bot=reply_to_bot, document=document,
-            caption=caption, photo=photo, sender_chat=sender_chat)
+            caption=caption, photo=photo, sender_chat=sender_chat, **fields)
         self.updates.append(update)
         self._new_update.set()
         return int(update["message"]["message_id"])
@@ -118,6 +123,7 @@ class FakeTelegram:
         reply_to_bot: bool = False, document: dict[str, Any] | None = None,
         caption: str | None = None, photo: list[dict[str, Any]] | None = None,
         sender_chat: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> dict[str, Any]:
         """An update carrying a user message (what getUpdates or a webhook delivers).
 
@@ -156,6 +162,7 @@ class FakeTelegram:
             message["document"] = document
         if photo is not None:
             message["photo"] = photo
+        message.update(fields)
         if reply_to_bot:
             message["reply_to_message"] = {
                 "message_id": 999_999, "date": int(time.time()),
