@@ -20,7 +20,8 @@ Every SDK error is mapped to one of these at the edge where it happens
     │   ├── EmbeddingMismatch       a table was written with another model
     │   └── FileRejected            an attachment was refused (size, name, type)
     ├── PermissionDenied            a non-admin tried an admin command
-    └── AdminError                  an admin operation was asked something impossible
+    ├── AdminError                  an admin operation was asked something impossible
+    └── StartupError                a port or peer needed at start is not available
 
 Messages never contain secrets: a key is never formatted into an error.
 """
@@ -129,3 +130,8 @@ class PermissionDenied(BoternityError):
 
 class AdminError(BoternityError):
     """An admin operation was asked something impossible (unknown bot, missing fact)."""
+
+
+class StartupError(BoternityError):
+    """Something needed to start is not available (a port in use, a platform
+    unreachable); the message names it and what to do, in one line."""
