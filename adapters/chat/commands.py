@@ -188,7 +188,9 @@ class Commands:
         else:
             who = f"{last.served_by} ({last.model})" if last.served_by else "nobody"
             lines.append(f"Last reply ({last.at:%H:%M:%S} UTC) served by {who}.")
-            lines += [f"- failed first: {f.provider}: {f.reason}" for f in last.failures]
+            # Admins get the provider's own (scrubbed) words; users only saw a fixed sentence.
+            lines += [f"- failed first: {f.provider}: {f.reason}"
+                      + (f" ({f.detail})" if f.detail else "") for f in last.failures]
         return "\n".join(lines)
 
     async def _files(self, caller: Caller, words: list[str], raw: str) -> str:
