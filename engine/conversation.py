@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -88,6 +89,20 @@ def _all_failed_text(failures: Sequence[Failure]) -> str:
     return ALL_FAILED_TEXT
 
 
+def _valid_text(message: IncomingMessage) -> IncomingMessage:
+    """The message with lone surrogates (broken UTF-16 from a platform's JSON) as
+    U+FFFD: neither the database nor a provider's HTTP body can encode them."""
+    def valid(text: str) -> str:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+    text, name = valid(message.text), valid(message.user_name)
+    if (text, name) == (message.text, message.user_name):
+        return message
+    log.warning("bot %s chat %s: replaced broken characters (lone surrogates) in a message",
+                message.bot, message.chat)
+    return dataclasses.replace(message, text=text, user_name=name)
+
+
 def _described(failures: Sequence[Failure]) -> str:
     """For the log: each provider, why, and what it said (already scrubbed)."""
     return "; ".join(f"{f.provider}: {f.reason}" + (f" ({f.detail})" if f.detail else "")
@@ -128,6 +143,7 @@ class Conversation:
     async def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]:
         """Yield text deltas, then exactly one ``Reply`` (see the module docstring)."""
         started = time.monotonic()
+        message = _valid_text(message)
         # Independent reads run while the message is being committed: the
         # LLM is still called only after the commit succeeded.
         stored, history, facts = await asyncio.gather(

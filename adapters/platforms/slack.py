@@ -32,6 +32,7 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.errors import SlackApiError
@@ -250,7 +251,9 @@ class SlackAdapter:
             self._stack.push_async_callback(socket.close_async)
             self._socket = socket
         else:
-            runner = web.AppRunner(self.app.web_app(path=config.http_path))
+            web_app = web.Application()
+            web_app.router.add_post(config.http_path, self._http_request)
+            runner = web.AppRunner(web_app)
             await runner.setup()
             self._stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, config.http_host, config.http_port)
@@ -260,6 +263,19 @@ class SlackAdapter:
         self._stack.callback(setattr, self, "_serving", False)
         log.info("slack: bot %s connected to team %s (%s mode)", config.bot, self.team,
                  config.mode)
+
+    async def _http_request(self, request: web.Request) -> web.Response:
+        """Bolt's aiohttp route, but a body that is not UTF-8 JSON (Slack sends
+        nothing else) is a 400: bolt parses before it verifies and would 500."""
+        try:
+            bolt_request = await to_bolt_request(request)
+            if not isinstance(bolt_request.body, dict):
+                raise TypeError(type(bolt_request.body).__name__)
+        except Exception as exc:  # JSON, UTF-8, or a JSON value bolt cannot read
+            log.warning("slack: refused an HTTP request that is not a Slack payload (%s)",
+                        type(exc).__name__)
+            return web.Response(status=400, text="not a Slack request")
+        return await to_aiohttp_response(await self.app.async_dispatch(bolt_request))
 
     async def is_ready(self) -> bool:
         """For ``/readyz``: Socket Mode connected, or the HTTP server listening."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import sys
 import threading
 from typing import TextIO
@@ -44,6 +45,14 @@ def _lines(stream: TextIO) -> asyncio.Queue[str | None]:
 
     threading.Thread(target=pump, name="console-stdin", daemon=True).start()
     return queue
+
+
+def _replacing(stream: TextIO) -> TextIO:
+    """``stream`` decoding bad bytes as U+FFFD: a stray Latin-1 byte in a piped
+    file must not end the input (every later line would be lost)."""
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="replace")
+    return stream
 
 
 def _message(bot: str, chat: str, user: str, text: str) -> IncomingMessage:
@@ -85,7 +94,7 @@ async def chat(
     interactive: bool | None = None,
 ) -> int:
     """Run the chat loop until end of input; returns the exit code (0)."""
-    src = stdin or sys.stdin
+    src = stdin or _replacing(sys.stdin)
     out = stdout or sys.stdout
     if interactive is None:
         interactive = src.isatty()

@@ -9,7 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from engine.errors import StorageError
 from engine.types import Role, StoredMessage
-from persistence.sql.database import Database
+from persistence.sql.database import Database, storable
 from persistence.sql.tables import MessageRow, utcnow
 
 
@@ -44,8 +44,9 @@ class SqlConversationStore:
         user_name: str = "",
     ) -> int:
         row = MessageRow(
-            bot=bot, chat=chat, role=role, content=content, user=user,
-            user_name=user_name[:200], platform=platform, served_by=served_by,
+            bot=bot, chat=chat, role=role, content=storable(content, "message"), user=user,
+            user_name=storable(user_name, "user name")[:200], platform=platform,
+            served_by=served_by,
             created_at=utcnow(),
         )
         try:
