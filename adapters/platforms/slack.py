@@ -130,7 +130,10 @@ class SlackConfig:
     http_port: int = 3000
     http_path: str = "/slack/events"
     api_base_url: str | None = None
-    trust_workspace_admins: bool = True  # a single-workspace app: its admins are ours
+    # Workspace admins/owners of the bot's own workspace may READ its Slack data
+    # (adapters/chat/commands.py: scoped, read-only). Off: anyone who is made a
+    # workspace admin would otherwise read what people told the bot.
+    trust_workspace_admins: bool = False
     gate: GateConfig = field(default_factory=GateConfig)
     limits: Limits = SLACK
 
@@ -389,7 +392,10 @@ class SlackAdapter:
             return "Admin commands are not enabled for this bot."
         caller = Caller(platform="slack", chat=str(command.get("channel_id", "")),
                         user=str(command.get("user_id", "")))
+        # Only an admin of the workspace the bot is installed in (not of a
+        # workspace sharing a channel with it); Commands scopes them read-only.
         if (self.config.trust_workspace_admins and not self.commands.is_admin(caller)
+                and str(command.get("team_id", "")) == self.team
                 and await self._workspace_admin(caller.user)):
             caller = dataclasses.replace(caller, is_platform_admin=True)
         return await self.commands.run(caller, name, str(command.get("text", "")))

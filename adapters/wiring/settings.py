@@ -173,8 +173,9 @@ class SlackSettings(PlatformSettings):
     http_host: str = "127.0.0.1"  # put a TLS reverse proxy in front; "0.0.0.0" to expose
     http_port: int = Field(default=3000, ge=0, le=65535)
     http_path: str = "/slack/events"
-    # workspace admins/owners (users.info) may run admin commands, as well as `admins`
-    trust_workspace_admins: bool = True
+    # workspace admins/owners (users.info) of the bot's workspace may READ its Slack
+    # data with the admin commands (scoped, read-only; docs/configuration.md)
+    trust_workspace_admins: bool = False
 
 
 class DiscordSettings(PlatformSettings):
@@ -194,7 +195,8 @@ class DiscordSettings(PlatformSettings):
                                  f"{self.shard_ids})")
         return self
     gateway_url: str | None = None  # with api_base_url (".../api/v10"): proxies and tests
-    # server administrators may run admin commands; off: anyone can make a server
+    # server Administrators may READ their server's data with the admin commands
+    # (scoped, read-only; docs/configuration.md); off: anyone can make a server
     trust_guild_admins: bool = False
 
 
