@@ -86,6 +86,10 @@ TOO_LONG_TEXT = ("Sorry, I can't answer that: the message is too long for the AI
 def _all_failed_text(failures: Sequence[Failure]) -> str:
     if failures and all(f.kind == "context_too_long" for f in failures):
         return TOO_LONG_TEXT
+    if failures and all(f.kind == "skipped" for f in failures):
+        # Our own skip rules said why (a daily budget): say it, naming no provider.
+        why = "; ".join(dict.fromkeys(f.reason for f in failures))
+        return f"Sorry, I can't answer right now: {why}. Your message is saved."
     return ALL_FAILED_TEXT
 
 

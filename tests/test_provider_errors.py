@@ -17,11 +17,14 @@ import logging
 import pytest
 
 from adapters.ops.logs import MASK, Redactor
-from engine.errors import scrub
+from engine.errors import InvalidRequest, scrub
+from engine.providers.bedrock import BedrockProvider
 from engine.types import Reply
 from tests.conftest import BotPipeline
+from tests.fakes.bedrock_server import Behaviour, FakeBedrock
 from tests.fakes.openai_server import Status
 from tests.fakes.telegram_server import FakeTelegram, start_telegram_fake
+from tests.test_bedrock import ask, bedrock, collect  # noqa: F401  (fixture)
 from tests.test_telegram import ADMIN, GROUP
 from tests.test_telegram import adapter as telegram_adapter
 
@@ -128,3 +131,15 @@ def test_log_redaction_knows_more_than_sk_key_xox() -> None:
     for what, secret in SECRETS.items():
         assert secret not in peer, what
     assert peer.startswith("Invalid 'messages[0]': request from account")
+
+
+async def test_bedrock_validation_message_is_a_scrubbed_detail_not_the_reason(
+    bedrock: BedrockProvider, bedrock_fake: FakeBedrock  # noqa: F811
+) -> None:
+    bedrock_fake.push(Behaviour(mode="error", error="ValidationException", message=BODY))
+    with pytest.raises(InvalidRequest) as caught:
+        await collect(bedrock, ask())
+    assert caught.value.reason == "invalid request"  # what a footer or a user could see
+    assert caught.value.detail.startswith("Invalid 'messages[0]'")  # for the log and admins
+    for what, secret in SECRETS.items():
+        assert secret not in caught.value.reason and secret not in caught.value.detail, what
