@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,31 @@ async def test_known_content_is_free_even_when_full(database_url: str, tmp_path:
             await store.save(bot="demo", platform="telegram", chat="c", uploader="u",
                              name="new.bin", mime_type="", chunks=once(b"new"))
         assert again.chat == "c2" and await store.bot_bytes("demo") == 2 * MB
+
+
+async def test_a_failed_upload_frees_its_reservation_and_a_dead_workers_expires(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with Database(database_url) as db:
+        store = SqlFileStore(db, tmp_path / "data", max_file_bytes=1 * MB, max_bot_bytes=2 * MB)
+
+        async def broken() -> AsyncIterator[bytes]:
+            yield b"x" * KB
+            raise ConnectionResetError("the download dropped")
+
+        with pytest.raises(ConnectionResetError):
+            await store.save(bot="demo", platform="telegram", chat="c", uploader="u",
+                             name="a.bin", mime_type="", chunks=broken(), declared_size=MB)
+        # A worker killed mid-upload left 2 MB reserved two hours ago.
+        async with db.sessions.begin() as session:
+            session.add(ReservationRow(bot="demo", size=2 * MB,
+                                       created_at=datetime.now(UTC) - timedelta(hours=2)))
+
+        async def once() -> AsyncIterator[bytes]:
+            yield b"y" * MB
+
+        stored = await store.save(bot="demo", platform="telegram", chat="c", uploader="u",
+                                  name="b.bin", mime_type="", chunks=once(), declared_size=MB)
+        async with db.sessions() as session:
+            left = await session.scalar(select(func.count()).select_from(ReservationRow))
+    assert stored.size == MB and left == 0  # the stale one expired, the others were freed
