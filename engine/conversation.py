@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -76,12 +77,45 @@ def _mine(failures: Sequence[Failure], names: frozenset[str] | None) -> tuple[Fa
     return tuple(f for f in failures if names is None or f.provider in names)
 
 
+# What users read when no provider served: fixed sentences that name no provider
+# and quote no error (a provider's error may hold keys, accounts, internal
+# hosts). The details go to the log and to admins (``/provider status``).
+REFUSED_TEXT = ("Sorry, I can't answer that: the AI service refused this request. "
+                "Rephrasing it may help.")
+ALL_FAILED_TEXT = ("Sorry, I can't answer right now: the AI service is not available. "
+                   "Your message is saved; please try again in a moment.")
+TOO_LONG_TEXT = ("Sorry, I can't answer that: the message is too long for the AI models "
+                 "I use. Please send a shorter one.")
+
+
 def _all_failed_text(failures: Sequence[Failure]) -> str:
-    detail = "; ".join(f"{f.provider}: {f.reason}" for f in failures) or "no provider configured"
-    return (
-        "Sorry, I can't answer right now: every AI provider I use failed "
-        f"({detail}). Your message is saved; please try again in a moment."
-    )
+    if failures and all(f.kind == "context_too_long" for f in failures):
+        return TOO_LONG_TEXT
+    if failures and all(f.kind == "skipped" for f in failures):
+        # Our own skip rules said why (a daily budget): say it, naming no provider.
+        why = "; ".join(dict.fromkeys(f.reason for f in failures))
+        return f"Sorry, I can't answer right now: {why}. Your message is saved."
+    return ALL_FAILED_TEXT
+
+
+def _valid_text(message: IncomingMessage) -> IncomingMessage:
+    """The message with lone surrogates (broken UTF-16 from a platform's JSON) as
+    U+FFFD: neither the database nor a provider's HTTP body can encode them."""
+    def valid(text: str) -> str:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+    text, name = valid(message.text), valid(message.user_name)
+    if (text, name) == (message.text, message.user_name):
+        return message
+    log.warning("bot %s chat %s: replaced broken characters (lone surrogates) in a message",
+                message.bot, message.chat)
+    return dataclasses.replace(message, text=text, user_name=name)
+
+
+def _described(failures: Sequence[Failure]) -> str:
+    """For the log: each provider, why, and what it said (already scrubbed)."""
+    return "; ".join(f"{f.provider}: {f.reason}" + (f" ({f.detail})" if f.detail else "")
+                     for f in failures) or "no provider configured"
 
 
 class Conversation:
@@ -121,6 +155,7 @@ class Conversation:
     async def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]:
         """Yield text deltas, then exactly one ``Reply`` (see the module docstring)."""
         started = time.monotonic()
+        message = _valid_text(message)
         # Independent reads run while the message is being committed: the
         # LLM is still called only after the commit succeeded.
         stored, history, facts = await asyncio.gather(
@@ -237,16 +272,17 @@ class Conversation:
                 break
             except InvalidRequest as exc:
                 # Not failed over: another provider would refuse it too. Say why.
-                log.info("bot %s: the provider refused the request: %s", self.bot, exc.reason)
+                refused = Failure(exc.provider, exc.kind, exc.reason, exc.detail)
+                log.warning("bot %s: the provider refused the request: %s", self.bot,
+                            _described((refused,)))
                 outcome.error = "invalid_request"
-                refused = Failure(exc.provider, exc.kind, exc.reason)
                 mine = _mine(run.failures, retry_only)
                 outcome.failures = (*earlier, *mine, *(() if refused in mine else (refused,)))
-                self._explain(outcome, parts, f"Sorry, I can't answer that: {exc.reason}.")
+                self._explain(outcome, parts, REFUSED_TEXT)
                 return
             except ProviderError as exc:
                 failures = (exc.failures if isinstance(exc, AllProvidersFailed)
-                            else (Failure(exc.provider, exc.kind, exc.reason),))
+                            else (Failure(exc.provider, exc.kind, exc.reason, exc.detail),))
                 failures = (*earlier, *_mine(failures, retry_only))
                 if not parts and retry_only is None:
                     smaller = self._refit(failures, fit, outcome.prompt)
@@ -254,8 +290,7 @@ class Conversation:
                         retry_only, outcome.prompt = smaller
                         earlier = tuple(f for f in failures if f.provider not in retry_only)
                         continue
-                log.error("bot %s: every provider failed: %s", self.bot,
-                          "; ".join(f"{f.provider}: {f.reason}" for f in failures))
+                log.error("bot %s: every provider failed: %s", self.bot, _described(failures))
                 outcome.error = "all_failed"
                 outcome.failures = failures
                 self._explain(outcome, parts, _all_failed_text(failures))

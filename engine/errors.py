@@ -20,18 +20,63 @@ Every SDK error is mapped to one of these at the edge where it happens
     │   ├── EmbeddingMismatch       a table was written with another model
     │   └── FileRejected            an attachment was refused (size, name, type)
     ├── PermissionDenied            a non-admin tried an admin command
-    └── AdminError                  an admin operation was asked something impossible
+    ├── AdminError                  an admin operation was asked something impossible
+    └── StartupError                a port or peer needed at start is not available
 
 Messages never contain secrets: a key is never formatted into an error.
+What a peer said (a provider's error body) goes into ``ProviderError.detail``
+only through ``scrub``; ``reason`` is our own short phrase, fit for anyone.
+``KEY_SHAPES`` are the shapes of keys and tokens, which the log redacts too
+(``adapters/ops/logs.py``); ``scrub`` also drops what only a peer's text
+holds: internal URLs, AWS ARNs and account numbers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.types import Failure
+
+
+# Keys and tokens by shape. A ``(?P<keep>...)`` prefix, where present, is kept.
+KEY_SHAPES: tuple[str, ...] = (
+    r"\b(?:sk|key|rk|pk)-[A-Za-z0-9_*-]{12,}",               # OpenAI-style keys, sk-proj-, sk-ant-
+    r"\bxox[abposr]-[A-Za-z0-9-]{8,}",                       # Slack bot/user tokens
+    r"\bxapp-[A-Za-z0-9-]{8,}",                              # Slack app-level tokens
+    r"\b\d{6,12}:[A-Za-z0-9_-]{30,}",                        # Telegram bot tokens
+    r"\b(?:AKIA|ASIA|AROA|AIDA|AGPA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b",  # AWS key / role ids
+    r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})",  # GitHub tokens
+    r"\bglpat-[A-Za-z0-9_-]{16,}",                           # GitLab tokens
+    r"\bAIza[0-9A-Za-z_-]{30,}",                             # Google API keys
+    r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWTs
+    r"(?<=[Bb][Ee][Aa][Rr][Ee][Rr] )[A-Za-z0-9._~+/=-]{8,}",  # Authorization: Bearer ...
+    r"(?<=://)[^/\s:@]*:[^/\s@]+(?=@)",                      # user:password@ in URLs
+    # key=value / "key": "value" / Key: value, for names that say secret
+    r"(?P<keep>(?i:\b[\w-]*(?:api[_-]?key|apikey|access[_-]?key|secret|token|password|passwd"
+    r"|credentials?|signature)(?:[_-][\w-]*)?)(?<!_env)\b[\"']?\s*[:=]\s*[\"']?)"
+    r"(?:[^\s\"',;&}]*[A-Za-z][^\s\"',;&}]*|\d{8,})",  # a count ("tokens: 4096") is no secret
+)
+# What only a peer's text may hold: internal addresses, ARNs, account numbers.
+_PEER_SHAPES: tuple[str, ...] = (
+    r"\b[a-z][a-z0-9+.-]*://(?:[^/\s\"'<>]*@)?(?:localhost|127\.\d+\.\d+\.\d+|10\.\d+\.\d+\.\d+"
+    r"|192\.168\.\d+\.\d+|172\.(?:1[6-9]|2\d|3[01])\.\d+\.\d+|169\.254\.\d+\.\d+"
+    r"|[\w.-]+\.(?:internal|local|lan|corp|intra|intranet|private|home\.arpa))\b[^\s\"'<>)]*",
+    r"\barn:aws[\w-]*:[^\s\"'<>]+",                          # AWS ARNs (they hold the account)
+    r"\b\d{12}\b",                                          # AWS account numbers
+)
+SCRUBBED = "[redacted]"
+_SCRUB = re.compile("|".join(f"(?:{p})" for p in (*_PEER_SHAPES, *KEY_SHAPES)))
+DETAIL_LIMIT = 300
+
+
+def scrub(text: str, *, limit: int = DETAIL_LIMIT) -> str:
+    """A peer's text (an error body) with keys, tokens, internal URLs, ARNs and
+    account numbers replaced by ``[redacted]``, cut to ``limit`` characters."""
+    cleaned = _SCRUB.sub(lambda m: (m.group("keep") or "") + SCRUBBED, text)
+    return cleaned[:limit]
 
 
 class BoternityError(Exception):
@@ -45,25 +90,28 @@ class ConfigError(BoternityError):
 class ProviderError(BoternityError):
     """A provider did not serve a request.
 
-    ``reason`` is a short, human sentence fit for the footer ("rate limited").
-    Subclasses set ``failover``: whether the chain should try the next provider.
+    ``reason`` is a short, human sentence fit for the footer ("rate limited"),
+    never the peer's words; ``detail`` is what the peer said, scrubbed, for
+    the log and admins only. Subclasses set ``failover``: whether the chain
+    should try the next provider.
     """
 
     failover: bool = True
     kind: str = "error"
 
-    def __init__(self, provider: str, reason: str) -> None:
+    def __init__(self, provider: str, reason: str, *, detail: str = "") -> None:
         super().__init__(f"{provider}: {reason}")
         self.provider = provider
         self.reason = reason
+        self.detail = scrub(detail)
 
 
 class RateLimited(ProviderError):
     kind = "rate_limited"
 
     def __init__(self, provider: str, reason: str = "rate limited",
-                 retry_after: float | None = None) -> None:
-        super().__init__(provider, reason)
+                 retry_after: float | None = None, *, detail: str = "") -> None:
+        super().__init__(provider, reason, detail=detail)
         self.retry_after = retry_after
 
 
@@ -129,3 +177,8 @@ class PermissionDenied(BoternityError):
 
 class AdminError(BoternityError):
     """An admin operation was asked something impossible (unknown bot, missing fact)."""
+
+
+class StartupError(BoternityError):
+    """Something needed to start is not available (a port in use, a platform
+    unreachable); the message names it and what to do, in one line."""

@@ -108,6 +108,7 @@ class Failure:
     provider: str
     kind: str
     reason: str
+    detail: str = ""  # the provider's own words, scrubbed: for the log and admins only
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,11 @@ async def test_all_providers_failing_gives_one_clear_message(pipeline: Pipeline)
     streamed, reply = await ask(conv, "anyone there?")
     assert streamed == ""
     assert reply.error == "all_failed" and reply.served_by is None
-    assert "every AI provider I use failed" in reply.text
-    assert "primary: server error 500" in reply.text and "backup: rate limited" in reply.text
+    assert reply.text.startswith("Sorry, I can't answer right now") and "try again" in reply.text
+    # who failed and why is for the log and admins, not in the text
+    assert "primary" not in reply.text and "rate limited" not in reply.text
+    assert [(f.provider, f.reason) for f in reply.failures] == [
+        ("primary", "server error 500"), ("backup", "rate limited")]
     assert "Traceback" not in reply.full_text
     history = await pipeline.store.history("demo", "c1")
     assert [(m.role, m.content) for m in history] == [("user", "anyone there?")]
@@ -177,8 +180,9 @@ async def test_invalid_request_is_explained_not_failed_over(pipeline: Pipeline) 
     conv = await pipeline.conversation()
     _, reply = await ask(conv, "do something odd")
     assert reply.error == "invalid_request" and reply.served_by is None
-    assert reply.text.startswith("Sorry, I can't answer that: request refused")
-    assert "unsupported parameter" in reply.text
+    assert reply.text.startswith("Sorry, I can't answer that: the AI service refused")
+    assert "unsupported parameter" not in reply.text  # the provider's words: admins only
+    assert reply.failures[-1].detail == "unsupported parameter"
     assert pipeline.fake.count_for("backup-model") == 0
     assert [m.role for m in await pipeline.store.history("demo", "c1")] == ["user"]
 

@@ -150,8 +150,9 @@ async def test_all_fail_raises_with_every_reason(openai_fake: FakeOpenAI) -> Non
 
 async def test_invalid_request_is_not_failed_over(openai_fake: FakeOpenAI) -> None:
     openai_fake.script(Status(400, "messages: content must not be empty"), model="a")
-    with pytest.raises(InvalidRequest, match="content must not be empty"):
+    with pytest.raises(InvalidRequest, match=r"request refused \(HTTP 400\)") as refused:
         await _collect(_chain(openai_fake).run(REQUEST))
+    assert refused.value.detail == "messages: content must not be empty"  # for log, admins
     assert openai_fake.count_for("b") == 0
 
 

@@ -131,7 +131,8 @@ async def test_invalid_request_is_not_failed_over_and_hides_keys(openai_fake: Fa
     openai_fake.script(Status(400, f"Unsupported parameter 'x' (your key {KEY})"))
     _, raised = await _drain(_provider(openai_fake))
     assert isinstance(raised, InvalidRequest) and raised.failover is False
-    assert "Unsupported parameter" in raised.reason and KEY not in raised.reason
+    assert raised.reason == "request refused (HTTP 400)"  # our words, fit for anyone
+    assert "Unsupported parameter" in raised.detail and KEY not in raised.detail  # theirs
 
 
 async def test_refused_connection_is_unavailable() -> None:

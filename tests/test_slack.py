@@ -149,7 +149,7 @@ async def test_admin_command_works_non_admin_refused_unknown_explained(
         await slack_fake.wait_for(lambda: len(slack_fake.responses) > before)
         return ack, str(slack_fake.responses[-1]["text"])
 
-    async with adapter(slack_fake, bot_pipeline):
+    async with adapter(slack_fake, bot_pipeline, trust_workspace_admins=True):
         ack, text = await command("/provider", "status", ADMIN)
         assert ack == {}
         assert "primary" in text and "closed" in text.lower()
@@ -158,7 +158,8 @@ async def test_admin_command_works_non_admin_refused_unknown_explained(
         assert "only this bot's admins" in text
         _, text = await command("/frobnicate", "now", ADMIN)
         assert "Unknown command /frobnicate" in text
-        # A workspace admin (Slack says so in users.info) is an admin too.
+        # With trust_workspace_admins, a workspace admin (Slack says so in users.info)
+        # may read (tests/test_platform_admins.py: scoped, read-only).
         slack_fake.admins.add("UWSADMIN1")
         _, text = await command("/bot", "persona", "UWSADMIN1")
         assert "You are terse." in text

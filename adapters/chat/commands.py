@@ -13,10 +13,19 @@ args)`` parses the text arguments, checks the caller, delegates to
     /help
 
 Only configured admins (``admins = [...]``, raw platform ids or
-``platform:id``) or platform admins (when the adapter says so, e.g. a Discord
-member with Manage Server) may run them; others get a polite refusal, and
-unknown commands a list of what exists. ``/help`` is open to everyone.
-Nothing here raises to the platform: every error becomes a short message.
+``platform:id``) or platform admins (when the adapter says so: a Slack
+workspace admin under ``trust_workspace_admins``, a Discord server
+Administrator under ``trust_guild_admins``) may run them; others get a polite
+refusal, and unknown commands a list of what exists. ``/help`` is open to
+everyone. Nothing here raises to the platform: every error becomes a short
+message.
+
+A platform admin who is not a configured admin is SCOPED: read-only (no
+``/memory forget``, ``/files delete``, persona change, nor ``/usage``, which
+spans every platform), and reading only its own platform's data: memories
+about its platform's users (none when the adapter limits it to some chats: a
+Discord server, since memories are per person, not per server), files
+uploaded in its chats (``Caller.platform_chats``) or on its platform.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
 )
 _BY_NAME = {spec.name: spec for spec in COMMANDS}
 REFUSAL = "Sorry, only this bot's admins can use /{name}."
+READ_ONLY = ("Sorry, as a {platform} admin you can read this bot's {platform} data; "
+             "{what} is for the admins named in the bot's configuration.")
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,9 @@ class Caller:
     chat: str
     user: str  # raw platform id
     is_platform_admin: bool = False
+    # What a platform admin may read: these chats (a Discord server's channels),
+    # or, when None, everything of its platform (a Slack app serves one workspace).
+    platform_chats: frozenset[str] | None = None
 
 
 def parse(text: str) -> tuple[str, str] | None:
@@ -107,8 +121,23 @@ class Commands:
         self.usage = usage
 
     def is_admin(self, caller: Caller) -> bool:
-        return caller.is_platform_admin or bool(
-            {caller.user, f"{caller.platform}:{caller.user}"} & self.admins)
+        return caller.is_platform_admin or self._configured(caller)
+
+    def _configured(self, caller: Caller) -> bool:
+        return bool({caller.user, f"{caller.platform}:{caller.user}"} & self.admins)
+
+    def _scoped(self, caller: Caller) -> bool:
+        """A platform admin only: read-only, its own platform's data (module docstring)."""
+        return caller.is_platform_admin and not self._configured(caller)
+
+    def _read_only(self, caller: Caller, what: str) -> str:
+        return READ_ONLY.format(platform=caller.platform.capitalize(), what=what)
+
+    def _mine(self, caller: Caller, facts: list[Fact], limit: int) -> list[Fact]:
+        """A scoped caller's share of ``facts``: about users of its platform."""
+        if not self._scoped(caller):
+            return facts[:limit]
+        return [f for f in facts if f.user.startswith(f"{caller.platform}:")][:limit]
 
     async def run(self, caller: Caller, name: str, args: str) -> str:
         """Run one command; always returns a message (Markdown) for the caller."""
@@ -151,15 +180,22 @@ class Commands:
         if self.memory is None:
             return "Long-term memory is not enabled for this bot."
         sub = words[0].lower() if words else ""
+        scoped = self._scoped(caller)
+        if scoped and sub in ("list", "search") and caller.platform_chats is not None:
+            return self._read_only(caller, "reading memories (they are kept per person, "
+                                           "not per server)")
+        more = 500 if scoped else 0  # scoped: read past the others' facts, then filter
         if sub == "list":
             # A bare id means a user of the platform the command came from.
             user = parse_user(words[1], caller.platform) if len(words) > 1 else None
-            facts = await self.memory.list_facts(self.bot, user=user, limit=20)
-            return _facts("Memories", facts)
+            facts = await self.memory.list_facts(self.bot, user=user, limit=20 + more)
+            return _facts("Memories", self._mine(caller, facts, 20))
         if sub == "search" and len(words) > 1:
             query = raw.split(None, 1)[1]
-            return _facts(f"Memories matching “{query[:80]}”",
-                          await self.memory.search(self.bot, query, limit=10))
+            found = await self.memory.search(self.bot, query, limit=10 + more)
+            return _facts(f"Memories matching “{query[:80]}”", self._mine(caller, found, 10))
+        if scoped and sub == "forget":
+            return self._read_only(caller, "forgetting")
         if sub == "forget" and len(words) == 2:
             done = await self.memory.forget(self.bot, words[1])
             return f"Forgot memory `{words[1]}`." if done else f"No memory `{words[1]}`."
@@ -190,20 +226,28 @@ class Commands:
         else:
             who = f"{last.served_by} ({last.model})" if last.served_by else "nobody"
             lines.append(f"Last reply ({last.at:%H:%M:%S} UTC) served by {who}.")
-            lines += [f"- failed first: {f.provider}: {f.reason}" for f in last.failures]
+            # Admins get the provider's own (scrubbed) words; users only saw a fixed sentence.
+            lines += [f"- failed first: {f.provider}: {f.reason}"
+                      + (f" ({f.detail})" if f.detail else "") for f in last.failures]
         return "\n".join(lines)
 
     async def _files(self, caller: Caller, words: list[str], raw: str) -> str:
         if self.files is None:
             return "File storage is not enabled for this bot."
         sub = words[0].lower() if words else "list"
+        scoped = self._scoped(caller)
         if sub == "list":
-            stored = await self.files.list(self.bot, limit=20)
+            stored = await self.files.list(self.bot, limit=500 if scoped else 20)
+            if scoped:  # its platform's files, from its chats
+                stored = [f for f in stored if f.platform == caller.platform and (
+                    caller.platform_chats is None or f.chat in caller.platform_chats)][:20]
             if not stored:
                 return "No stored files."
             return "Stored files (newest first):\n" + "\n".join(
                 f"- `{f.id}` {f.name} ({f.mime_type}, {_size(f.size)}, from {f.uploader})"
                 for f in stored)
+        if scoped and sub == "delete":
+            return self._read_only(caller, "deleting files")
         if sub == "delete" and len(words) == 2:
             if not words[1].isdigit():
                 return "A file id is a number (see `/files list`)."
@@ -212,6 +256,8 @@ class Commands:
         return self._usage_of("files")
 
     async def _usage(self, caller: Caller, words: list[str], raw: str) -> str:
+        if self._scoped(caller):
+            return self._read_only(caller, "usage (it spans every platform)")
         if self.usage is None:
             return "Usage accounting is not available yet."
         return await self.usage(self.bot)
@@ -222,6 +268,8 @@ class Commands:
         new = raw.split(None, 1)[1] if len(words) > 1 else ""
         if not new:
             return f"Persona:\n> {self.persona.get(self.bot)}"
+        if self._scoped(caller):  # the persona speaks on every platform
+            return self._read_only(caller, "changing the persona")
         self.persona.set(self.bot, new)
         return "Persona changed for this running bot (the config file still has the old one)."
 

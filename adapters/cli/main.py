@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from adapters.cli.providers import cmd_providers
-from adapters.ops.logs import configure_logging
+from adapters.ops.logs import Redactor, configure_logging
 from adapters.platforms import terminal
 from adapters.wiring.app import App
 from adapters.wiring.build import build_app
 from adapters.wiring.settings import Settings, load_settings, secret_values
-from engine.errors import BoternityError, ConfigError
+from engine.errors import BoternityError, ConfigError, StartupError
 
 log = logging.getLogger("boternity")
 
@@ -80,11 +80,24 @@ async def cmd_run(args: argparse.Namespace, app: App) -> int:
     try:
         async with asyncio.TaskGroup() as group:
             for label, runner in runners:
-                group.create_task(runner(), name=label)
+                group.create_task(_named(label, runner), name=label)
     except* BoternityError as failed:
         # A platform refused its token, say: the clear message, not a task-group traceback.
         raise failed.exceptions[0] from None
     return 0
+
+
+async def _named(label: str, runner: Callable[[], Awaitable[None]]) -> None:
+    """Run one platform; an unexpected error becomes one line naming it (``-v``: the cause)."""
+    try:
+        await runner()
+    except BoternityError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise StartupError(f"{label} stopped: {type(exc).__name__}: {first}; check the "
+                           "network and its settings (api_base_url, ports), or run with -v "
+                           "for details") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,14 +197,16 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    redact = Redactor()
     try:
         settings = load_config(args)
+        redact = Redactor(secret_values(settings))
         _configure_logging(settings, args)
         return asyncio.run(_serve(args, settings))
     except ConfigError as exc:
-        return _fail(args, exc, 2)
+        return _fail(args, exc, 2, redact)
     except BoternityError as exc:
-        return _fail(args, exc, 1)
+        return _fail(args, exc, 1, redact)
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     except BrokenPipeError:
@@ -201,10 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _fail(args: Any, exc: BaseException, code: int) -> int:
+def _fail(args: Any, exc: BaseException, code: int, redact: Redactor) -> int:
     if getattr(args, "verbose", False):
         log.exception("failed")
-    print(f"boternity: {exc}", file=sys.stderr)
+    # A library's text may hold a URL with a token in it: redact like the log.
+    print(redact(f"boternity: {exc}"), file=sys.stderr)
     return code
 
 

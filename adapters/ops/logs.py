@@ -7,9 +7,11 @@ it). Every line, from our code or a library's, gets:
 - the fields bound with ``engine.log_context.bind`` (bot, platform, chat,
   provider): ``[bot=helper platform=telegram chat=42]`` in text, keys in JSON;
 - redaction of the FINAL line (message, arguments and traceback alike):
-  every configured secret value, plus the shapes of keys we know (OpenAI
-  ``sk-``, Slack ``xox*-``/``xapp-``, Telegram bot tokens, AWS access key ids,
-  ``Bearer`` headers, passwords in URLs) become ``***``. Redacting the
+  every configured secret value, plus the shapes of keys we know
+  (``engine.errors.KEY_SHAPES``: OpenAI ``sk-``, Slack ``xox*-``/``xapp-``,
+  Telegram bot tokens, AWS key ids, GitHub/GitLab/Google tokens, JWTs,
+  ``Bearer`` headers, passwords in URLs, the value of ``api_key=``,
+  ``"token": ...``, ``password: ...``) become ``***``. Redacting the
   formatted line, not the record, is the point: a library that formats a
   token into a URL or an exception text is caught too.
 
@@ -27,18 +29,9 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from engine import log_context
+from engine.errors import KEY_SHAPES
 
 MASK = "***"
-# Known key shapes; secrets from the configuration are added verbatim.
-_PATTERNS = [
-    r"sk-[A-Za-z0-9_-]{16,}",                       # OpenAI-style keys (sk-, sk-proj-, sk-ant-)
-    r"xox[abposr]-[A-Za-z0-9-]{8,}",                # Slack bot/user tokens
-    r"xapp-[A-Za-z0-9-]{8,}",                       # Slack app-level tokens
-    r"\b\d{6,12}:[A-Za-z0-9_-]{30,}",               # Telegram bot tokens
-    r"\bAKIA[0-9A-Z]{16}\b",                        # AWS access key ids
-    r"(?<=[Bb][Ee][Aa][Rr][Ee][Rr] )[A-Za-z0-9._~+/=-]{8,}",  # Authorization: Bearer ...
-    r"(?<=://)[^/\s:@]*:[^/\s@]+(?=@)",             # user:password@ in URLs
-]
 _MIN_SECRET_LEN = 6  # shorter values would mask ordinary words
 
 
@@ -48,11 +41,12 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         literal = sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LEN},
                          key=len, reverse=True)
-        parts = [re.escape(s) for s in literal] + _PATTERNS
+        parts = [re.escape(s) for s in literal] + list(KEY_SHAPES)
         self._pattern = re.compile("|".join(f"(?:{p})" for p in parts))
 
     def __call__(self, text: str) -> str:
-        return self._pattern.sub(MASK, text)
+        # A ``keep`` group (the "api_key=" of "api_key=VALUE") stays readable.
+        return self._pattern.sub(lambda m: (m.group("keep") or "") + MASK, text)
 
 
 class _ContextFormatter(logging.Formatter):

@@ -27,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from adapters.ops.metrics import Metrics
+from engine.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,12 @@ class OpsServer:
         try:
             site = web.TCPSite(runner, self.host, self.port)
             await site.start()
+        except OSError as exc:  # the port is taken, or the host is not ours
+            await runner.cleanup()
+            raise StartupError(
+                f"[http] port {self.port} on {self.host} cannot be opened (in use?): "
+                f"{exc.strerror or type(exc).__name__}; choose another [http] port or stop "
+                "the process using it") from exc
         except BaseException:
             await runner.cleanup()
             raise

@@ -138,9 +138,8 @@ class DiscordConfig:
     ``api_base_url`` is the REST base (``.../api/v10``) and ``gateway_url`` the
     websocket; both are for proxies and tests, and process-global in discord.py
     (two bots in one process cannot point at different hosts).
-    ``trust_guild_admins``: let members with the Administrator permission run
-    admin commands. Off by default: anyone can make a server and invite a
-    public bot, and would then be "admin" there.
+    ``trust_guild_admins``: server Administrators run admin commands, read-only, on
+    their server's data (chat/commands.py). Off by default: anyone can make a server.
     """
 
     bot: str
@@ -357,17 +356,23 @@ class DiscordAdapter:
         await interaction.response.defer(ephemeral=True, thinking=True)
         text = "Admin commands are not enabled for this bot."
         if self.commands is not None:
-            permissions = interaction.permissions
+            chat = str(interaction.channel_id or "")
             caller = Caller(
-                platform="discord", chat=str(interaction.channel_id or ""),
-                user=str(interaction.user.id),
+                platform="discord", chat=chat, user=str(interaction.user.id),
                 is_platform_admin=self.config.trust_guild_admins
-                and interaction.guild_id is not None and permissions.administrator,
+                and interaction.guild_id is not None and interaction.permissions.administrator,
+                platform_chats=_server_chats(interaction.guild, chat),
             )
             text = await self.commands.run(caller, name, args)
         for part in split_markdown(to_discord(text), self.config.limits.max_len)[:1]:
             await interaction.edit_original_response(
                 content=part, allowed_mentions=discord.AllowedMentions.none())
+
+
+def _server_chats(guild: discord.Guild | None, chat: str) -> frozenset[str]:
+    """What a server Administrator may read: its server's channels and threads."""
+    found = [*guild.channels, *guild.threads] if guild is not None else []  # else: here only
+    return frozenset({chat, *(str(c.id) for c in found)})
 
 
 def _pending(attachment: discord.Attachment) -> PendingFile:

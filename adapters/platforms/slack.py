@@ -32,6 +32,7 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.errors import SlackApiError
@@ -130,7 +131,10 @@ class SlackConfig:
     http_port: int = 3000
     http_path: str = "/slack/events"
     api_base_url: str | None = None
-    trust_workspace_admins: bool = True  # a single-workspace app: its admins are ours
+    # Workspace admins/owners of the bot's own workspace may READ its Slack data
+    # (adapters/chat/commands.py: scoped, read-only). Off: anyone who is made a
+    # workspace admin would otherwise read what people told the bot.
+    trust_workspace_admins: bool = False
     gate: GateConfig = field(default_factory=GateConfig)
     limits: Limits = SLACK
 
@@ -251,7 +255,9 @@ class SlackAdapter:
             self._stack.push_async_callback(socket.close_async)
             self._socket = socket
         else:
-            runner = web.AppRunner(self.app.web_app(path=config.http_path))
+            web_app = web.Application()
+            web_app.router.add_post(config.http_path, self._http_request)
+            runner = web.AppRunner(web_app)
             await runner.setup()
             self._stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, config.http_host, config.http_port)
@@ -261,6 +267,19 @@ class SlackAdapter:
         self._stack.callback(setattr, self, "_serving", False)
         log.info("slack: bot %s connected to team %s (%s mode)", config.bot, self.team,
                  config.mode)
+
+    async def _http_request(self, request: web.Request) -> web.Response:
+        """Bolt's aiohttp route, but a body that is not UTF-8 JSON (Slack sends
+        nothing else) is a 400: bolt parses before it verifies and would 500."""
+        try:
+            bolt_request = await to_bolt_request(request)
+            if not isinstance(bolt_request.body, dict):
+                raise TypeError(type(bolt_request.body).__name__)
+        except Exception as exc:  # JSON, UTF-8, or a JSON value bolt cannot read
+            log.warning("slack: refused an HTTP request that is not a Slack payload (%s)",
+                        type(exc).__name__)
+            return web.Response(status=400, text="not a Slack request")
+        return await to_aiohttp_response(await self.app.async_dispatch(bolt_request))
 
     async def is_ready(self) -> bool:
         """For ``/readyz``: Socket Mode connected, or the HTTP server listening."""
@@ -374,7 +393,10 @@ class SlackAdapter:
             return "Admin commands are not enabled for this bot."
         caller = Caller(platform="slack", chat=str(command.get("channel_id", "")),
                         user=str(command.get("user_id", "")))
+        # Only an admin of the workspace the bot is installed in (not of a
+        # workspace sharing a channel with it); Commands scopes them read-only.
         if (self.config.trust_workspace_admins and not self.commands.is_admin(caller)
+                and str(command.get("team_id", "")) == self.team
                 and await self._workspace_admin(caller.user)):
             caller = dataclasses.replace(caller, is_platform_admin=True)
         return await self.commands.run(caller, name, str(command.get("text", "")))

@@ -69,7 +69,7 @@ from adapters.chat.outbound import (
 )
 from adapters.chat.render import to_telegram
 from adapters.chat.splitting import utf16_len
-from engine.errors import ConfigError
+from engine.errors import ConfigError, StartupError
 from engine.memory.scope import user_key
 from engine.ports import FileStore, Replier, Transcriber
 from engine.types import IncomingMessage
@@ -241,6 +241,10 @@ class TelegramAdapter:
             except tg_error.InvalidToken:
                 raise ConfigError(f"bots.{self.config.bot}.telegram: the bot token was "
                                   "refused by Telegram (check token_env)") from None
+            except tg_error.NetworkError as exc:  # also TimedOut: nobody answered
+                raise StartupError(f"bots.{self.config.bot}.telegram: cannot reach Telegram "
+                                   f"({exc.message}); check the network, or api_base_url "
+                                   "if set") from exc
             me = self.app.bot.bot
             self.username, self.bot_id = (me.username or "").lower(), me.id
             await self.app.bot.set_my_commands(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import signal
 import sys
@@ -71,6 +72,14 @@ def _lines(stream: TextIO) -> asyncio.Queue[str | None]:
     return queue
 
 
+def _replacing(stream: TextIO) -> TextIO:
+    """``stream`` decoding bad bytes as U+FFFD: a stray Latin-1 byte in a piped
+    file must not end the input (every later line would be lost)."""
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="replace")
+    return stream
+
+
 def _message(bot: str, chat: str, user: str, text: str) -> IncomingMessage:
     return IncomingMessage(platform="terminal", bot=bot, chat=chat,
                            user=user_key("terminal", user),
@@ -115,7 +124,7 @@ async def chat(
 
     ``interactive`` defaults to "stdin and stdout are terminals".
     """
-    src = stdin or sys.stdin
+    src = stdin or _replacing(sys.stdin)
     out = stdout or sys.stdout
     if interactive is None:
         interactive = src.isatty() and out.isatty()

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.errors import ConfigError
 from engine.types import FooterMode, TrustLevel
@@ -38,6 +46,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The schemes a database URL may have, and the async driver each means.
+_ASYNC_DRIVERS = {
+    "postgres": "postgresql+asyncpg", "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite", "sqlite+aiosqlite": "sqlite+aiosqlite",
+}
+
+
 class StorageSettings(_Strict):
     data_dir: Path = Path("./data")
     database_url: str | None = None  # default: sqlite+aiosqlite in data_dir
@@ -53,6 +69,25 @@ class StorageSettings(_Strict):
     redis_lease_s: float = Field(default=30.0, gt=0)  # a dead worker's claim blocks this long
     max_file_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_bot_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, url: str | None) -> str | None:
+        """The URL with its async driver: ``postgres://`` and ``postgresql://``
+        (what hosts hand out) mean asyncpg, ``sqlite://`` aiosqlite; any other
+        driver is named with the fix."""
+        if url is None:
+            return None
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            raise ValueError("not a URL: use postgresql+asyncpg://USER@HOST/DB or "
+                             "sqlite+aiosqlite:///PATH")
+        driver = _ASYNC_DRIVERS.get(scheme.lower())
+        if driver is None:  # never echo the URL: it may hold a password
+            raise ValueError(f"unsupported database '{scheme}://': use "
+                             "postgresql+asyncpg://USER@HOST/DB (postgres:// means the same) "
+                             "or sqlite+aiosqlite:///PATH")
+        return f"{driver}://{rest}"
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'boternity.db'}"
@@ -144,8 +179,9 @@ class SlackSettings(PlatformSettings):
     http_host: str = "127.0.0.1"  # put a TLS reverse proxy in front; "0.0.0.0" to expose
     http_port: int = Field(default=3000, ge=0, le=65535)
     http_path: str = "/slack/events"
-    # workspace admins/owners (users.info) may run admin commands, as well as `admins`
-    trust_workspace_admins: bool = True
+    # workspace admins/owners (users.info) of the bot's workspace may READ its Slack
+    # data with the admin commands (scoped, read-only; docs/configuration.md)
+    trust_workspace_admins: bool = False
 
 
 class DiscordSettings(PlatformSettings):
@@ -165,7 +201,8 @@ class DiscordSettings(PlatformSettings):
                                  f"{self.shard_ids})")
         return self
     gateway_url: str | None = None  # with api_base_url (".../api/v10"): proxies and tests
-    # server administrators may run admin commands; off: anyone can make a server
+    # server Administrators may READ their server's data with the admin commands
+    # (scoped, read-only; docs/configuration.md); off: anyone can make a server
     trust_guild_admins: bool = False
 
 

@@ -54,6 +54,7 @@ from engine.errors import (
     ProviderTimeout,
     RateLimited,
     Unavailable,
+    scrub,
 )
 from engine.providers.closing import ClosesOnExit
 from engine.providers.config import ProviderConfig
@@ -109,11 +110,11 @@ def map_error(provider: str, exc: BaseException) -> ProviderError:
         if cls is InvalidRequest and any(h in message.lower() for h in _SETUP_HINTS):
             # This provider's setup is wrong, not the user's request: fail over.
             log.error("bedrock %s: the model rejects this setup (check model id/region/"
-                      "capabilities): %s", provider, message[:300])
+                      "capabilities): %s", provider, scrub(message))
             return Unavailable(provider, "model setup rejected (see log)")
-        if cls is InvalidRequest and message:
-            reason = f"invalid request: {message[:200]}"
-        return cls(provider, reason)
+        # Bedrock's own words (a validation message may quote ARNs, accounts,
+        # keys) are a scrubbed detail for the log and admins, never the reason.
+        return cls(provider, reason, detail=message)
     if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError, TimeoutError)):
         return ProviderTimeout(provider, "timed out")
     if isinstance(exc, (NoCredentialsError, ProfileNotFound, TokenRetrievalError, SSOError)):

@@ -329,11 +329,11 @@ class FallbackChain:
                 failures.append(Failure(provider.name, "circuit_open", reason))
                 self._warn(index, reason)
             except InvalidRequest as exc:
-                failures.append(Failure(provider.name, exc.kind, exc.reason))
+                failures.append(Failure(provider.name, exc.kind, exc.reason, exc.detail))
                 run.failures = tuple(failures)
                 raise
             except ProviderError as exc:
-                failures.append(Failure(provider.name, exc.kind, exc.reason))
+                failures.append(Failure(provider.name, exc.kind, exc.reason, exc.detail))
                 self._note_failure(provider, exc, index)
             except Exception as exc:  # a provider broke its contract: still fail over
                 log.exception("chain %s: provider %s raised %s", self.name, provider.name,
@@ -357,7 +357,8 @@ class FallbackChain:
 
     def _note_failure(self, provider: Provider, exc: ProviderError, index: int) -> None:
         record = self.breakers.record(provider.name)
-        record.last_error, record.last_error_at = exc.reason, datetime.now(UTC)
+        record.last_error = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
+        record.last_error_at = datetime.now(UTC)
         if isinstance(exc, RateLimited) and exc.retry_after:
             record.cooldown_until = time.monotonic() + min(exc.retry_after, MAX_COOLDOWN_S)
         if isinstance(exc, AuthFailed):

@@ -37,7 +37,6 @@ import asyncio
 import base64
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -48,6 +47,7 @@ from openai import AsyncOpenAI
 from pydantic import SecretStr
 
 from engine.errors import (
+    SCRUBBED,
     AuthFailed,
     ContextTooLong,
     InvalidRequest,
@@ -55,6 +55,7 @@ from engine.errors import (
     ProviderTimeout,
     RateLimited,
     Unavailable,
+    scrub,
 )
 from engine.providers.closing import ClosesOnExit
 from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage, output_cap
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 # send a real OpenAI key to some other host.
 NO_KEY = "no-key-needed"
 HEALTH_TTL_S = 30.0
-_KEYLIKE = re.compile(r"\b(sk|key|xox[abp])-[A-Za-z0-9_*\-]{6,}")
 _CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens",
                   "prompt is too long", "tokens exceed")
 
@@ -234,7 +234,10 @@ class OpenAICompatProvider(ClosesOnExit):
             if status == 413 or (status == 400 and _looks_like_context(exc)):
                 return ContextTooLong(name, "request too long for this model")
             if status in (400, 422):
-                return InvalidRequest(name, f"request refused: {self._safe(exc)}")
+                # The server's words (a 400 body may quote keys, accounts, hosts) go
+                # to the log and admins as ``detail``; users get our own phrase.
+                return InvalidRequest(name, f"request refused (HTTP {status})",
+                                      detail=self._safe(exc))
             if status == 404:
                 return Unavailable(name, "model or endpoint not found (404)")
             if status == 408:
@@ -255,13 +258,13 @@ class OpenAICompatProvider(ClosesOnExit):
         return Unavailable(name, f"unexpected error ({type(exc).__name__})")
 
     def _safe(self, exc: openai.APIStatusError) -> str:
-        """The server's message, short, with anything key-like removed."""
+        """The server's message with our key and anything key-like removed (``scrub``)."""
         body = exc.body
         message = body.get("message") if isinstance(body, dict) else None
         text = str(message or exc.message)
         if self._secret:
-            text = text.replace(self._secret, "[redacted]")
-        return _KEYLIKE.sub("[redacted]", text)[:200]
+            text = text.replace(self._secret, SCRUBBED)
+        return scrub(text)
 
 
 def _retry_after(response: httpx2.Response) -> float | None:

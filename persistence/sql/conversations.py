@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from engine.admin.conversations import ChatSummary
 from engine.errors import StorageError
 from engine.types import Role, StoredMessage
-from persistence.sql.database import Database
+from persistence.sql.database import Database, storable
 from persistence.sql.tables import MessageRow, utcnow
 
 _HISTORY_COLUMNS = (MessageRow.id, MessageRow.bot, MessageRow.chat, MessageRow.role,
@@ -56,8 +56,9 @@ class SqlConversationStore:
         user_name: str = "",
     ) -> int:
         values = dict(
-            bot=bot, chat=chat, role=role, content=content, user=user,
-            user_name=user_name[:200], platform=platform, served_by=served_by,
+            bot=bot, chat=chat, role=role, content=storable(content, "message"), user=user,
+            user_name=storable(user_name, "user name")[:200], platform=platform,
+            served_by=served_by,
             created_at=utcnow(),
         )
 

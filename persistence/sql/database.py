@@ -88,6 +88,24 @@ def _switch_to_wal(cursor: Any) -> None:
             time.sleep(0.05)
 
 
+def storable(text: str, what: str = "text") -> str:
+    """``text`` without what a text column cannot hold, said in the log.
+
+    PostgreSQL refuses NUL in text (and the whole INSERT with it: the message
+    would be lost and "try again" could never succeed); no UTF-8 column holds
+    a lone surrogate. Both go on every backend, so a chat reads the same on
+    SQLite and PostgreSQL.
+    """
+    nul = text.count("\x00")
+    broken = sum(1 for c in text if "\ud800" <= c <= "\udfff")
+    if not nul and not broken:
+        return text
+    log.warning("could not store %d NUL and %d lone surrogate character(s) of a %s: NUL "
+                "removed, the others replaced with U+FFFD", nul, broken, what)
+    text = text.replace("\x00", "")
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     """An async engine; SQLite ones get WAL and a busy timeout on every connection."""
     parsed = make_url(url)

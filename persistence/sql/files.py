@@ -14,6 +14,18 @@ against the declared size before downloading, and again while streaming),
 or would push the bot's stored bytes past ``max_bot_bytes``. Original names
 are sanitized for display (no directories, no control or bidi characters,
 at most 200 characters); they never become a path.
+
+The per-bot cap holds under concurrent uploads, across workers too: an
+upload RESERVES its size (a ``file_reservations`` row, migration
+``0010_file_reservations``) before it writes a byte, growing the reservation
+if the stream outgrows it, and the record that replaces the reservation by a
+``files`` row is decided the same way. Each of these decisions runs in one
+transaction holding a per-bot lock (PostgreSQL: an advisory transaction lock;
+SQLite: the database's write lock, taken by the transaction's first
+statement), so two uploads never both see the room only one of them fits.
+Content the bot already stores costs nothing (dedup), even when full. A
+reservation left by a killed worker stops counting after
+``RESERVATION_TTL``.
 """
 
 from __future__ import annotations
@@ -28,12 +40,24 @@ import re
 import tempfile
 import unicodedata
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, delete, func, select
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import FileRejected, StorageError
@@ -44,6 +68,9 @@ from persistence.sql.tables import Base, utcnow
 log = logging.getLogger(__name__)
 
 MAX_NAME = 200
+RESERVATION_STEP = 1024 * 1024  # an upload of unknown size reserves (and grows) by this
+RESERVATION_TTL = timedelta(hours=1)  # far longer than any download of one file
+_LOCK_KEY = 0x66696C65  # "file": the advisory lock space of the per-bot cap (PostgreSQL)
 _UNSAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -67,6 +94,17 @@ class FileRow(Base):
         Index("ix_files_bot_id", "bot", "id"),
         Index("ix_files_bot_sha256", "bot", "sha256"),
     )
+
+
+class ReservationRow(Base):
+    """Bytes an upload in progress holds against its bot's cap (``0010_file_reservations``)."""
+
+    __tablename__ = "file_reservations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bot: Mapped[str] = mapped_column(String(100), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def sanitize_name(name: str) -> str:
@@ -163,43 +201,128 @@ class SqlFileStore:
             raise FileRejected(
                 f"'{clean}' is too large ({_mb(declared_size)}); the limit is "
                 f"{_mb(self.max_file_bytes)} per file.")
-        used = await self.bot_bytes(bot)
-        if declared_size is not None and used + declared_size > self.max_bot_bytes:
-            raise FileRejected(f"'{clean}' does not fit: this bot's file storage is full "
-                               f"({_mb(used)} of {_mb(self.max_bot_bytes)}).")
-        directory = self._dir(bot)
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-        sha, size, temp = await self._write(directory, chunks, clean)
+        first = declared_size if declared_size else min(RESERVATION_STEP, self.max_file_bytes)
+        reservation = await self._reserve(bot, first)
+        if reservation is None and declared_size is not None:
+            raise self._full(clean, await self.bot_bytes(bot))
+        # Without a declared size and no room, the bytes may still be content
+        # the bot stores already (free): it is decided once they are hashed.
         try:
-            if size == 0:
-                raise FileRejected(f"'{clean}' is empty.")
-            known = await self._known(bot, sha)
-            if not known and used + size > self.max_bot_bytes:
-                raise FileRejected(f"'{clean}' does not fit: this bot's file storage is full "
-                                   f"({_mb(used)} of {_mb(self.max_bot_bytes)}).")
-            final = directory / sha[:2] / sha
-            await asyncio.to_thread(_place, temp, final)
+            directory = self._dir(bot)
+            await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+            sha, size, temp = await self._write(directory, chunks, clean, bot, reservation,
+                                                first)
+            try:
+                if size == 0:
+                    raise FileRejected(f"'{clean}' is empty.")
+                row = FileRow(bot=bot, platform=platform, chat=chat, uploader=uploader[:200],
+                              name=clean, mime_type=mime, size=size, sha256=sha,
+                              created_at=utcnow())
+                return await self._record(row, reservation, temp, directory / sha[:2] / sha)
+            finally:
+                await asyncio.to_thread(temp.unlink, missing_ok=True)
         finally:
-            await asyncio.to_thread(temp.unlink, missing_ok=True)
-        row = FileRow(bot=bot, platform=platform, chat=chat, uploader=uploader[:200],
-                      name=clean, mime_type=mime, size=size, sha256=sha, created_at=utcnow())
+            if reservation is not None:
+                await self._release(reservation)
+
+    # -- the per-bot cap: reservations, each decision under the bot's lock --------
+
+    async def _lock(self, session: AsyncSession, bot: str) -> None:
+        """Start a transaction no other cap decision for ``bot`` runs beside."""
+        if self._db.dialect == "postgresql":
+            await session.execute(text("SELECT pg_advisory_xact_lock(:key, hashtext(:bot))"),
+                                  {"key": _LOCK_KEY, "bot": bot})
+        # On SQLite this write is the transaction's first statement: it takes the
+        # database's write lock (a rival waits out the busy timeout), so what
+        # the reads below see cannot change before commit. It also forgets
+        # reservations a killed worker left behind.
+        await session.execute(delete(ReservationRow).where(
+            ReservationRow.created_at < utcnow() - RESERVATION_TTL))
+
+    async def _used(self, session: AsyncSession, bot: str, *, but: int | None = None) -> int:
+        """Stored bytes (dedup counted once) plus every live reservation except ``but``."""
+        distinct = (
+            select(FileRow.sha256, func.max(FileRow.size).label("size"))
+            .where(FileRow.bot == bot).group_by(FileRow.sha256).subquery()
+        )
+        stored = await session.scalar(select(func.coalesce(func.sum(distinct.c.size), 0)))
+        held = select(func.coalesce(func.sum(ReservationRow.size), 0)).where(
+            ReservationRow.bot == bot, ReservationRow.id != (but or 0))
+        return int(stored or 0) + int(await session.scalar(held) or 0)
+
+    async def _reserve(self, bot: str, size: int) -> int | None:
+        """A reservation of ``size`` bytes, or None when the cap has no room for it."""
         try:
             async with self._db.sessions.begin() as session:
+                await self._lock(session, bot)
+                if await self._used(session, bot) + size > self.max_bot_bytes:
+                    return None
+                row = ReservationRow(bot=bot, size=size, created_at=utcnow())
                 session.add(row)
+                await session.flush()
+                return row.id
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not reserve file space: {type(exc).__name__}") from exc
+
+    async def _grow(self, bot: str, reservation: int, size: int) -> bool:
+        """Raise a reservation to ``size`` bytes if the cap has room (else leave it)."""
+        try:
+            async with self._db.sessions.begin() as session:
+                await self._lock(session, bot)
+                if await self._used(session, bot, but=reservation) + size > self.max_bot_bytes:
+                    return False
+                await session.execute(update(ReservationRow).where(
+                    ReservationRow.id == reservation).values(size=size))
+                return True
+        except SQLAlchemyError as exc:
+            raise StorageError(f"could not reserve file space: {type(exc).__name__}") from exc
+
+    async def _release(self, reservation: int) -> None:
+        try:
+            async with self._db.sessions.begin() as session:
+                await session.execute(
+                    delete(ReservationRow).where(ReservationRow.id == reservation))
+        except SQLAlchemyError as exc:  # it expires after RESERVATION_TTL anyway
+            log.warning("could not release a file reservation: %s", type(exc).__name__)
+
+    def _full(self, clean: str, used: int) -> FileRejected:
+        return FileRejected(f"'{clean}' does not fit: this bot's file storage is full "
+                            f"({_mb(used)} of {_mb(self.max_bot_bytes)}).")
+
+    async def _record(
+        self, row: FileRow, reservation: int | None, temp: Path, final: Path
+    ) -> StoredFile:
+        """Put the bytes in place and the row in, replacing the reservation, under the lock."""
+        known = False
+        try:
+            async with self._db.sessions.begin() as session:
+                await self._lock(session, row.bot)
+                known = await session.scalar(select(FileRow.id).where(
+                    FileRow.bot == row.bot, FileRow.sha256 == row.sha256).limit(1)) is not None
+                used = await self._used(session, row.bot, but=reservation)
+                if not known and used + row.size > self.max_bot_bytes:
+                    raise self._full(row.name, used)  # rolls back: nothing recorded
+                await asyncio.to_thread(_place, temp, final)
+                session.add(row)
+                if reservation is not None:
+                    await session.execute(
+                        delete(ReservationRow).where(ReservationRow.id == reservation))
                 await session.flush()
                 return _stored(row)
         except SQLAlchemyError as exc:
             # No row, no bytes: unless another upload of the same content has
             # recorded it meanwhile, the stored blob would be an orphan.
             with contextlib.suppress(StorageError):
-                if not known and not await self._known(bot, sha):
+                if not known and not await self._known(row.bot, row.sha256):
                     await asyncio.to_thread(final.unlink, missing_ok=True)
             raise StorageError(f"could not record a file: {type(exc).__name__}") from exc
 
     async def _write(
-        self, directory: Path, chunks: AsyncIterator[bytes], clean: str
+        self, directory: Path, chunks: AsyncIterator[bytes], clean: str, bot: str,
+        reservation: int | None, reserved: int,
     ) -> tuple[str, int, Path]:
-        """Stream into a temp file, hashing off the loop; enforce the per-file cap."""
+        """Stream into a temp file, hashing off the loop; enforce the per-file cap and
+        grow the reservation ahead of the bytes while it fits."""
         fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=directory, prefix=".upload-")
         temp = Path(name)
         digest = hashlib.sha256()
@@ -212,6 +335,12 @@ class SqlFileStore:
                         raise FileRejected(
                             f"'{clean}' is too large (over {_mb(self.max_file_bytes)}); "
                             f"the limit is {_mb(self.max_file_bytes)} per file.")
+                    if reservation is not None and size > reserved:
+                        wanted = min(self.max_file_bytes, max(size, reserved + RESERVATION_STEP))
+                        if await self._grow(bot, reservation, wanted):
+                            reserved = wanted
+                        else:
+                            reservation = None  # no room: only known content can still fit
                     await asyncio.to_thread(_write_chunk, handle, digest, chunk)
                 await asyncio.to_thread(_sync, handle)
         except BaseException:
