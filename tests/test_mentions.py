@@ -59,7 +59,9 @@ def test_slack_rendering_escapes_even_when_the_converter_fails() -> None:
 async def test_discord_every_post_and_edit_allows_no_mentions(
     discord_fake: FakeDiscord, bot_pipeline: BotPipeline  # noqa: F811
 ) -> None:
-    long = "@everyone @here <@510000000000000001> <@&610000000000000001> " + "word " * 500
+    # Words that never repeat: the chain stops an answer that loops.
+    long = "@everyone @here <@510000000000000001> <@&610000000000000001> " + " ".join(
+        f"word{i}" for i in range(700))
     bot_pipeline.fake.script(Text((long[:900], long[900:])))
     async with discord_adapter(discord_fake, bot_pipeline):
         await discord_fake.message_create(channel_id=C1, content="<@900000000000000001> ping",

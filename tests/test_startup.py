@@ -79,7 +79,7 @@ async def test_http_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
         taken.listen()
         port = int(taken.getsockname()[1])
         config = _config(tmp_path, f"\n[http]\nenabled = true\nport = {port}\n")
-        code, err = await boternity(config, "providers")
+        code, err = await boternity(config, "run")  # one-shot commands serve no [http]
     assert code == 1, err
     assert "Traceback" not in err, err
     failure = [line for line in err.splitlines() if line.startswith("boternity:")]
@@ -93,7 +93,7 @@ async def test_verbose_still_shows_the_traceback(tmp_path: Path) -> None:
         taken.listen()
         config = _config(tmp_path, f"\n[http]\nenabled = true\nport = "
                                    f"{taken.getsockname()[1]}\n")
-        code, err = await boternity(config, "-v", "providers")
+        code, err = await boternity(config, "-v", "run")
     assert code == 1 and "Traceback" in err
 
 
