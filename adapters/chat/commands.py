@@ -11,12 +11,19 @@ args)`` parses the text arguments, checks the caller, delegates to
     /usage
     /bot persona [new persona]
     /help
+    /reset                       (anyone in a DM; admins in groups)
+    /forget me [confirm]         (anyone, about themselves)
 
 Only configured admins (``admins = [...]``, raw platform ids or
 ``platform:id``) or platform admins (when the adapter says so, e.g. a Discord
-member with Manage Server) may run them; others get a polite refusal, and
-unknown commands a list of what exists. ``/help`` is open to everyone.
-Nothing here raises to the platform: every error becomes a short message.
+member with Manage Server) may run the admin commands; others get a polite
+refusal, and unknown commands a list of what exists. ``/help``, ``/reset``
+and ``/forget`` are open to everyone. ``/forget me`` says what it would
+delete and asks for ``/forget me confirm`` within five minutes
+(``engine.admin.people``). ``answers_privately(name)``: whether the answer
+shows someone's data, so a platform without private replies in groups
+(Telegram) must send it to the caller's DM instead. Nothing here raises to
+the platform: every error becomes a short message.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from datetime import datetime
 
 from engine.admin.bot import FileAdmin, PersonaAdmin, ProviderAdmin
 from engine.admin.memory import MemoryAdmin
+from engine.admin.people import ForgetRequests, PeopleAdmin
+from engine.conversation import RESET_MARKER
 from engine.errors import BoternityError
+from engine.ports import ConversationStore
 from engine.types import Fact
 
 log = logging.getLogger(__name__)
@@ -53,9 +63,18 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("usage", "Token usage and costs", ""),
     CommandSpec("bot", "Bot settings: show or change the persona", "persona [new persona]"),
     CommandSpec("help", "What the admin commands do", ""),
+    CommandSpec("reset", "Start this chat's conversation afresh", ""),
+    CommandSpec("forget", "Erase what this bot keeps about you", "me [confirm]"),
 )
 _BY_NAME = {spec.name: spec for spec in COMMANDS}
 REFUSAL = "Sorry, only this bot's admins can use /{name}."
+OPEN = frozenset({"help", "reset", "forget"})  # anyone may run these (each checks its own rule)
+PUBLIC_ANSWERS = frozenset({"help", "start", "reset"})  # show nobody's data
+
+
+def answers_privately(name: str) -> bool:
+    """Whether ``/name``'s answer may show someone's data (send it to the caller only)."""
+    return name.lower().lstrip("/") not in PUBLIC_ANSWERS
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ class Caller:
     chat: str
     user: str  # raw platform id
     is_platform_admin: bool = False
+    is_group: bool = True  # a DM says so; unknown counts as a group (the stricter rule)
 
 
 def parse(text: str) -> tuple[str, str] | None:
@@ -96,6 +116,9 @@ class Commands:
         files: FileAdmin | None = None,
         persona: PersonaAdmin | None = None,
         usage: UsageReport | None = None,
+        people: PeopleAdmin | None = None,
+        history: ConversationStore | None = None,
+        forget_requests: ForgetRequests | None = None,
     ) -> None:
         self.bot = bot
         self.admins = frozenset(admins)
@@ -104,6 +127,9 @@ class Commands:
         self.files = files
         self.persona = persona
         self.usage = usage
+        self.people = people
+        self.history = history
+        self.forget_requests = forget_requests or ForgetRequests()
 
     def is_admin(self, caller: Caller) -> bool:
         return caller.is_platform_admin or bool(
@@ -117,7 +143,7 @@ class Commands:
             return f"Unknown command /{name[:40]}. Available: {known}."
         if name == "help":
             return self.help()
-        if not self.is_admin(caller):
+        if name not in OPEN and not self.is_admin(caller):
             log.info("refused /%s from %s:%s", name, caller.platform, caller.user)
             return REFUSAL.format(name=name)
         try:
@@ -222,6 +248,39 @@ class Commands:
             return f"Persona:\n> {self.persona.get(self.bot)}"
         self.persona.set(self.bot, new)
         return "Persona changed for this running bot (the config file still has the old one)."
+
+
+    async def _reset(self, caller: Caller, words: list[str], raw: str) -> str:
+        if caller.is_group and not self.is_admin(caller):
+            return "In a group only this bot's admins can use /reset (it changes what " \
+                   "everyone here sees)."
+        if self.history is None:
+            return "This bot keeps no conversation history."
+        await self.history.add(bot=self.bot, chat=caller.chat, role="system",
+                               content=RESET_MARKER, platform=caller.platform)
+        return "Conversation reset: I no longer see the earlier messages of this chat."
+
+    async def _forget(self, caller: Caller, words: list[str], raw: str) -> str:
+        if [w.lower() for w in words[:1]] != ["me"] or len(words) > 2 or (
+                len(words) == 2 and words[1].lower() != "confirm"):
+            return self._usage_of("forget")
+        if self.people is None:
+            return "Forgetting is not available for this bot."
+        user = f"{caller.platform}:{caller.user}"
+        if len(words) == 1:
+            held = await self.people.show(user, [self.bot])
+            self.forget_requests.ask(self.bot, user)
+            shared = (" Shared facts other bots hold about you go too."
+                      if self.people.shared is not None else "")
+            return (f"I keep about you: {held.describe()}.{shared} To delete all of it "
+                    "for good, send `/forget me confirm` within 5 minutes.")
+        if not self.forget_requests.confirm(self.bot, user):
+            return "Send `/forget me` first; then `/forget me confirm` within 5 minutes."
+        done = await self.people.forget(user, [self.bot], actor=user)
+        log.info("forgot %s on request (bot %s): %d rows", user, self.bot, done.total)
+        shared = ("" if done.shared is not None else
+                  " Shared memory was not touched (it is not set up for forgetting).")
+        return f"Done: I deleted {done.describe()}.{shared}"
 
 
 def _facts(title: str, facts: list[Fact]) -> str:

@@ -359,7 +359,7 @@ class DiscordAdapter:
             permissions = interaction.permissions
             caller = Caller(
                 platform="discord", chat=str(interaction.channel_id or ""),
-                user=str(interaction.user.id),
+                user=str(interaction.user.id), is_group=interaction.guild_id is not None,
                 is_platform_admin=self.config.trust_guild_admins
                 and interaction.guild_id is not None and permissions.administrator,
             )

@@ -371,8 +371,9 @@ class SlackAdapter:
         name = str(command.get("command", "")).lstrip("/")
         if self.commands is None:
             return "Admin commands are not enabled for this bot."
-        caller = Caller(platform="slack", chat=str(command.get("channel_id", "")),
-                        user=str(command.get("user_id", "")))
+        channel = str(command.get("channel_id", ""))
+        caller = Caller(platform="slack", chat=channel, user=str(command.get("user_id", "")),
+                        is_group=not channel.startswith("D"))  # D...: a direct message
         if (self.config.trust_workspace_admins and not self.commands.is_admin(caller)
                 and await self._workspace_admin(caller.user)):
             caller = dataclasses.replace(caller, is_platform_admin=True)
