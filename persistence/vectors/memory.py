@@ -229,6 +229,9 @@ class LanceMemoryStore:
         count: int = await table.count_rows(where)
         if count:
             await table.delete(where)
+            # Compaction rewrites the fragments without the deleted rows and old
+            # versions are cleaned up: the text also leaves the files on disk.
+            self._maintainers[bot].poke()
         return count
 
     @storage_errors
