@@ -163,7 +163,7 @@ async def test_commands_synced_only_when_changed(
         assert first.synced
     assert len(discord_fake.command_puts) == 1
     names = sorted(c["name"] for c in discord_fake.command_puts[0])
-    assert names == ["bot", "files", "help", "memory", "provider", "usage"]
+    assert names == ["bot", "files", "forget", "help", "memory", "provider", "reset", "usage"]
     async with adapter(discord_fake, bot_pipeline) as second:
         assert not second.synced
     assert len(discord_fake.command_puts) == 1  # unchanged: no write to Discord

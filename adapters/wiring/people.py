@@ -56,7 +56,7 @@ def _erasure(app: App) -> SqlErasure:
 def people(app: App) -> PeopleAdmin:
     """The one person-data service (chat commands, CLI, admin API)."""
     def make() -> PeopleAdmin:
-        admin = app.memory_admin
+        admin = getattr(app, "memory_admin", None)  # a partial App (tests) may lack it
         shared = admin.shared if admin is not None else None
         # cast: the port gains forget_user with shared tombstones; until then, None.
         forgetter = (cast(SharedForget, shared)
@@ -70,11 +70,11 @@ def people(app: App) -> PeopleAdmin:
 
 def retention(app: App) -> Retention:
     def make() -> Retention:
-        admin = app.memory_admin
+        admin = getattr(app, "memory_admin", None)  # a partial App (tests) may lack it
         return Retention(
             rules={n: Rule(b.history_days, b.memory_days) for n, b in app.settings.bots.items()},
             records=_erasure(app),
-            memory=admin.store if admin is not None else None,  # type: ignore[arg-type]
+            memory=admin.store if admin is not None else None,
             recall_log=admin.recall_log if admin is not None else None,
             shared=admin.shared if admin is not None else None,
         )

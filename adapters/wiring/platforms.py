@@ -81,7 +81,7 @@ def commands_for(app: App, bot: str, admins: list[str]) -> Commands:
         providers=ProviderAdmin(app.chains, last_replies(app)),
         files=FileAdmin(files(app)), persona=PersonaAdmin(app.conversations),
         usage=(lambda b: UsageAdmin(usage.store).report(b)) if usage is not None else None,
-        people=people(app), history=app.messages,
+        people=people(app), history=getattr(app, "messages", None),
     )
 
 
