@@ -12,6 +12,7 @@ import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -127,3 +128,37 @@ def test_purge_dry_run_then_purge_and_bot_delete(
     assert "still in" in err  # it is still configured: it starts afresh
     code, out, _ = run(capsys, config, "user", "show", "telegram:42")
     assert "0 memories, 0 messages" in out
+
+
+async def test_boternity_run_purges_in_the_background_with_a_log_line_and_a_metric(
+    config: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from adapters.ops.metrics import Metrics
+    from adapters.wiring.people import background_runners
+
+    class Signalled(Metrics):
+        """The real metrics, plus an event for the test to wait on."""
+
+        purged_once = asyncio.Event()
+
+        def count_purged(self, done: Any) -> None:
+            super().count_purged(done)
+            self.purged_once.set()
+
+    async with build_app(load_settings(config, dotenv=None)) as app:
+        app.metrics = metrics = Signalled()
+        [(label, runner)] = background_runners(app)
+        assert label == "retention"
+        caplog.set_level("INFO", logger="adapters.wiring.people")
+        task = asyncio.create_task(runner())
+        try:
+            await asyncio.wait_for(metrics.purged_once.wait(), 60)
+        finally:
+            task.cancel()
+        assert b'boternity_purged_total{bot="demo",kind="messages"} 2.0' in metrics.render()
+        assert "retention: bot demo purged 0 files, 2 messages, 0 recall_log" in caplog.text
+        assert [m.content for m in await app.messages.history("demo", "42")] == [
+            "my bees are calm", "noted: my bees are calm"]  # newer than 30 days: kept
+    settings = load_settings(config, dotenv=None).model_copy(update={"bots": {}})
+    async with build_app(settings, with_memory=False) as app:
+        assert background_runners(app) == []  # no bot keeps anything for a limited time
