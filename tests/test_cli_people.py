@@ -52,7 +52,8 @@ def config(tmp_path: Path) -> Path:
     async def populate() -> None:
         async with build_app(load_settings(path, dotenv=None)) as app:
             assert app.memory_admin is not None
-            await app.memory_admin.add("demo", "Alice keeps bees", user="telegram:42")
+            bees = await app.memory_admin.add("demo", "Alice keeps bees", user="telegram:42")
+            await app.memory_admin.publish("demo", bees.id)  # shared with every bot
             await app.memory_admin.add("demo", "Bob keeps fish", user="telegram:7")
             for user, text in (("telegram:42", "my bees are calm"), ("telegram:7", "fish!")):
                 await app.messages.add(bot="demo", chat=user.split(":")[1], role="user",
@@ -79,14 +80,15 @@ def test_user_show_export_and_forget_with_typed_confirmation(
     tmp_path: Path,
 ) -> None:
     code, out, _ = run(capsys, config, "user", "show", "telegram:42")
-    assert code == 0 and out.strip() == "telegram:42: 1 memory, 2 messages, 0 files, " \
-                                        "0 recall records"
+    assert code == 0 and out.strip() == "telegram:42: 1 memory, 1 shared fact, 2 messages, " \
+                                        "0 files, 0 recall records"
     target = tmp_path / "alice.json"
     code, _, _ = run(capsys, config, "user", "export", "telegram:42", "--bot", "demo",
                      "-o", str(target))
     exported = json.loads(target.read_text())
     assert code == 0 and exported["user"] == "telegram:42"
     assert [m["text"] for m in exported["memories"]] == ["Alice keeps bees"]
+    assert [m["text"] for m in exported["shared_memories"]] == ["Alice keeps bees"]
     assert [m["text"] for m in exported["messages"]] == ["my bees are calm",
                                                           "noted: my bees are calm"]
     assert "fish" not in target.read_text()  # nobody else's data
@@ -97,8 +99,11 @@ def test_user_show_export_and_forget_with_typed_confirmation(
     monkeypatch.setattr("sys.stdin", io.StringIO("telegram:42\n"))
     code, out, _ = run(capsys, config, "user", "forget", "telegram:42")
     assert code == 0 and out.startswith("forgot telegram:42: 1 memory, 2 messages")
+    # until the shared store deletes by person (tombstones), it says so and keeps them
+    assert "(shared memory not touched)" in out
     code, out, _ = run(capsys, config, "user", "show", "telegram:42")
-    assert out.strip() == "telegram:42: 0 memories, 0 messages, 0 files, 0 recall records"
+    assert out.strip() == "telegram:42: 0 memories, 1 shared fact, 0 messages, 0 files, " \
+                          "0 recall records"
     code, out, _ = run(capsys, config, "user", "show", "telegram:7")
     assert "1 memory, 2 messages" in out  # Bob untouched
     code, _, err = run(capsys, config, "user", "show", "42")
@@ -124,10 +129,10 @@ def test_purge_dry_run_then_purge_and_bot_delete(
     assert code == 1 and "nothing deleted" in err
     code, out, err = run(capsys, config, "bot", "delete", "demo", "--yes")
     assert code == 0
-    assert out.startswith("deleted bot demo: 2 memories, 0 shared_orphaned, 2 messages")
+    assert out.startswith("deleted bot demo: 2 memories, 1 shared_orphaned, 2 messages")
     assert "still in" in err  # it is still configured: it starts afresh
     code, out, _ = run(capsys, config, "user", "show", "telegram:42")
-    assert "0 memories, 0 messages" in out
+    assert "0 memories, 1 shared fact, 0 messages" in out  # orphaned, kept
 
 
 async def test_boternity_run_purges_in_the_background_with_a_log_line_and_a_metric(

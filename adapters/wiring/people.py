@@ -61,8 +61,11 @@ def people(app: App) -> PeopleAdmin:
         # cast: the port gains forget_user with shared tombstones; until then, None.
         forgetter = (cast(SharedForget, shared)
                      if shared is not None and hasattr(shared, "forget_user") else None)
-        return PeopleAdmin(bots=list(app.settings.bots), records=_erasure(app),
-                           memory=admin.store if admin is not None else None, shared=forgetter)
+        return PeopleAdmin(
+            bots=list(app.settings.bots), records=_erasure(app),
+            memory=admin.store if admin is not None else None, shared=forgetter,
+            shared_facts=(lambda bot, user: admin.shared_list(bot, user=user, limit=10_000))
+            if admin is not None and admin.shared is not None else None)
 
     found: PeopleAdmin = _shared(app, "people", make)
     return found

@@ -23,15 +23,19 @@ of the chat command.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.admin.memory import fact_record
 from engine.errors import AdminError
 from engine.ports import MemoryStore
+from engine.types import Fact
 
 CONFIRM_WINDOW_S = 300.0  # "/forget me confirm" must follow within five minutes
+
+# (reader bot, user) -> the shared facts about ``user`` that bot may read
+SharedFacts = Callable[[str, str], Awaitable[list[Fact]]]
 
 
 class PersonRecords(Protocol):
@@ -88,6 +92,15 @@ class PeopleAdmin:
     records: PersonRecords
     memory: MemoryStore | None = None
     shared: SharedForget | None = None  # wired once SharedMemory has forget_user
+    shared_facts: SharedFacts | None = None  # show and export what the bots can read
+
+    async def _shared_about(self, bots: Sequence[str], user: str) -> list[Fact]:
+        if self.shared_facts is None:
+            return []
+        found: dict[str, Fact] = {}
+        for bot in bots:
+            found.update((f.id, f) for f in await self.shared_facts(bot, user))
+        return list(found.values())
 
     def _bots(self, bots: Sequence[str] | None) -> list[str]:
         chosen = list(self.bots if bots is None else bots)
@@ -114,18 +127,22 @@ class PeopleAdmin:
         chosen, user = self._bots(bots), self._user(user)
         data = await self.records.person(chosen, user)
         return Held(
-            memories=len(await self._facts(chosen, user)), shared=None,
+            memories=len(await self._facts(chosen, user)),
+            shared=len(await self._shared_about(chosen, user)) if self.shared_facts else None,
             messages=len(data["messages"]), files=len(data["files"]),
             recall_log=len(data["recall_log"]), usage_rows=int(data["usage_rows"]),
         )
 
     async def export(self, user: str, bots: Sequence[str] | None = None) -> dict[str, Any]:
-        """Everything held about ``user``, JSON-able (shared facts: see ``forget``)."""
+        """Everything held about ``user``, JSON-able (shared: what these bots may read)."""
         chosen, user = self._bots(bots), self._user(user)
         data = await self.records.person(chosen, user)
         facts = await self._facts(chosen, user)
+        shared = await self._shared_about(chosen, user)
         return {"user": user, "bots": chosen,
-                "memories": [{"bot": f.bot, **fact_record(f)} for f in facts], **data}
+                "memories": [{"bot": f.bot, **fact_record(f)} for f in facts],
+                "shared_memories": [{"author_bot": f.author_bot, "trust_level": f.trust_level,
+                                     **fact_record(f)} for f in shared], **data}
 
     async def forget(self, user: str, bots: Sequence[str] | None = None, *,
                      actor: str) -> Held:
