@@ -196,6 +196,18 @@ async def scenario(s: Stores, bot: str, people: list[Person], victim: Person) ->
         assert COMMON.decode() in after  # shared bytes stay while someone still has them
 
 
+async def test_forgetting_one_person_on_sqlite_and_postgresql(
+    database_url: str, embedder: Any, tmp_path: Path
+) -> None:
+    """The same scenario as the property, fixed, on both databases."""
+    people = [Person("telegram:42", "MpgAliceZ", 2, (0, 1), 2, 1),
+              Person("slack:U0BOB", "MpgBobZ", 1, (0,), 1, 2),
+              Person("discord:1234", "MpgCaroZ", 0, (1,), 0, 0)]
+    async with AsyncExitStack() as stack:
+        s = await open_stores(stack, database_url, tmp_path, embedder)
+        await scenario(s, "demo", people, people[0])
+
+
 # --- retention and bot deletion, on SQLite and PostgreSQL ---
 
 async def test_retention_purges_old_history_files_and_memories(
