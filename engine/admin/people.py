@@ -32,6 +32,7 @@ from engine.errors import AdminError
 from engine.ports import MemoryStore
 from engine.types import Fact
 
+MAX_FACTS = 1_000_000  # per bot and person: far above anything a person tells a bot
 CONFIRM_WINDOW_S = 300.0  # "/forget me confirm" must follow within five minutes
 
 # (reader bot, user) -> the shared facts about ``user`` that bot may read
@@ -117,11 +118,14 @@ class PeopleAdmin:
             raise AdminError("name a person as PLATFORM:ID, e.g. telegram:42")
         return user
 
-    async def _facts(self, bots: Sequence[str], user: str) -> list[Any]:
+    async def _facts(self, bots: Sequence[str], user: str) -> list[Fact]:
         if self.memory is None:
             return []
-        return [fact for bot in bots async for fact in self.memory.iterate(bot)
-                if fact.user == user]
+        found: list[Fact] = []
+        for bot in bots:  # filtered in the store, history included
+            found += await self.memory.list_facts(bot, user=user, history=True,
+                                                  limit=MAX_FACTS)
+        return found
 
     async def show(self, user: str, bots: Sequence[str] | None = None) -> Held:
         chosen, user = self._bots(bots), self._user(user)
