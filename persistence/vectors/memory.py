@@ -229,8 +229,7 @@ class LanceMemoryStore:
         count: int = await table.count_rows(where)
         if count:
             await table.delete(where)
-            # Compaction rewrites the fragments without the deleted rows and old
-            # versions are cleaned up: the text also leaves the files on disk.
+            # Indexes and compaction catch up with the deletion (see maintenance).
             self._maintainers[bot].poke()
         return count
 
