@@ -62,7 +62,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("files", "Stored attachments: list or delete", "list | delete <id>"),
     CommandSpec("usage", "Token usage and costs", ""),
     CommandSpec("bot", "Bot settings: show or change the persona", "persona [new persona]"),
-    CommandSpec("help", "What the admin commands do", ""),
+    CommandSpec("help", "What the commands do", ""),
     CommandSpec("reset", "Start this chat's conversation afresh", ""),
     CommandSpec("forget", "Erase what this bot keeps about you", "me [confirm]"),
 )
@@ -161,10 +161,11 @@ class Commands:
             return f"/{name} failed unexpectedly; the details are in the bot's log."
 
     def help(self) -> str:
-        lines = ["Admin commands:"]
-        lines += [f"- `/{s.name}{' ' + s.usage if s.usage else ''}`: {s.description}"
-                  for s in COMMANDS]
-        return "\n".join(lines)
+        def line(s: CommandSpec) -> str:
+            return f"- `/{s.name}{' ' + s.usage if s.usage else ''}`: {s.description}"
+
+        return "\n".join(["Admin commands:", *(line(s) for s in COMMANDS if s.name not in OPEN),
+                          "For everyone:", *(line(s) for s in COMMANDS if s.name in OPEN)])
 
     @staticmethod
     def _usage_of(name: str) -> str:
@@ -248,7 +249,6 @@ class Commands:
             return f"Persona:\n> {self.persona.get(self.bot)}"
         self.persona.set(self.bot, new)
         return "Persona changed for this running bot (the config file still has the old one)."
-
 
     async def _reset(self, caller: Caller, words: list[str], raw: str) -> str:
         if caller.is_group and not self.is_admin(caller):
