@@ -3,7 +3,9 @@
 ``Conversation.reply(message)``, in order:
 
 1. commit the user's message (if storage fails, say so and stop: we never
-   answer a message we could not keep), while loading the chat's history
+   answer a message we could not keep) with the extracted text of its
+   documents, so follow-ups see them until they are trimmed like any old
+   message, while loading the chat's history (from the last ``/reset`` on)
    and, with a ``MemoryPolicy``, recalling facts (either failing is logged;
    the reply goes on without it);
 2. build the prompt within the chain's context budget (``engine.prompt``);
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from engine.errors import AllProvidersFailed, InvalidRequest, ProviderError, StorageError
 from engine.footer import footer as render_footer
 from engine.ports import Chain, ConversationStore, MemoryPolicy, Provider, ReplyObserver
-from engine.prompt import Prompt, build_prompt, estimate_tokens, request_tokens
+from engine.prompt import Prompt, build_prompt, estimate_tokens, request_tokens, stored_content
 from engine.types import (
     CompletionRequest,
     Fact,
@@ -50,6 +52,9 @@ from engine.types import (
 log = logging.getLogger(__name__)
 
 LOOP_NOTICE = "the answer was stopped: it kept repeating itself"
+# A system row with this content starts the chat afresh (``/reset``): history
+# before it is never sent again (it stays stored until retention or /forget).
+RESET_MARKER = "[conversation reset]"
 
 
 @dataclass
@@ -215,7 +220,7 @@ class Conversation:
     async def _store_user(self, message: IncomingMessage) -> int | StorageError:
         try:
             return await self.store.add(
-                bot=self.bot, chat=message.chat, role="user", content=message.text,
+                bot=self.bot, chat=message.chat, role="user", content=stored_content(message),
                 user=message.user, platform=message.platform, user_name=message.user_name,
             )
         except StorageError as exc:
@@ -226,13 +231,15 @@ class Conversation:
         if self.history_messages <= 0:
             return []
         try:
-            return await self.store.history(self.bot, message.chat,
+            rows = await self.store.history(self.bot, message.chat,
                                             limit=self.history_messages + 1,
                                             platform=message.platform)
         except StorageError as exc:
             log.warning("bot %s chat %s: history unavailable, answering without it: %s",
                         self.bot, message.chat, exc)
             return []
+        resets = [i for i, r in enumerate(rows) if r.role == "system" and r.content == RESET_MARKER]
+        return rows[resets[-1] + 1:] if resets else rows
 
     async def _recall(self, message: IncomingMessage) -> list[Fact]:
         if self.memory is None:

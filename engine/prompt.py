@@ -119,6 +119,18 @@ def user_content(message: IncomingMessage, vision: bool) -> tuple[str, tuple[Att
     return "\n\n".join(parts), images
 
 
+def stored_content(message: IncomingMessage) -> str:
+    """What history keeps of a user turn: its text and its documents' extracted text.
+
+    Image bytes are not kept (only a mention): a follow-up can ask about a
+    document, and the image was already answered.
+    """
+    parts = [message.text] if message.text else []
+    parts += [_attachment_text(a, vision=False) if a.text is not None
+              else f"[attached file '{a.name}' ({a.mime_type})]" for a in message.attachments]
+    return "\n\n".join(parts)
+
+
 def speaker(user_name: str, user: str) -> str:
     """The label of a group turn: the display name on one line (else the user id)."""
     # A newline in a display name could fake a whole turn of the transcript.

@@ -147,6 +147,10 @@ class BotPipeline:
 
         self.files = SqlFileStore(db, self.tmp_path / "data", max_file_bytes=1_000_000,
                                   max_bot_bytes=10_000_000)
+        from engine.admin.people import PeopleAdmin
+        from persistence.sql.erasure import SqlErasure
+
+        self.people = PeopleAdmin(bots=["demo"], records=SqlErasure(db, self.files))
         self.provider_admin = ProviderAdmin({"demo": self.chain}, self.last)
         self.persona_admin = PersonaAdmin({"demo": self.conversation})
 
@@ -156,7 +160,8 @@ class BotPipeline:
 
         return Commands(bot="demo", admins=admins, providers=self.provider_admin,
                         persona=self.persona_admin,
-                        files=FileAdmin(self.files) if self.files is not None else None)
+                        files=FileAdmin(self.files) if self.files is not None else None,
+                        people=self.people, history=self.conversation.store)
 
 
 @pytest.fixture

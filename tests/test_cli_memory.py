@@ -128,6 +128,28 @@ def test_import_reports_bad_lines_and_export_round_trips(cli: Cli, tmp_path: Pat
     assert again == sorted(exported.read_text().splitlines())  # ids, times, metadata kept
 
 
+def test_reimporting_lines_without_ids_adds_nothing(cli: Cli, tmp_path: Path) -> None:
+    """Issue 12: a JSON Lines file without ids, imported twice (or an interrupted
+    import run again), must not store every fact twice; the same words about
+    another person, or general, are a different fact."""
+    lines = [
+        json.dumps({"text": "Alice is vegetarian", "user": "telegram:42"}),
+        json.dumps({"text": "The office opens at 8"}),
+        json.dumps({"text": "alice  is VEGETARIAN", "user": "telegram:42"}),  # same, in-file
+        json.dumps({"text": "Alice is vegetarian", "user": "telegram:43"}),  # another person
+    ]
+    source = tmp_path / "no-ids.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    code, _, err = cli("memory", "import", str(source), "--bot", "helper")
+    assert code == 0 and "imported 3, already present 1" in err
+    code, _, err = cli("memory", "import", str(source), "--bot", "helper")
+    assert code == 0 and "imported 0, already present 4" in err
+    listed = cli.json_lines("memory", "list", "--bot", "helper")
+    assert sorted((f["user"], f["text"]) for f in listed) == [
+        ("", "The office opens at 8"), ("telegram:42", "Alice is vegetarian"),
+        ("telegram:43", "Alice is vegetarian")]
+
+
 def test_add_search_forget_and_reembed(cli: Cli) -> None:
     code, out, _ = cli("memory", "add", "Alice drinks green tea every morning", "--bot", "helper",
                        "--user", "telegram:alice", "--category", "preference")

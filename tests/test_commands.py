@@ -151,3 +151,38 @@ async def test_bot_persona_show_and_change(rig: Rig) -> None:
     too_long = await rig.commands.run(ADMIN, "bot", "persona " + "x" * 5000)
     assert "1 to 4000 characters" in too_long
     assert rig.conversation.persona == "You speak like a pirate."
+
+
+async def test_forget_me_confirmation_expires_and_is_about_the_caller_only(
+    tmp_path: Path, embedder: Any
+) -> None:
+    from engine.admin.people import ForgetRequests, PeopleAdmin
+    from persistence.sql.erasure import SqlErasure
+
+    now = [1000.0]
+    async with (
+        Database(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}") as db,
+        await LanceMemoryStore.open(str(tmp_path / "lancedb"), embedder) as store,
+    ):
+        history = SqlConversationStore(db)
+        people = PeopleAdmin(bots=["demo"], records=SqlErasure(db), memory=store)
+        commands = Commands(bot="demo", people=people, history=history,
+                            forget_requests=ForgetRequests(clock=lambda: now[0]))
+        alice = Caller(platform="telegram", chat="7", user="7", is_group=False)
+        await history.add(bot="demo", chat="7", role="user", user="telegram:7", content="hi")
+        await history.add(bot="demo", chat="100", role="user", user="telegram:8",
+                          content="someone else")
+        assert "1 message" in await commands.run(alice, "forget", "me")
+        now[0] += 301  # more than five minutes later
+        assert "first" in await commands.run(alice, "forget", "me confirm")
+        assert len(await history.history("demo", "7")) == 1  # nothing deleted
+        await commands.run(alice, "forget", "me")
+        now[0] += 299
+        assert (await commands.run(alice, "forget", "me confirm")).startswith("Done")
+        assert await history.history("demo", "7") == []
+        assert len(await history.history("demo", "100")) == 1  # nobody else's
+        assert "Usage: `/forget me [confirm]`" in await commands.run(alice, "forget", "telegram:8")
+        # /reset: anyone in a DM, admins only in a group (is_group defaults to the stricter)
+        assert "reset" in await commands.run(alice, "reset", "")
+        refused = await commands.run(Caller(platform="telegram", chat="100", user="8"), "reset", "")
+        assert "only this bot's admins" in refused

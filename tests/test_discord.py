@@ -130,6 +130,32 @@ async def test_admin_command_works_others_refused(
         assert "You are terse." in text
 
 
+async def test_forget_me_is_private_and_reset_needs_an_admin_in_a_server(
+    discord_fake: FakeDiscord, bot_pipeline: BotPipeline
+) -> None:
+    async def command(name: str, args: str | None, user: int) -> str:
+        discord_fake.original_edited.clear()
+        token = await discord_fake.interaction(name=name, args=args, channel_id=C1,
+                                               user_id=user)
+        await asyncio.wait_for(discord_fake.original_edited.wait(), 30)
+        assert discord_fake.interaction_callbacks[-1] == {"type": 5, "data": {"flags": 64}}
+        return discord_fake.original_edits[token][-1]  # ephemeral: only the caller sees it
+
+    alice = 530000000000000042
+    store = bot_pipeline.conversation.store
+    await store.add(bot="demo", chat=str(C1), role="user", user=f"discord:{alice}",
+                    content="my secret is kiwi")
+    async with adapter(discord_fake, bot_pipeline):
+        assert "1 message" in await command("forget", "me", alice)
+        assert "first" in await command("forget", "me confirm", ADMIN)  # not asked by ADMIN
+        done = await command("forget", "me confirm", alice)
+        assert done.startswith("Done: I deleted 0 memories, 1 message")
+        assert "only this bot's admins" in await command("reset", None, alice)
+        assert "reset" in await command("reset", None, ADMIN)
+    assert [m.content for m in await store.history("demo", str(C1))] == [
+        "[conversation reset]"]
+
+
 async def test_commands_synced_only_when_changed(
     discord_fake: FakeDiscord, bot_pipeline: BotPipeline
 ) -> None:
@@ -137,7 +163,7 @@ async def test_commands_synced_only_when_changed(
         assert first.synced
     assert len(discord_fake.command_puts) == 1
     names = sorted(c["name"] for c in discord_fake.command_puts[0])
-    assert names == ["bot", "files", "help", "memory", "provider", "usage"]
+    assert names == ["bot", "files", "forget", "help", "memory", "provider", "reset", "usage"]
     async with adapter(discord_fake, bot_pipeline) as second:
         assert not second.synced
     assert len(discord_fake.command_puts) == 1  # unchanged: no write to Discord

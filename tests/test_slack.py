@@ -165,6 +165,33 @@ async def test_admin_command_works_non_admin_refused_unknown_explained(
         assert "You are terse." in text
 
 
+async def test_forget_me_and_reset_are_answered_ephemerally_to_anyone(
+    slack_fake: FakeSlack, bot_pipeline: BotPipeline
+) -> None:
+    """``/forget me`` shows the caller's data: only they see the answer (ephemeral)."""
+    async def command(name: str, text: str, user: str, channel: str = "C1") -> str:
+        before = len(slack_fake.responses)
+        await slack_fake.push("slash_commands", {
+            "command": name, "text": text, "user_id": user, "channel_id": channel,
+            "team_id": TEAM, "response_url": slack_fake.response_url(), "trigger_id": "t"})
+        await slack_fake.wait_for(lambda: len(slack_fake.responses) > before)
+        assert slack_fake.responses[-1]["response_type"] == "ephemeral"
+        return str(slack_fake.responses[-1]["text"])
+
+    store = bot_pipeline.conversation.store
+    await store.add(bot="demo", chat="D0ALICE", role="user", user="slack:UALICE001",
+                    content="my secret is kiwi")
+    async with adapter(slack_fake, bot_pipeline):
+        text = await command("/forget", "me", "UALICE001")
+        assert "I keep about you: 0 memories, 1 message" in text
+        assert "/forget me confirm" in text
+        text = await command("/forget", "me confirm", "UALICE001")
+        assert text.startswith("Done: I deleted 0 memories, 1 message")
+        assert "only this bot's admins" in await command("/reset", "", "UALICE001")  # channel
+        assert "reset" in await command("/reset", "", "UALICE001", channel="D0ALICE")  # DM
+    assert [m.role for m in await store.history("demo", "D0ALICE")] == ["system"]
+
+
 # --- HTTP Events API: bolt checks the signature ----------------------------------
 
 def signed(body: str, *, secret: str = SECRET, ts: int | None = None) -> dict[str, str]:

@@ -225,15 +225,34 @@ async def test_admin_command_works_non_admin_refused_unknown_explained(
         assert refused == "Sorry, only this bot's admins can use /provider."
         unknown = await command("/frobnicate now", ADMIN, chat=ADMIN)
         assert unknown.startswith("Unknown command /frobnicate") and "/memory" in unknown
-        persona = await command("/bot@demo_bot persona", ADMIN, chat=GROUP, kind="group")
-        assert "You are terse." in persona
+        # in a group the answer goes to the admin's private chat, the group gets a note
+        before = len(tg.in_chat(ADMIN))
+        note = await command("/bot@demo_bot persona", ADMIN, chat=GROUP, kind="group")
+        assert note == "I sent you the answer to /bot in our private chat."
+        await tg.wait_for(lambda: len(tg.in_chat(ADMIN)) > before)
+        assert "You are terse." in tg.in_chat(ADMIN)[-1].text
         files = await command("/files list", ADMIN, chat=ADMIN)
         assert files == "No stored files."
         # a command addressed to another bot is left alone
         tg.push_message(GROUP, "/memory@other_bot list", chat_type="group", user_id=ADMIN)
         await command("/help", 7)  # processed after it: updates are handled in order
-    assert len(tg.in_chat(GROUP)) == 1
+    assert len(tg.in_chat(GROUP)) == 1 and "terse" not in tg.in_chat(GROUP)[0].text
     assert bot_pipeline.fake.count == 0  # commands never reach the model
+
+
+async def test_admin_answer_never_goes_to_the_group_even_without_a_private_chat(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    """Issue 12: ``/memory list telegram:42`` typed in a group posted that person's
+    memories for the group to read. Now the answer goes to the caller's DM; a
+    caller who never opened one is asked to, and nothing of the answer is shown."""
+    async with adapter(tg, bot_pipeline):
+        tg.push_message(GROUP, "/provider status", chat_type="group", user_id=ADMIN)
+        await tg.wait_for(lambda: len(tg.in_chat(GROUP)) == 1)
+    [note] = tg.in_chat(GROUP)
+    assert "only in private" in note.text and "@demo_bot" in note.text
+    assert "primary" not in note.text  # the answer itself went nowhere
+    assert tg.in_chat(ADMIN) == []
 
 
 async def test_100kb_message_and_long_answer_split_at_4096(

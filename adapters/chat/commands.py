@@ -11,14 +11,20 @@ args)`` parses the text arguments, checks the caller, delegates to
     /usage
     /bot persona [new persona]
     /help
+    /reset                       (anyone in a DM; admins in groups)
+    /forget me [confirm]         (anyone, about themselves)
 
 Only configured admins (``admins = [...]``, raw platform ids or
 ``platform:id``) or platform admins (when the adapter says so: a Slack
 workspace admin under ``trust_workspace_admins``, a Discord server
 Administrator under ``trust_guild_admins``) may run them; others get a polite
-refusal, and unknown commands a list of what exists. ``/help`` is open to
-everyone. Nothing here raises to the platform: every error becomes a short
-message.
+refusal, and unknown commands a list of what exists. ``/help``, ``/reset``
+and ``/forget`` are open to everyone. ``/forget me`` says what it would
+delete and asks for ``/forget me confirm`` within five minutes
+(``engine.admin.people``). ``answers_privately(name)``: whether the answer
+shows someone's data, so a platform without private replies in groups
+(Telegram) must send it to the caller's DM instead. Nothing here raises to
+the platform: every error becomes a short message.
 
 A platform admin who is not a configured admin is SCOPED: read-only (no
 ``/memory forget``, ``/files delete``, persona change, nor ``/usage``, which
@@ -38,8 +44,11 @@ from datetime import datetime
 
 from engine.admin.bot import FileAdmin, PersonaAdmin, ProviderAdmin
 from engine.admin.memory import MemoryAdmin
+from engine.admin.people import ForgetRequests, PeopleAdmin
+from engine.conversation import RESET_MARKER
 from engine.errors import BoternityError
 from engine.memory.scope import parse_user
+from engine.ports import ConversationStore
 from engine.types import Fact
 
 log = logging.getLogger(__name__)
@@ -62,12 +71,21 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("files", "Stored attachments: list or delete", "list | delete <id>"),
     CommandSpec("usage", "Token usage and costs", ""),
     CommandSpec("bot", "Bot settings: show or change the persona", "persona [new persona]"),
-    CommandSpec("help", "What the admin commands do", ""),
+    CommandSpec("help", "What the commands do", ""),
+    CommandSpec("reset", "Start this chat's conversation afresh", ""),
+    CommandSpec("forget", "Erase what this bot keeps about you", "me [confirm]"),
 )
 _BY_NAME = {spec.name: spec for spec in COMMANDS}
 REFUSAL = "Sorry, only this bot's admins can use /{name}."
 READ_ONLY = ("Sorry, as a {platform} admin you can read this bot's {platform} data; "
              "{what} is for the admins named in the bot's configuration.")
+OPEN = frozenset({"help", "reset", "forget"})  # anyone may run these (each checks its own rule)
+PUBLIC_ANSWERS = frozenset({"help", "start", "reset"})  # show nobody's data
+
+
+def answers_privately(name: str) -> bool:
+    """Whether ``/name``'s answer may show someone's data (send it to the caller only)."""
+    return name.lower().lstrip("/") not in PUBLIC_ANSWERS
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,7 @@ class Caller:
     # What a platform admin may read: these chats (a Discord server's channels),
     # or, when None, everything of its platform (a Slack app serves one workspace).
     platform_chats: frozenset[str] | None = None
+    is_group: bool = True  # a DM says so; unknown counts as a group (the stricter rule)
 
 
 def parse(text: str) -> tuple[str, str] | None:
@@ -111,6 +130,9 @@ class Commands:
         files: FileAdmin | None = None,
         persona: PersonaAdmin | None = None,
         usage: UsageReport | None = None,
+        people: PeopleAdmin | None = None,
+        history: ConversationStore | None = None,
+        forget_requests: ForgetRequests | None = None,
     ) -> None:
         self.bot = bot
         self.admins = frozenset(admins)
@@ -119,6 +141,9 @@ class Commands:
         self.files = files
         self.persona = persona
         self.usage = usage
+        self.people = people
+        self.history = history
+        self.forget_requests = forget_requests or ForgetRequests()
 
     def is_admin(self, caller: Caller) -> bool:
         return caller.is_platform_admin or self._configured(caller)
@@ -147,7 +172,7 @@ class Commands:
             return f"Unknown command /{name[:40]}. Available: {known}."
         if name == "help":
             return self.help()
-        if not self.is_admin(caller):
+        if name not in OPEN and not self.is_admin(caller):
             log.info("refused /%s from %s:%s", name, caller.platform, caller.user)
             return REFUSAL.format(name=name)
         try:
@@ -165,10 +190,11 @@ class Commands:
             return f"/{name} failed unexpectedly; the details are in the bot's log."
 
     def help(self) -> str:
-        lines = ["Admin commands:"]
-        lines += [f"- `/{s.name}{' ' + s.usage if s.usage else ''}`: {s.description}"
-                  for s in COMMANDS]
-        return "\n".join(lines)
+        def line(s: CommandSpec) -> str:
+            return f"- `/{s.name}{' ' + s.usage if s.usage else ''}`: {s.description}"
+
+        return "\n".join(["Admin commands:", *(line(s) for s in COMMANDS if s.name not in OPEN),
+                          "For everyone:", *(line(s) for s in COMMANDS if s.name in OPEN)])
 
     @staticmethod
     def _usage_of(name: str) -> str:
@@ -272,6 +298,38 @@ class Commands:
             return self._read_only(caller, "changing the persona")
         self.persona.set(self.bot, new)
         return "Persona changed for this running bot (the config file still has the old one)."
+
+    async def _reset(self, caller: Caller, words: list[str], raw: str) -> str:
+        if caller.is_group and not self.is_admin(caller):
+            return "In a group only this bot's admins can use /reset (it changes what " \
+                   "everyone here sees)."
+        if self.history is None:
+            return "This bot keeps no conversation history."
+        await self.history.add(bot=self.bot, chat=caller.chat, role="system",
+                               content=RESET_MARKER, platform=caller.platform)
+        return "Conversation reset: I no longer see the earlier messages of this chat."
+
+    async def _forget(self, caller: Caller, words: list[str], raw: str) -> str:
+        if [w.lower() for w in words[:1]] != ["me"] or len(words) > 2 or (
+                len(words) == 2 and words[1].lower() != "confirm"):
+            return self._usage_of("forget")
+        if self.people is None:
+            return "Forgetting is not available for this bot."
+        user = f"{caller.platform}:{caller.user}"
+        if len(words) == 1:
+            held = await self.people.show(user, [self.bot])
+            self.forget_requests.ask(self.bot, user)
+            shared = (" Shared facts other bots hold about you go too."
+                      if self.people.shared is not None else "")
+            return (f"I keep about you: {held.describe()}.{shared} To delete all of it "
+                    "for good, send `/forget me confirm` within 5 minutes.")
+        if not self.forget_requests.confirm(self.bot, user):
+            return "Send `/forget me` first; then `/forget me confirm` within 5 minutes."
+        done = await self.people.forget(user, [self.bot], actor=user)
+        log.info("forgot %s on request (bot %s): %d rows", user, self.bot, done.total)
+        shared = ("" if done.shared is not None else
+                  " Shared memory was not touched (it is not set up for forgetting).")
+        return f"Done: I deleted {done.describe()}.{shared}"
 
 
 def _facts(title: str, facts: list[Fact]) -> str:

@@ -46,7 +46,8 @@ EMBEDDED_CONFIG = "boternity.example.toml"  # package data of ``adapters.wiring`
 Handler = Callable[[argparse.Namespace, App], Awaitable[int]]
 
 # Modules that add subcommands: each exposes ``add_commands(subparsers)``.
-COMMAND_MODULES: list[str] = ["adapters.cli.usage", "adapters.cli.memory"]
+COMMAND_MODULES: list[str] = ["adapters.cli.usage", "adapters.cli.memory",
+                               "adapters.cli.people"]
 
 
 async def cmd_chat(args: argparse.Namespace, app: App) -> int:
@@ -68,6 +69,7 @@ def _default_bot(app: App) -> str:
 
 async def cmd_run(args: argparse.Namespace, app: App) -> int:
     # Imported here: only `run` loads the platform SDKs (`chat` starts faster without).
+    from adapters.wiring.people import background_runners
     from adapters.wiring.platforms import platform_runners
 
     runners = platform_runners(app)
@@ -76,6 +78,7 @@ async def cmd_run(args: argparse.Namespace, app: App) -> int:
               "[bots.NAME.slack] or [bots.NAME.discord]); use 'boternity chat' for the "
               "terminal.", file=sys.stderr)
         return 0
+    runners += background_runners(app)  # the retention purge, when a bot sets one
     print("running: " + ", ".join(label for label, _ in runners), file=sys.stderr)
     try:
         async with asyncio.TaskGroup() as group:

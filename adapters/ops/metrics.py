@@ -9,6 +9,7 @@ at ``/metrics``. What feeds it:
 - ``TimedMemory``: wraps a ``MemoryPolicy`` and times ``recall``;
 - ``MeteredSender``: wraps a platform's ``MessageSender`` and counts sends,
   edits and 429s (``RetryAfter``);
+- ``count_purged``: rows the retention purge deleted, per bot and kind;
 - breaker states are read at scrape time from a callable (the chains'
   ``status()``), so the gauge is never stale.
 
@@ -88,6 +89,9 @@ class Metrics:
             "boternity_events_duplicate",
             "Platform events dropped as already handled or being handled elsewhere",
             ["platform"], registry=r)
+        self.purged = Counter(
+            "boternity_purged", "Rows deleted by the retention purge, by bot and kind "
+            "(messages, files, recall_log, memories)", ["bot", "kind"], registry=r)
         self._breakers: list[BreakerStates] = []
         r.register(_BreakerCollector(self._breaker_states))
 
@@ -100,6 +104,12 @@ class Metrics:
         for source in self._breakers:
             states.update(source())
         return states
+
+    def count_purged(self, done: Mapping[str, Mapping[str, int]]) -> None:
+        """Record one retention purge (``engine.admin.retention.Retention.run``)."""
+        for bot, counts in done.items():
+            for kind, count in counts.items():
+                self.purged.labels(bot=bot, kind=kind).inc(count)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

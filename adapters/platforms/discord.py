@@ -359,6 +359,7 @@ class DiscordAdapter:
             chat = str(interaction.channel_id or "")
             caller = Caller(
                 platform="discord", chat=chat, user=str(interaction.user.id),
+                is_group=interaction.guild_id is not None,
                 is_platform_admin=self.config.trust_guild_admins
                 and interaction.guild_id is not None and interaction.permissions.administrator,
                 platform_chats=_server_chats(interaction.guild, chat),

@@ -391,8 +391,9 @@ class SlackAdapter:
         name = str(command.get("command", "")).lstrip("/")
         if self.commands is None:
             return "Admin commands are not enabled for this bot."
-        caller = Caller(platform="slack", chat=str(command.get("channel_id", "")),
-                        user=str(command.get("user_id", "")))
+        channel = str(command.get("channel_id", ""))
+        caller = Caller(platform="slack", chat=channel, user=str(command.get("user_id", "")),
+                        is_group=not channel.startswith("D"))  # D...: a direct message
         # Only an admin of the workspace the bot is installed in (not of a
         # workspace sharing a channel with it); Commands scopes them read-only.
         if (self.config.trust_workspace_admins and not self.commands.is_admin(caller)

@@ -6,7 +6,10 @@ or a test fake), registers the admin commands with ``setMyCommands`` and
 starts polling (default) or a webhook. Every message update is normalized:
 
 - commands (``/memory ...``, ``/memory@ThisBot ...``) go to ``Commands`` and
-  are answered in a task; a command for another bot is left alone;
+  are answered in a task; a command for another bot is left alone; in a
+  group, an answer that may show someone's data (admin commands,
+  ``/forget me``) goes to the caller's private chat with the bot, or the
+  group is told to open one: never to the group;
 - other messages pass the ``Gate`` (DMs always; groups when the bot is
   @mentioned or replied to, or per the channel config; other bots only with
   the loop guard), become an ``IncomingMessage`` (the mention removed,
@@ -52,7 +55,7 @@ from telegram import error as tg_error
 from telegram.ext import Application, ContextTypes, MessageHandler, filters
 from telegram.warnings import PTBDeprecationWarning
 
-from adapters.chat.commands import COMMANDS, Caller, Commands, parse
+from adapters.chat.commands import COMMANDS, Caller, Commands, answers_privately, parse
 from adapters.chat.dedupe import Dedupe, MemoryDedupe
 from adapters.chat.gate import Facts, Gate, GateConfig
 from adapters.chat.handler import Handler, Inflight, PendingFile
@@ -407,12 +410,32 @@ class TelegramAdapter:
 
     async def _command(self, message: Message, name: str, args: str) -> None:
         assert message.from_user is not None
+        is_group = message.chat.type != "private"
         caller = Caller(platform="telegram", chat=str(message.chat.id),
-                        user=str(message.from_user.id))
+                        user=str(message.from_user.id), is_group=is_group)
         # Telegram clients send /start first; answer it with the help text.
         answer = await self.commands.run(caller, "help" if name == "start" else name, args)
-        await self.outbound.send_text(str(message.chat.id), answer,
-                                      is_group=message.chat.type != "private",
+        if is_group and answers_privately(name):
+            await self._answer_privately(message, name, answer)
+            return
+        await self.outbound.send_text(str(message.chat.id), answer, is_group=is_group,
+                                      reply_to=str(message.message_id))
+
+    async def _answer_privately(self, message: Message, name: str, answer: str) -> None:
+        """A group has no private replies: the answer goes to the caller's DM with us.
+
+        Telegram lets a bot write to a person only after they started a chat
+        with it; if they have not, the group is asked to do that, and the
+        answer (someone's data, maybe) is never posted there.
+        """
+        assert message.from_user is not None
+        dm = str(message.from_user.id)  # a private chat's id is the user's id
+        delivered = await self.outbound.send_text(dm, answer, is_group=False)
+        note = (f"I sent you the answer to /{name} in our private chat." if
+                delivered.final_landed else
+                f"I answer /{name} only in private: open a chat with @{self.username}, "
+                "press Start, and send the command there.")
+        await self.outbound.send_text(str(message.chat.id), note, is_group=True,
                                       reply_to=str(message.message_id))
 
     def _spawn(self, coro: Awaitable[object]) -> None:

@@ -74,7 +74,7 @@ def start_console(app: App, ops: OpsServer | None) -> Sources | None:
 
 def _files(app: App) -> Files:
     # The same store the platforms use (built once, kept on app.extras).
-    from adapters.wiring.platforms import files
+    from adapters.wiring.people import files
 
     store = files(app)
     assert hasattr(store, "get")  # SqlFileStore: get + path for downloads

@@ -11,8 +11,8 @@ the environment and a missing one is a ``ConfigError`` naming the key.
 
 Shared by every bot and platform of one process (built on first use, kept on
 ``app.extras``):
-- the ``FileStore`` under ``data_dir`` (``persistence.sql.files``) with the
-  storage caps;
+- the ``FileStore`` under ``data_dir`` (``adapters.wiring.people.files``)
+  with the storage caps;
 - a ``LastReplies`` observer, for ``/provider status``;
 - one semaphore bounding concurrent replies (``MAX_CONCURRENT_REPLIES``).
 Per bot and platform: ``Commands`` with that platform's ``admins``. When the
@@ -38,6 +38,7 @@ from adapters.platforms.discord import DiscordAdapter, DiscordConfig
 from adapters.platforms.slack import SlackAdapter, SlackConfig
 from adapters.platforms.telegram import TelegramAdapter, TelegramConfig
 from adapters.wiring.app import App, Runner
+from adapters.wiring.people import files, people
 from adapters.wiring.settings import (
     DiscordSettings,
     PlatformSettings,
@@ -46,8 +47,7 @@ from adapters.wiring.settings import (
 )
 from engine.admin.bot import FileAdmin, LastReplies, PersonaAdmin, ProviderAdmin, UsageAdmin
 from engine.errors import ConfigError
-from engine.ports import FileStore, Transcriber
-from persistence.sql.files import SqlFileStore
+from engine.ports import Transcriber
 
 MAX_CONCURRENT_REPLIES = 32
 
@@ -56,14 +56,6 @@ def _shared(app: App, key: str, make: Callable[[], Any]) -> Any:
     if key not in app.extras:
         app.extras[key] = make()
     return app.extras[key]
-
-
-def files(app: App) -> FileStore:
-    storage = app.settings.storage
-    store: FileStore = _shared(app, "files", lambda: SqlFileStore(
-        app.database, storage.data_dir, max_file_bytes=storage.max_file_bytes,
-        max_bot_bytes=storage.max_bot_bytes))
-    return store
 
 
 def last_replies(app: App) -> LastReplies:
@@ -90,6 +82,7 @@ def commands_for(app: App, bot: str, admins: list[str]) -> Commands:
         providers=ProviderAdmin(app.chains, last_replies(app)),
         files=FileAdmin(files(app)), persona=PersonaAdmin(app.conversations),
         usage=(lambda b: UsageAdmin(usage.store).report(b)) if usage is not None else None,
+        people=people(app), history=getattr(app, "messages", None),
     )
 
 

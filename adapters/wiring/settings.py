@@ -217,6 +217,9 @@ class BotSettings(_Strict):
     trust_groups: list[str] = Field(default_factory=list)
     budget_usd_per_day: float | None = Field(default=None, ge=0)
     user_budget_usd_per_day: float | None = Field(default=None, ge=0)
+    # retention (days; None = keep): history, files and recall log / memories
+    history_days: int | None = Field(default=None, ge=1)
+    memory_days: int | None = Field(default=None, ge=1)
     telegram: TelegramSettings | None = None
     slack: SlackSettings | None = None
     discord: DiscordSettings | None = None

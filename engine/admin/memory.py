@@ -22,8 +22,11 @@ Every user an admin names (list, search, add, forget, import) goes through
 ``parse_user``. ``export`` writes the same shape
 plus ``id``, ``created_at`` and ``superseded_by``, and ``import`` keeps those
 when present, so export -> import restores the history; a line whose ``id``
-already exists is skipped (importing twice adds nothing). A bad line is
-reported with its number and skipped; every other line is still imported.
+already exists is skipped, and a line without ``id`` whose text the bot
+already holds for that user (same words, case and spacing aside) is skipped
+too: importing twice, or re-running an interrupted import, adds nothing. A
+bad line is reported with its number and skipped; every other line is still
+imported.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class BotInfo:
 @dataclass(frozen=True)
 class ImportReport:
     added: int = 0
-    skipped: int = 0  # already present (same id)
+    skipped: int = 0  # already present (same id, or same user and text)
     errors: tuple[tuple[int, str], ...] = ()  # (line number, what is wrong)
     lines: int = 0
 
@@ -120,6 +123,11 @@ def fact_record(fact: Fact) -> dict[str, Any]:
         "created_at": fact.created_at.isoformat() if fact.created_at else None,
         "superseded_by": fact.superseded_by, "chat": fact.chat,
     }
+
+
+def _same(user: str, text: str) -> tuple[str, str]:
+    """The key two facts share when they say the same about the same person."""
+    return user, " ".join(text.split()).casefold()
 
 
 def _line_error(exc: Exception) -> str:
@@ -243,9 +251,10 @@ class MemoryAdmin:
         errors: list[tuple[int, str]] = []
         added = skipped = 0
         batch: list[Fact] = []
-        # Ids already stored, read once (a store round trip per line would make
-        # restoring a 100k-line export take minutes).
+        # Ids and (user, text) already stored, read once (a store round trip per
+        # line would make restoring a 100k-line export take minutes).
         seen: set[str] | None = None
+        held: set[tuple[str, str]] | None = None
 
         async def flush(done: int) -> None:
             nonlocal added
@@ -270,6 +279,13 @@ class MemoryAdmin:
                     skipped += 1
                     continue
                 seen.add(record.id)
+            else:
+                if held is None:
+                    held = {_same(fact.user, fact.text) async for fact in self.store.iterate(bot)}
+                if _same(record.user, record.text) in held:
+                    skipped += 1
+                    continue
+                held.add(_same(record.user, record.text))
             batch.append(record.to_fact(bot))
             if len(batch) >= IMPORT_BATCH:
                 await flush(number)

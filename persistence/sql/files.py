@@ -158,7 +158,11 @@ class SqlFileStore:
 
     def path(self, stored: StoredFile) -> Path:
         """Where the bytes of ``stored`` are (shared by every record of the same content)."""
-        return self._dir(stored.bot) / stored.sha256[:2] / stored.sha256
+        return self.blob_path(stored.bot, stored.sha256)
+
+    def blob_path(self, bot: str, sha256: str) -> Path:
+        """Where a bot's bytes of content ``sha256`` are (erasure frees them by hash)."""
+        return self._dir(bot) / sha256[:2] / sha256
 
     async def bot_bytes(self, bot: str) -> int:
         """Bytes a bot's distinct stored files take (dedup counted once)."""

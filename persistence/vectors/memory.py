@@ -245,6 +245,15 @@ class LanceMemoryStore:
     async def delete_user(self, bot: str, user: str) -> int:
         return await self._delete(bot, f"user = {quote(user)}")
 
+    @storage_errors
+    async def delete_ids(self, bot: str, fact_ids: Sequence[str]) -> int:
+        """Forget many facts at once (retention); returns how many existed."""
+        ids = list(dict.fromkeys(fact_ids))
+        done = 0
+        for start in range(0, len(ids), EMBED_BATCH):  # bounded filter strings
+            done += await self._delete(bot, in_list("id", ids[start:start + EMBED_BATCH]))
+        return done
+
     async def _delete(self, bot: str, where: str) -> int:
         table = await self._table(bot)
         if table is None:
@@ -252,6 +261,8 @@ class LanceMemoryStore:
         count: int = await table.count_rows(where)
         if count:
             await table.delete(where)
+            # Indexes and compaction catch up with the deletion (see maintenance).
+            self._maintainers[bot].poke()
         return count
 
     @storage_errors

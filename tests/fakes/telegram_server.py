@@ -15,6 +15,8 @@ integer number of seconds, as Telegram does) when one is exceeded:
 - the whole bot: at most 30 sends/edits in any one second;
 - text: 1..4096 UTF-16 units, else 400 (``message is too long`` / ``text is empty``);
 - editing to the same text and entities: 400 ``message is not modified``.
+- a private chat the person never wrote in: 403 ``Forbidden: bot can't
+  initiate conversation with a user`` (a bot cannot DM someone first).
 
 ``lose_edit_answers = N`` applies the next N edits but answers only after
 ``lost_answer_delay_s`` (longer than the client's timeout): a timed-out edit
@@ -302,6 +304,9 @@ class FakeTelegram:
         chat_id, text = int(p["chat_id"]), str(p.get("text", ""))
         if (bad := self._check_text(text)) is not None:
             return bad
+        if chat_id > 0 and chat_id not in self.chat_types:
+            # Like Telegram: a bot writes to a person only after they wrote to it.
+            return _error(403, "Forbidden: bot can't initiate conversation with a user")
         if (wait := self._limit(chat_id)) is not None:
             return self._too_many(wait)
         reply = p.get("reply_parameters") or {}
