@@ -55,6 +55,13 @@ LOOP_NOTICE = "the answer was stopped: it kept repeating itself"
 # A system row with this content starts the chat afresh (``/reset``): history
 # before it is never sent again (it stays stored until retention or /forget).
 RESET_MARKER = "[conversation reset]"
+RESET_DONE = "Conversation reset: I no longer see the earlier messages of this chat."
+
+
+async def reset_chat(store: ConversationStore, *, bot: str, chat: str, platform: str) -> str:
+    """Start a chat afresh (``/reset`` on any platform, the terminal's included)."""
+    await store.add(bot=bot, chat=chat, role="system", content=RESET_MARKER, platform=platform)
+    return RESET_DONE
 
 
 @dataclass

@@ -10,6 +10,7 @@ timeouts; nothing is timed.
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from adapters.platforms.terminal import COMMANDS_HELP, NO_ANSWER, NO_RESET
+from adapters.platforms.terminal import COMMANDS_HELP, NO_ANSWER
+from engine.conversation import RESET_DONE
 from tests.fakes.openai_server import Drop, FakeOpenAI, Hang, Status, Text
 from tests.test_cli import _env, run_cli, write_config
 
@@ -143,10 +145,14 @@ async def test_piped_commands_are_local_and_quit_stops_reading(
     config = write_config(tmp_path, openai_fake.base_url)
     (tmp_path / ".env").write_text("FAKE_PRIMARY_KEY=sk-x\n", encoding="utf-8")
     code, out, err = await run_cli(
-        ["--config", str(config), "chat"], "/help\nhello\n/reset\n/quit\nnever sent\n", tmp_path)
+        ["--config", str(config), "chat"], "/help\nhello\n/reset\nagain\n/quit\nnever sent\n",
+        tmp_path)
     assert code == 0, err
-    assert out.split("\n\n") == [COMMANDS_HELP, "Hello from the fake.", NO_RESET, ""]
-    assert [r.messages[-1]["content"] for r in openai_fake.requests] == ["hello"]
+    assert out.split("\n\n") == [COMMANDS_HELP, "Hello from the fake.", RESET_DONE,
+                                   "Hello from the fake.", ""]
+    assert [r.messages[-1]["content"] for r in openai_fake.requests] == ["hello", "again"]
+    # After /reset the earlier turn is no longer sent.
+    assert "hello" not in json.dumps(openai_fake.requests[1].messages)
 
 
 async def test_piped_chat_exits_non_zero_when_a_message_got_no_answer(

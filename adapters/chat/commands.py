@@ -45,7 +45,7 @@ from datetime import datetime
 from engine.admin.bot import FileAdmin, PersonaAdmin, ProviderAdmin
 from engine.admin.memory import MemoryAdmin
 from engine.admin.people import ForgetRequests, PeopleAdmin
-from engine.conversation import RESET_MARKER
+from engine.conversation import reset_chat
 from engine.errors import BoternityError
 from engine.memory.scope import parse_user
 from engine.ports import ConversationStore
@@ -305,9 +305,8 @@ class Commands:
                    "everyone here sees)."
         if self.history is None:
             return "This bot keeps no conversation history."
-        await self.history.add(bot=self.bot, chat=caller.chat, role="system",
-                               content=RESET_MARKER, platform=caller.platform)
-        return "Conversation reset: I no longer see the earlier messages of this chat."
+        return await reset_chat(self.history, bot=self.bot, chat=caller.chat,
+                                platform=caller.platform)
 
     async def _forget(self, caller: Caller, words: list[str], raw: str) -> str:
         if [w.lower() for w in words[:1]] != ["me"] or len(words) > 2 or (

@@ -37,6 +37,7 @@ from adapters.platforms import terminal
 from adapters.wiring.app import App
 from adapters.wiring.build import build_app
 from adapters.wiring.settings import Settings, load_settings, secret_values
+from engine.conversation import reset_chat
 from engine.errors import BoternityError, ConfigError, StartupError
 
 log = logging.getLogger("boternity")
@@ -55,7 +56,13 @@ async def cmd_chat(args: argparse.Namespace, app: App) -> int:
     if bot not in app.conversations:
         known = ", ".join(sorted(app.conversations)) or "none"
         raise ConfigError(f"{app.settings.source}: bots.{bot}: no such bot (configured: {known})")
-    return await terminal.chat(app.conversations[bot], bot=bot, chat_id=args.chat, user=args.user)
+    conversation = app.conversations[bot]
+
+    async def reset() -> str:
+        return await reset_chat(conversation.store, bot=bot, chat=args.chat, platform="terminal")
+
+    return await terminal.chat(conversation, bot=bot, chat_id=args.chat, user=args.user,
+                               reset=reset)
 
 
 def _default_bot(app: App) -> str:
