@@ -52,10 +52,10 @@ from persistence.vectors.tables import (
     hybrid_search,
     now,
     quote,
+    rewrite_beside,
     storage_errors,
     table_names,
     with_model,
-    with_new_vectors,
 )
 from persistence.vectors.trust import TrustRule, row_hash, split_rows, walk_chain
 
@@ -259,11 +259,11 @@ class SharedMemory:
         async def rewrite() -> int:
             data = await self._raw.query().select(COLUMNS).to_arrow()
             schema = with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, "")
-            rebuilt = await with_new_vectors(data, self._embedder, schema, progress)
-            self._raw = await self._db.create_table(TABLE, rebuilt, mode="overwrite")
+            rows = await rewrite_beside(self._db, TABLE, data, self._embedder, schema, progress)
+            self._raw = await self._db.open_table(TABLE)
             self._mismatch = None
             await self._maintainer.run_now()
-            return int(rebuilt.num_rows)
+            return rows
 
         return await self._serialized(rewrite)
 

@@ -146,18 +146,47 @@ async def connect(uri: str, storage_options: dict[str, str] | None) -> Any:
         uri, read_consistency_interval=timedelta(0), storage_options=storage_options)
 
 
-async def with_new_vectors(data: pa.Table, embedder: Embedder, schema: pa.Schema,
-                           progress: Progress | None) -> pa.Table:
-    """``data`` (every column but the vector) with each ``text`` embedded again by ``embedder``."""
-    texts = data.column("text").to_pylist()
-    vectors: list[list[float]] = []
-    for start in range(0, len(texts), EMBED_BATCH):
-        vectors.extend(await embedder.embed(texts[start:start + EMBED_BATCH]))
+STAGING_PREFIX = "reembed_"  # a table being rewritten: never a bot's table
+
+
+async def rewrite_beside(
+    db: Any, name: str, data: pa.Table, embedder: Embedder, schema: pa.Schema,
+    progress: Progress | None, *, finish: Callable[[pa.Table], pa.Table] | None = None,
+) -> int:
+    """Replace table ``name`` by ``data`` (every column but the vector) embedded again.
+
+    Nothing is deleted before the new rows are safe: they are written, batch
+    by batch, to a staging table beside the old one (``reembed_<name>``),
+    counted, and only then swapped in with one overwrite (a single new
+    version of the dataset: an interrupted swap leaves the old version).
+    A failure or a kill at any point leaves the old table whole; a rerun
+    drops the stale staging table and starts again. ``finish`` may rework
+    the complete table before the swap (the shared table re-hashes its chain).
+    Returns the rows written.
+    """
+    staging = STAGING_PREFIX + name
+    if staging in await table_names(db):
+        await db.drop_table(staging)  # a leftover of an interrupted run
+    table = await db.create_table(staging, schema=schema)
+    total = data.num_rows
+    for start in range(0, total, EMBED_BATCH):
+        chunk = data.slice(start, EMBED_BATCH)
+        vectors = await embedder.embed(chunk.column("text").to_pylist())
+        await table.add(pa.Table.from_arrays(
+            [*chunk.columns, pa.array(vectors, type=pa.list_(pa.float32(), embedder.dimension))],
+            schema=schema))
         if progress is not None:
-            progress(len(vectors), len(texts))
-    return pa.Table.from_arrays(
-        [*data.columns, pa.array(vectors, type=pa.list_(pa.float32(), embedder.dimension))],
-        schema=schema)
+            progress(min(start + EMBED_BATCH, total), total)
+    written: int = await table.count_rows()
+    if written != total:
+        raise StorageError(f"re-embedding {name}: wrote {written} of {total} rows; "
+                           "the old table is unchanged, run it again")
+    rebuilt = await table.query().to_arrow()
+    if finish is not None:
+        rebuilt = finish(rebuilt)
+    await db.create_table(name, rebuilt, mode="overwrite")
+    await db.drop_table(staging)
+    return total
 
 
 def owner_of(schema: pa.Schema) -> str:
