@@ -168,7 +168,7 @@ async def rewrite_beside(
     if staging in await table_names(db):
         await db.drop_table(staging)  # a leftover of an interrupted run
     table = await db.create_table(staging, schema=schema)
-    total = data.num_rows
+    total: int = data.num_rows
     for start in range(0, total, EMBED_BATCH):
         chunk = data.slice(start, EMBED_BATCH)
         vectors = await embedder.embed(chunk.column("text").to_pylist())
