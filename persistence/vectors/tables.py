@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -151,7 +152,8 @@ STAGING_PREFIX = "reembed_"  # a table being rewritten: never a bot's table
 
 async def rewrite_beside(
     db: Any, name: str, data: pa.Table, embedder: Embedder, schema: pa.Schema,
-    progress: Progress | None, *, finish: Callable[[pa.Table], pa.Table] | None = None,
+    progress: Progress | None, *,
+    finish: Callable[[pa.Table], Awaitable[pa.Table]] | None = None,
 ) -> int:
     """Replace table ``name`` by ``data`` (every column but the vector) embedded again.
 
@@ -183,7 +185,7 @@ async def rewrite_beside(
                            "the old table is unchanged, run it again")
     rebuilt = await table.query().to_arrow()
     if finish is not None:
-        rebuilt = finish(rebuilt)
+        rebuilt = await finish(rebuilt)
     await db.create_table(name, rebuilt, mode="overwrite")
     await db.drop_table(staging)
     return total
@@ -208,6 +210,17 @@ def cosines(query: np.ndarray, data: pa.Table) -> np.ndarray:
     return scores
 
 
+def vector_digests(column: pa.ChunkedArray | pa.Array) -> list[str]:
+    """SHA-256 of each vector as little-endian float32 bytes (the shared table's hash)."""
+    if len(column) == 0:
+        return []
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    matrix = column.flatten().to_numpy(zero_copy_only=False).astype("<f4").reshape(
+        len(column), -1)
+    return [hashlib.sha256(vector.tobytes()).hexdigest() for vector in matrix]
+
+
 async def table_names(db: Any) -> list[str]:
     """Every table in a LanceDB database (``list_tables`` is paginated)."""
     names: list[str] = []
@@ -226,9 +239,10 @@ async def has_index(table: Any, column: str) -> bool:
 
 async def hybrid_search(
     table: Any, vector: Sequence[float], text: str, where: str, limit: int, *, fts: bool,
-    min_score: float | None = None,
+    min_score: float | None = None, digests: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows matching ``where``, best first, each with ``score`` (cosine) added.
+    """Rows matching ``where``, best first, each with ``score`` (cosine) added
+    (and ``vector_sha``, the vector's digest, with ``digests``).
 
     ``min_score`` drops candidates below that cosine before the top ``limit``
     are taken (so a keyword hit under the floor never takes a good row's place).
@@ -251,8 +265,12 @@ async def hybrid_search(
         if leg is None or leg.num_rows == 0:
             continue
         scores = cosines(query, leg)
+        shas = vector_digests(leg.column("vector")) if digests else [""] * len(scores)
         # The vector stays in Arrow: no caller needs it as Python floats.
-        for row, score in zip(leg.drop_columns(["vector"]).to_pylist(), scores, strict=True):
+        for row, score, sha in zip(leg.drop_columns(["vector"]).to_pylist(), scores, shas,
+                                   strict=True):
+            if digests:
+                row["vector_sha"] = sha
             if row["id"] not in rows:
                 rows[row["id"]] = row
                 cosine[row["id"]] = float(score)
