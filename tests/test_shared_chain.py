@@ -185,6 +185,27 @@ async def test_rows_written_with_the_old_hash_are_migrated_once(
         assert (await again.verify()).tampered == ("old-1",)
 
 
+async def test_verify_while_publishing_raises_no_false_alarm(
+    tmp_path: Path, embedder: FastEmbedder, heads: SqlChainHeads
+) -> None:
+    """A row landing between reading the head and reading the table is no tampering."""
+    async with await SharedMemory.open(str(tmp_path / "lancedb"), embedder,
+                                       heads=heads) as shared:
+        async def publishing() -> None:
+            for i in range(12):
+                await shared.publish(fact(f"Published while verifying, number {i}"), "public")
+
+        async def verifying() -> list[bool]:
+            oks = []
+            for _ in range(12):
+                oks.append((await shared.verify()).ok)
+                await asyncio.sleep(0)
+            return oks
+
+        _, oks = await asyncio.gather(publishing(), verifying())
+        assert all(oks) and (await shared.verify()).checked == 12
+
+
 # --- through the CLI: the app keeps the head in SQL and locks writers on one machine ---
 
 CONFIG = """

@@ -173,10 +173,22 @@ class Chain:
 
     # -- readers -----------------------------------------------------------
 
+    async def _snapshot(self, below: int = 0) -> tuple[ChainHead | None, pa.Table]:
+        """The head and the rows above ``below``, read while no write landed in between
+        (a write that lands during the read would look like a row past the head)."""
+        head = await self._heads.get(self.name)
+        for _ in range(5):
+            query = self._table().query().select(self._columns)
+            data = await (query.where(f"seq > {below}") if below else query).to_arrow()
+            again = await self._heads.get(self.name)
+            if again == head:
+                break
+            head = again
+        return head, data
+
     async def verify(self) -> IntegrityReport:
         """A full walk from the head as the store holds it now."""
-        head = await self._heads.get(self.name)
-        data = await self._read_all()
+        head, data = await self._snapshot()
         return await asyncio.to_thread(lambda: anchor(rows_of(data), head).report())
 
     async def linked(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
@@ -194,20 +206,20 @@ class Chain:
 
     async def _refresh(self) -> None:
         async with self._trust_lock:
-            head = await self._heads.get(self.name)
-            if head is not None and head.pending_seq:  # not landed yet: trust what had
-                head = ChainHead(head.seq, head.hash)
-            if head == self._trusted_at:
+            current = await self._heads.get(self.name)
+            if current is not None and current.pending_seq:  # not landed yet: trust what had
+                current = ChainHead(current.seq, current.hash)
+            if current == self._trusted_at:
                 return  # nothing new: what is not trusted stays so
             old = self._trusted_at
-            below = old.seq if (old is not None and head is not None and head.seq > old.seq
+            below = old.seq if (old is not None and current is not None
+                                and current.seq > old.seq
                                 and self._trusted.get(old.seq) == old.hash) else 0
-            query = self._table().query().select(self._columns)
-            data = await (query.where(f"seq > {below}") if below else query).to_arrow()
+            head, data = await self._snapshot(below)
             found = await asyncio.to_thread(lambda: anchor(rows_of(data), head, below=below))
             if below and found.bottom != self._trusted[below]:
                 below = 0  # the chain under the cache was rewritten: walk it all
-                data = await self._read_all()
+                head, data = await self._snapshot()
                 found = await asyncio.to_thread(lambda: anchor(rows_of(data), head))
             self._trusted = ({**self._trusted, **found.trusted} if below else found.trusted)
-            self._trusted_at = head
+            self._trusted_at = None if head is None else ChainHead(head.seq, head.hash)

@@ -171,6 +171,9 @@ def anchor(rows: list[dict[str, Any]], head: ChainHead | None, *, below: int = 0
     found = Anchoring(checked=len(rows))
     by_seq: dict[int, dict[str, Any]] = {}
     for each in sorted(rows, key=lambda r: r["seq"]):
+        if head is not None and (each["seq"], each["write_hash"]) == (head.pending_seq,
+                                                                        head.pending_hash):
+            continue  # a write landing right now: trusted once the head records it
         if each["seq"] in by_seq or (head is not None and each["seq"] > head.seq):
             found.tampered.append(each["id"])  # a second row for one place, or past the head
         else:
