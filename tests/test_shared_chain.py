@@ -235,16 +235,17 @@ def run(config: Path, *argv: str) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-@pytest.mark.timeout(900)  # about ten CLI processes, each loading the model
+@pytest.mark.timeout(900)  # eight CLI processes, each loading the model
 def test_concurrent_publishes_and_fresh_verify_through_the_cli(tmp_path: Path) -> None:
     config = tmp_path / "boternity.toml"
     config.write_text(CONFIG.format(data=tmp_path / "data"), encoding="utf-8")
-    ids = []
-    for i in range(4):
-        code, out, err = run(config, "memory", "add", f"Team fact {i}: room {i} is free",
-                             "--bot", "helper")
-        assert code == 0, err
-        ids.append(out.strip())
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"id": f"team-{i}", "text": f"Team fact {i}: room {i}"
+                                                                  " is free"}) + "\n"
+                             for i in range(4)), encoding="utf-8")
+    code, _, err = run(config, "memory", "import", str(facts), "--bot", "helper")
+    assert code == 0, err
+    ids = [f"team-{i}" for i in range(4)]
     # Two `shared publish` at once, no Redis: before, each read the head when it
     # started and both wrote the same next seq (a forked chain).
     procs = [cli(config, "shared", "publish", i, "--bot", "helper", "--level", "public")
