@@ -9,6 +9,7 @@ the old one, counted, and only then swapped in.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import signal
@@ -23,8 +24,10 @@ import pytest
 from adapters.wiring.build import build_app
 from adapters.wiring.settings import load_settings
 from engine.types import Fact
-from persistence.vectors.memory import table_name
+from persistence.vectors.embeddings import FastEmbedder
+from persistence.vectors.memory import LanceMemoryStore, table_name
 from persistence.vectors.shared import TABLE
+from persistence.vectors.tables import STAGING_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS, SHARED = 600, 40
@@ -113,3 +116,45 @@ async def test_a_failed_reembed_keeps_every_fact_and_a_rerun_finishes(tmp_path: 
         found = await admin.store.search("helper", "meeting room 17 chairs",
                                          users=["telegram:2"], limit=1)
         assert found and found[0].text.startswith("Fact number 17:")
+
+
+KILLED_MID_WRITE = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from persistence.vectors.embeddings import FastEmbedder
+from persistence.vectors.memory import LanceMemoryStore
+
+async def main() -> None:
+    embedder = await FastEmbedder.load(Path(sys.argv[2]))
+    async with await LanceMemoryStore.open(sys.argv[1], embedder) as store:
+        def progress(done: int, total: int) -> None:
+            if done < total:  # after the first batch reached the new table: kill -9
+                os.kill(os.getpid(), signal.SIGKILL)
+        await store.reembed("helper", progress=progress)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_reembed_killed_mid_write_keeps_every_fact_and_a_rerun_finishes(
+    tmp_path: Path, embedder: FastEmbedder
+) -> None:
+    uri = str(tmp_path / "lancedb")
+    async with await LanceMemoryStore.open(uri, embedder) as store:
+        await store.add_many([Fact(id="", text=f"Fact number {i} about room {i}", bot="helper")
+                              for i in range(FACTS)])
+    before = await rows(uri, table_name("helper"))
+    killed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLED_MID_WRITE, uri, str(tmp_path / "models"), cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(killed.communicate(), 300)
+    assert killed.returncode == -signal.SIGKILL, stderr[-2000:]
+    staging = STAGING_PREFIX + table_name("helper")
+    assert staging in await tables(uri)  # the new table was partly written ...
+    assert 0 < len(await rows(uri, staging)) < FACTS
+    assert await rows(uri, table_name("helper")) == before  # ... and the old one is whole
+    async with await LanceMemoryStore.open(uri, embedder) as store:
+        assert await store.reembed("helper") == FACTS
+        assert await store.bots() == ["helper"]  # the staging table is no bot
+    assert await rows(uri, table_name("helper")) == before
+    assert await tables(uri) == [table_name("helper")]

@@ -21,7 +21,7 @@ import lancedb
 import pyarrow as pa
 import pytest
 
-from engine.types import Fact
+from engine.types import ChainHead, Fact
 from persistence.sql.chain_heads import SqlChainHeads
 from persistence.sql.database import Database
 from persistence.vectors.embeddings import FastEmbedder
@@ -55,6 +55,17 @@ def fact(text: str, bot: str = "alpha", user: str = "") -> Fact:
 async def heads(tmp_path: Path) -> AsyncIterator[SqlChainHeads]:
     async with Database(f"sqlite+aiosqlite:///{tmp_path / 'boternity.db'}") as db:
         yield SqlChainHeads(db)
+
+
+async def test_the_head_store_on_sqlite_and_postgresql(database_url: str) -> None:
+    async with Database(database_url) as db:
+        store = SqlChainHeads(db)
+        assert await store.get(TABLE) is None
+        await store.put(TABLE, ChainHead(3, "a" * 64, 4, "b" * 64))
+        assert await store.get(TABLE) == ChainHead(3, "a" * 64, 4, "b" * 64)
+        await store.put(TABLE, ChainHead(4, "b" * 64))
+        assert await store.get(TABLE) == ChainHead(4, "b" * 64)
+        assert await store.get("another chain") is None
 
 
 async def test_an_edited_vector_is_caught(tmp_path: Path, embedder: FastEmbedder) -> None:
