@@ -88,6 +88,7 @@ class Chain:
         self._heads = heads
         self._columns = [*columns, "vector"]
         self.head: ChainHead | None = None  # as settled by this writer
+        self._rehashed: ChainHead | None = None  # announced by rehash(), until commit()
         self._trusted: dict[int, str] = {}
         self._trusted_at: ChainHead | None = None  # the head the cache was walked from
         self._trust_lock = asyncio.Lock()
@@ -123,13 +124,13 @@ class Chain:
         data = await self._read_all()
         rows = await asyncio.to_thread(rows_of, data)
         if await asyncio.to_thread(legacy_intact, rows):
-            rewritten, head = await asyncio.to_thread(chained_table, data)
-            await self._heads.put(self.name, ChainHead(0, "", head.seq, head.hash))
-            await self._table().add(rewritten, mode="overwrite")
-            await self._heads.put(self.name, head)
+            self.head = ChainHead(0, "")
+            await self._table().add(await self.rehash(data), mode="overwrite")
+            await self.commit()
+            assert self.head is not None
             log.info("shared memory: %d row(s) re-hashed with their vectors; chain head "
-                     "recorded", head.seq)
-            return head
+                     "recorded", self.head.seq)
+            return self.head
         top = max(rows, key=lambda r: r["seq"])
         candidate = ChainHead(top["seq"], top["write_hash"])
         found = await asyncio.to_thread(anchor, rows, candidate)
@@ -159,16 +160,33 @@ class Chain:
             self._trusted_at = new
         return row
 
-    async def announce(self, head: ChainHead) -> None:
-        """Before a rewrite of the whole table: its new head, pending."""
-        assert self.head is not None
+    # Rewriting the whole table (reembed; a migration of user keys), under the writer:
+    #   await chain.settle(); await chain.check_intact()
+    #   new = await chain.rehash(changed_table_with_vectors)   # announced (pending)
+    #   ... overwrite the table with ``new`` (one new version) ...
+    #   await chain.commit()
+
+    async def check_intact(self) -> None:
+        """Refuse to re-hash a chain that does not verify: it would launder the edits."""
+        if not (await self.verify()).ok:
+            raise StorageError("shared memory fails verification; rewriting it would hide "
+                               "that: run `boternity shared verify`")
+
+    async def rehash(self, table: pa.Table) -> pa.Table:
+        """``table`` (every column, vectors included) re-chained; its new head announced."""
+        assert self.head is not None, "settle() first"
+        chained, head = await asyncio.to_thread(chained_table, table)
         await self._heads.put(self.name, replace(self.head, pending_seq=head.seq,
                                                  pending_hash=head.hash))
+        self._rehashed = head
+        return chained
 
-    async def commit(self, head: ChainHead) -> None:
-        """After the rewrite landed: the new head; every cached trust is void."""
+    async def commit(self) -> None:
+        """After the rewritten table landed: its head; every cached trust is void."""
+        head = self._rehashed
+        assert head is not None, "rehash() first"
         await self._heads.put(self.name, head)
-        self.head = head
+        self.head, self._rehashed = head, None
         self._trusted, self._trusted_at = {}, None
 
     # -- readers -----------------------------------------------------------

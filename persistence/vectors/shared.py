@@ -46,7 +46,7 @@ import pyarrow as pa
 from engine.errors import EmbeddingMismatch, StorageError
 from engine.ports import ChainHeadStore, Embedder, Progress
 from engine.types import Fact, IntegrityReport, TrustLevel
-from persistence.vectors.chain import Chain, LocalHeads, chained_table
+from persistence.vectors.chain import Chain, LocalHeads
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
     FACT_FIELDS,
@@ -300,25 +300,13 @@ class SharedMemory:
     async def reembed(self, *, progress: Progress | None = None) -> int:
         async def rewrite() -> int:
             await self._chain.settle()
-            report = await self._chain.verify()
-            if not report.ok:  # re-hashing would launder whatever was edited
-                raise StorageError("shared memory fails verification; reembedding would hide "
-                                   "it: run `boternity shared verify`")
+            await self._chain.check_intact()  # new vectors mean new hashes: a new chain
             data = await self._raw.query().select(COLUMNS).to_arrow()
             schema = with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, "")
-            new_head = None
-
-            async def rehash(table: pa.Table) -> pa.Table:
-                nonlocal new_head
-                chained, new_head = await asyncio.to_thread(chained_table, table)
-                await self._chain.announce(new_head)
-                return chained
-
             rows = await rewrite_beside(self._db, TABLE, data, self._embedder, schema, progress,
-                                        finish=rehash)
+                                        finish=self._chain.rehash)
             self._raw = await self._db.open_table(TABLE)
-            assert new_head is not None
-            await self._chain.commit(new_head)
+            await self._chain.commit()
             self._mismatch = None
             await self._maintainer.run_now()
             return rows
