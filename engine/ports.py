@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from engine.types import (
     Capabilities,
+    ChainHead,
     Chunk,
     CompletionRequest,
     Fact,
@@ -284,6 +285,20 @@ class SharedMemoryStore(Protocol):
         ...
 
     async def reembed(self, *, progress: Progress | None = None) -> int: ...
+
+    async def forget_user(self, user: str, *, actor: str) -> int:
+        """Delete every fact about ``user`` (any bot); a tombstone records what, when
+        and by whom (no text), so the chain still verifies. Returns rows deleted."""
+        ...
+
+
+class ChainHeadStore(Protocol):
+    """Where a hash chain's head lives, apart from the chained table (SQL in the app),
+    so deleting the newest rows or the whole table is caught by a fresh ``verify``."""
+
+    async def get(self, name: str) -> ChainHead | None: ...
+
+    async def put(self, name: str, head: ChainHead) -> None: ...
 
 
 class RecallLog(Protocol):

@@ -235,3 +235,17 @@ class StoredFile:
     size: int
     sha256: str
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The last link of a hash chain, kept outside the chained table (``ChainHeadStore``).
+
+    ``pending_*``: a write announced before it lands (0 / "" when none); the
+    next writer promotes it when the table holds it, else drops it.
+    """
+
+    seq: int
+    hash: str
+    pending_seq: int = 0
+    pending_hash: str = ""

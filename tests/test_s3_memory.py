@@ -21,6 +21,7 @@ from moto.server import ThreadedMotoServer
 
 from engine.types import Fact
 from persistence.redis.state import RedisState
+from persistence.vectors.chain import LocalHeads
 from persistence.vectors.memory import LanceMemoryStore
 from persistence.vectors.shared import SharedMemory
 
@@ -121,13 +122,14 @@ async def test_shared_memory_writes_from_two_workers(
         await redis_a.__aenter__()
     except OSError:
         pytest.skip("no Redis on 127.0.0.1:6379")
+    heads = LocalHeads()  # the chain head: one database for both workers, as in the app
     async with redis_b:
         worker_a = await SharedMemory.open(
             uri, embedder, storage_options=opts,
-            writer_lock=lambda: redis_a.lock("shared-memory"))
+            writer_lock=lambda: redis_a.lock("shared-memory"), heads=heads)
         worker_b = await SharedMemory.open(
             uri, embedder, storage_options=opts,
-            writer_lock=lambda: redis_b.lock("shared-memory"))
+            writer_lock=lambda: redis_b.lock("shared-memory"), heads=heads)
         async with worker_a, worker_b:
             await asyncio.gather(*(
                 (worker_a if i % 2 else worker_b).publish(

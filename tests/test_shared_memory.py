@@ -121,7 +121,9 @@ async def test_edited_row_is_excluded_counted_and_reported(
     assert shared.tampered_reads >= 1
     assert await shared.get("beta", [], edited.id) is None
     report = await shared.verify()
-    assert report.tampered == (edited.id,) and not report.missing and not report.ok
+    assert report.tampered == (edited.id,) and not report.ok
+    # A fresh walk from the head cannot vouch for rows below a broken link.
+    assert report.missing == ("1 older row(s) below a break in the chain cannot be verified",)
 
 
 async def test_widened_trust_level_is_caught(tmp_path: Path, shared: SharedMemory) -> None:
@@ -142,7 +144,8 @@ async def test_deleted_rows_break_the_chain(tmp_path: Path, shared: SharedMemory
     await table.delete(f"id = '{facts[2].id}'")
     report = await shared.verify()
     assert report.checked == 4 and not report.tampered
-    assert len(report.missing) == 1 and facts[1].id in report.missing[0]
+    assert len(report.missing) == 2 and facts[1].id in report.missing[0]
+    assert report.missing[1].startswith("2 older row(s) below a break")
     await table.delete(f"id = '{facts[4].id}'")  # the newest row: only the head knows
     assert any("head" in m for m in (await shared.verify()).missing)
 

@@ -441,6 +441,8 @@ async def test_webhook_mode_checks_the_secret_and_answers_a_redelivery_once(
         forged = await http.post(url, json=update,
                                  headers={"X-Telegram-Bot-Api-Secret-Token": "wrong"})
         assert forged.status == 403
+        bare = await http.post(url, json=tg.make_update(555, "forged, no secret at all"))
+        assert bare.status == 403
         for _ in range(2):  # Telegram redelivers when it thinks we did not answer
             ok = await http.post(url, json=update,
                                  headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret"})
@@ -448,6 +450,84 @@ async def test_webhook_mode_checks_the_secret_and_answers_a_redelivery_once(
         await asyncio.wait_for(bot_pipeline.replied.wait(), 10)
         await tg.wait_for(lambda: last_text(tg, 7) == shown(bot_pipeline.replies[0]))  # type: ignore[arg-type]
     assert bot_pipeline.fake.count == 1 and len(tg.in_chat(7)) == 1
+
+
+async def test_webhook_mode_without_a_secret_refuses_to_start(
+    tg: FakeTelegram, bot_pipeline: BotPipeline
+) -> None:
+    """Issue 13: a webhook without a secret took forged updates from anyone."""
+    port = _free_port()
+    config = TelegramConfig(
+        bot="demo", token=SecretStr(tg.token), api_base_url=tg.url, mode="webhook",
+        webhook_url=f"http://127.0.0.1:{port}/demo", webhook_listen="127.0.0.1",
+        webhook_port=port)
+    with pytest.raises(ConfigError, match=r"bots\.demo\.telegram\.webhook_secret_env"):
+        async with TelegramAdapter(config, replier=bot_pipeline.conversation,
+                                   commands=Commands(bot="demo")):
+            pass
+    assert tg.webhook is None  # nothing registered with Telegram
+    async with aiohttp.ClientSession() as http:  # and nothing listens
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.post(f"http://127.0.0.1:{port}/demo", json=tg.make_update(555, "hi"))
+    assert bot_pipeline.fake.count == 0
+
+
+WEBHOOK_CONFIG = """
+[providers.primary]
+kind = "openai_compatible"
+model = "primary-model"
+base_url = "{base_url}"
+api_key_env = "TEST_OPENAI_KEY"
+
+[bots.demo]
+chain = ["primary"]
+memory = {{ enabled = false }}
+
+[bots.demo.telegram]
+token_env = "TEST_TG_TOKEN"
+api_base_url = "{tg_url}"
+mode = "webhook"
+webhook_url = "http://127.0.0.1:{port}/demo"
+webhook_listen = "127.0.0.1"
+webhook_port = {port}
+{secret_line}
+"""
+
+
+@pytest.mark.parametrize("secret_line, secret_value", [
+    ("", None),  # no webhook_secret_env at all
+    ('webhook_secret_env = "TEST_TG_WEBHOOK_SECRET"', None),  # names an unset variable
+    ('webhook_secret_env = "TEST_TG_WEBHOOK_SECRET"', ""),  # names an empty one
+], ids=["key-missing", "variable-unset", "variable-empty"])
+async def test_boternity_run_in_webhook_mode_without_a_secret_exits_2_naming_the_key(
+    tg: FakeTelegram, bot_pipeline: BotPipeline, tmp_path: Path, secret_line: str,
+    secret_value: str | None,
+) -> None:
+    port = _free_port()
+    config = tmp_path / "boternity.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n' + WEBHOOK_CONFIG.format(
+        base_url=bot_pipeline.fake.base_url, tg_url=tg.url, port=port, secret_line=secret_line),
+        encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "TEST_TG_WEBHOOK_SECRET"}
+    env.update({"TEST_OPENAI_KEY": "sk-test", "TEST_TG_TOKEN": tg.token})
+    if secret_value is not None:
+        env["TEST_TG_WEBHOOK_SECRET"] = secret_value
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapters.cli", "--config", str(config), "--env-file", "",
+        "run", env=env, cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # before the fix: it served, open to anyone
+            proc.kill()
+            await proc.wait()
+    text = stderr.decode(errors="replace").strip()
+    assert proc.returncode == 2, text[-2000:]
+    last = text.splitlines()[-1]  # one line naming the key (log lines may come before)
+    assert last.startswith("boternity: ") and "bots.demo.telegram.webhook_secret_env" in last
+    assert "Traceback" not in text
+    assert tg.webhook is None and bot_pipeline.fake.count == 0
 
 
 async def test_a_refused_token_is_a_config_error_naming_the_key(

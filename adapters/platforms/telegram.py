@@ -207,6 +207,11 @@ class TelegramAdapter:
         wrap_sender: Callable[[MessageSender], MessageSender] | None = None,
         transcriber: Transcriber | None = None,
     ) -> None:
+        secret = config.webhook_secret
+        if config.mode == "webhook" and (secret is None or not secret.get_secret_value()):
+            # python-telegram-bot checks nothing without one: anyone could post updates.
+            raise ConfigError(f"bots.{config.bot}.telegram.webhook_secret_env: "
+                              "webhook mode needs a non-empty secret")
         self.config = config
         builder = Application.builder().token(config.token.get_secret_value())
         if config.api_base_url:
@@ -274,10 +279,11 @@ class TelegramAdapter:
         assert updater is not None
         if self.config.mode == "webhook":
             secret = self.config.webhook_secret
+            assert secret is not None  # checked in __init__
             await updater.start_webhook(
                 listen=self.config.webhook_listen, port=self.config.webhook_port,
                 url_path=self.config.webhook_path, webhook_url=self.config.webhook_url,
-                secret_token=secret.get_secret_value() if secret else None)
+                secret_token=secret.get_secret_value())
         else:
             await updater.start_polling(timeout=self.config.poll_timeout_s, poll_interval=0)
 

@@ -22,6 +22,7 @@ from engine.background import Background
 from engine.memory.policy import BotMemory, MemoryConfig
 from engine.ports import ReplyObserver
 from engine.providers.fallback import FallbackChain
+from persistence.sql.chain_heads import SqlChainHeads
 from persistence.sql.provenance import learned_in
 from persistence.sql.recall_log import SqlRecallLog
 
@@ -62,7 +63,8 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App) -> M
         await LanceMemoryStore.open(uri, embedder, storage_options=options))
     shared = await stack.enter_async_context(
         await SharedMemory.open(uri, embedder, storage_options=options,
-                                writer_lock=scaleout.writer_lock(app, "shared-memory")))
+                                writer_lock=scaleout.writer_lock(app, "shared-memory"),
+                                heads=SqlChainHeads(app.database)))  # the head outside LanceDB
     parts = MemoryParts(embedder, store, shared, SqlRecallLog(app.database),
                          await stack.enter_async_context(Background(name="memory")))
     app.memory_jobs = parts.jobs

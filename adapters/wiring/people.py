@@ -8,19 +8,18 @@ attachments in it; erasure frees its bytes). ``people(app)`` is the
 ``boternity run`` starts when a bot sets ``history_days`` or ``memory_days``
 (each purge logged and counted in ``boternity_purged``).
 
-Shared memory joins forgetting when its store has ``forget_user`` (a
-tombstoned deletion); until then ``/forget me`` says shared facts were not
-touched.
+Forgetting a person reaches the shared memory through ``forget_user`` (a
+tombstoned deletion: the hash chain still verifies).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from adapters.wiring.app import App, Runner
-from engine.admin.people import PeopleAdmin, SharedForget
+from engine.admin.people import PeopleAdmin
 from engine.admin.retention import Retention, Rule, has_rules
 from engine.ports import FileStore
 from persistence.sql.erasure import SqlErasure
@@ -58,12 +57,9 @@ def people(app: App) -> PeopleAdmin:
     def make() -> PeopleAdmin:
         admin = getattr(app, "memory_admin", None)  # a partial App (tests) may lack it
         shared = admin.shared if admin is not None else None
-        # cast: the port gains forget_user with shared tombstones; until then, None.
-        forgetter = (cast(SharedForget, shared)
-                     if shared is not None and hasattr(shared, "forget_user") else None)
         return PeopleAdmin(
             bots=list(app.settings.bots), records=_erasure(app),
-            memory=admin.store if admin is not None else None, shared=forgetter,
+            memory=admin.store if admin is not None else None, shared=shared,
             shared_facts=(lambda bot, user: admin.shared_list(bot, user=user, limit=10_000))
             if admin is not None and admin.shared is not None else None)
 

@@ -122,11 +122,19 @@ def discord_config(app: App, bot: str, s: DiscordSettings) -> DiscordConfig:
 
 def telegram_config(app: App, bot: str, s: TelegramSettings) -> TelegramConfig:
     settings, key = app.settings, f"bots.{bot}.telegram"
+    secret = settings.secret(s.webhook_secret_env, key=f"{key}.webhook_secret_env")
+    if s.mode == "webhook" and secret is None:
+        # Without the secret anyone who finds the URL can post updates as any user.
+        raise ConfigError(
+            f"{settings.source}: {key}.webhook_secret_env: webhook mode needs a secret: "
+            + (f"environment variable '{s.webhook_secret_env}' is empty or unset"
+               if s.webhook_secret_env else "name an environment variable holding one")
+            + " (see .env.example)")
     return TelegramConfig(
         bot=bot, token=settings.require_secret(s.token_env, key=f"{key}.token_env"),
         admins=tuple(s.admins), gate=gate_config(s), api_base_url=s.api_base_url, mode=s.mode,
         webhook_url=s.webhook_url, webhook_listen=s.webhook_listen, webhook_port=s.webhook_port,
-        webhook_secret=settings.secret(s.webhook_secret_env, key=f"{key}.webhook_secret_env"),
+        webhook_secret=secret,
     )
 
 

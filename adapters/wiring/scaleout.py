@@ -12,7 +12,8 @@ the same composition root, split so each file stays small.
   and ``app.messages`` commits a taken-over user message only once),
   the shared-memory writers take a Redis lock, and a Redis ping joins the
   readiness checks. Without it, every field stays None and platforms use
-  their in-process defaults: one worker, nothing else to run.
+  their in-process defaults: one worker, nothing else to run; the
+  shared-memory writers of processes on this machine take a file lock.
 - Always: ``app.metrics`` (a ``ReplyMetrics`` observer is registered; breaker
   states are read at scrape time) and a database readiness check.
 - With ``[http] enabled = true``: the ops server (``/healthz``, ``/readyz``,
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
+from filelock import AsyncFileLock
 from redis.exceptions import RedisError
 from sqlalchemy import make_url
 
@@ -72,12 +74,17 @@ def memory_storage_options(settings: Settings) -> dict[str, str] | None:
 LockFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
 
-def writer_lock(app: App, name: str) -> LockFactory | None:
-    """A cross-worker lock factory when Redis is configured, else None (one process)."""
+def writer_lock(app: App, name: str) -> LockFactory:
+    """A cross-worker lock factory: Redis when configured, else a file lock under
+    ``data_dir`` (several processes on one machine: `boternity run` and a CLI
+    command, or two CLI commands, must not fork the shared memory's chain)."""
     redis = app.redis
-    if redis is None:
-        return None
-    return lambda: redis.lock(name)
+    if redis is not None:
+        return lambda: redis.lock(name)
+    data_dir = app.settings.storage.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = str(data_dir / f"{name}.lock")
+    return lambda: AsyncFileLock(path)
 
 
 def lancedb_check(store: LanceMemoryStore) -> Check:

@@ -92,7 +92,7 @@ class PeopleAdmin:
     bots: Sequence[str]
     records: PersonRecords
     memory: MemoryStore | None = None
-    shared: SharedForget | None = None  # wired once SharedMemory has forget_user
+    shared: SharedForget | None = None  # SharedMemory.forget_user (tombstoned deletion)
     shared_facts: SharedFacts | None = None  # show and export what the bots can read
 
     async def _shared_about(self, bots: Sequence[str], user: str) -> list[Fact]:

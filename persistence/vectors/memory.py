@@ -42,10 +42,10 @@ from persistence.vectors.tables import (
     now,
     owner_of,
     quote,
+    rewrite_beside,
     storage_errors,
     table_names,
     with_model,
-    with_new_vectors,
 )
 
 PREFIX = "memories_"
@@ -276,17 +276,23 @@ class LanceMemoryStore:
 
     @storage_errors
     async def reembed(self, bot: str, *, progress: Progress | None = None) -> int:
-        """Read every row, embed again, and replace the table with the new schema."""
+        """Read every row, embed again, and replace the table with the new schema.
+
+        The old table stays whole until the new one is complete (``rewrite_beside``).
+        """
         table = await self._table(bot, check=False)
         if table is None:
             return 0
         data = await table.query().select(COLUMNS).to_arrow()
-        rebuilt = await with_new_vectors(data, self._embedder, self._schema(bot), progress)
-        await self.drop_bot(bot)
-        await self._db.create_table(table_name(bot), rebuilt, mode="overwrite")
+        rows = await rewrite_beside(self._db, table_name(bot), data, self._embedder,
+                                    self._schema(bot), progress)
+        maintainer = self._maintainers.pop(bot, None)  # reopen: the new schema and version
+        if maintainer is not None:
+            await maintainer.close()
+        self._tables.pop(bot, None)
         await self._table(bot)
         await self.maintain(bot)
-        return int(rebuilt.num_rows)
+        return rows
 
     # -- reads ----------------------------------------------------------
 

@@ -44,7 +44,7 @@ from persistence.vectors.tables import (
     storage_errors,
     table_names,
 )
-from persistence.vectors.trust import row_hash, walk_chain
+from persistence.vectors.trust import legacy_intact, legacy_row_hash
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,10 @@ async def _rekey_shared(db: Any) -> int:
     stale = [r for r in rows if normalize_key(r["user"]) != r["user"]]
     if not stale:
         return 0
-    report = walk_chain(rows, 0)
-    if not report.ok:
+    # Tables from before this release carry the legacy hash (no vector, no
+    # head in SQL); they are re-chained in that form here, and SharedMemory
+    # re-hashes them with their vectors and records the head when it opens.
+    if not legacy_intact(rows):
         log.error("shared memory: %d rows are stored under twice-prefixed user keys, but "
                   "the hash chain does not verify, so they were left as they are; run "
                   "`boternity shared verify`", len(stale))
@@ -125,7 +127,7 @@ async def _rekey_shared(db: Any) -> int:
     for row in rows:
         row["user"] = normalize_key(row["user"])
         row["prev_hash"] = prev
-        row["write_hash"] = prev = row_hash(row)
+        row["write_hash"] = prev = legacy_row_hash(row)
     schema: pa.Schema = await table.schema()
     record = json.dumps({"at": now().isoformat(), "why": "0007_keys: user keys platform:id",
                          "rows_rekeyed": len(stale), "head_before": head_before})

@@ -14,13 +14,18 @@ reader sees.
 Integrity: each row stores ``prev_hash`` (the previous row's hash) and
 ``write_hash`` = SHA-256 over its content (text, user, category, importance,
 trust level and group, author id and name, created_at, metadata), its
-sequence number and ``prev_hash``. Every read recomputes the hash and drops
-(logs, counts) rows that fail: an edit made outside the API never reaches a
-prompt, including one that would widen a row's trust level. ``verify()``
-walks the chain by sequence number: a deleted row leaves a gap.
+vector, its sequence number and ``prev_hash``; the chain's head lives
+outside the table (``ChainHeadStore``: SQL in the app). Every read
+recomputes the hash and checks the row is linked to the head
+(``persistence/vectors/chain.py``): a row edited outside the API, one whose
+hash was recomputed, or one appended past the head never reaches a prompt.
+``verify()`` walks from the head: deleted rows, the newest ones included,
+and a dropped table show. ``forget_user`` deletes a person's rows and chains
+a tombstone recording what went (seq, id, hash), when and by whom.
 
 Writes go through one writer task (an asyncio queue), so concurrent bots
-never lose a write and the chain stays linear. One process owns the writer;
+never lose a write; across processes the writer lock (Redis, or a file lock
+on one machine) serializes them and each re-reads the head under it.
 ``orphaned`` is the only mutable column and is outside the hash.
 """
 
@@ -37,11 +42,11 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import pyarrow as pa
-from lancedb.query import ColumnOrdering
 
 from engine.errors import EmbeddingMismatch, StorageError
-from engine.ports import Embedder, Progress
+from engine.ports import ChainHeadStore, Embedder, Progress
 from engine.types import Fact, IntegrityReport, TrustLevel
+from persistence.vectors.chain import Chain, LocalHeads
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
     FACT_FIELDS,
@@ -50,14 +55,21 @@ from persistence.vectors.tables import (
     check_model,
     connect,
     hybrid_search,
+    in_list,
     now,
     quote,
+    rewrite_beside,
     storage_errors,
     table_names,
     with_model,
-    with_new_vectors,
 )
-from persistence.vectors.trust import TrustRule, row_hash, split_rows, walk_chain
+from persistence.vectors.trust import (
+    TOMBSTONE,
+    TrustRule,
+    rows_of,
+    split_rows,
+    tombstone_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +111,10 @@ class SharedMemory:
     """The shared memory repository. ``async with await SharedMemory.open(uri, embedder)``."""
 
     def __init__(self, db: Any, table: Any, embedder: Embedder, *, ann_threshold: int,
-                 maintain_delay_s: float, writer_lock: WriterLock | None = None) -> None:
+                 maintain_delay_s: float, writer_lock: WriterLock | None = None,
+                 heads: ChainHeadStore | None = None) -> None:
         self._db = db
+        self._chain = Chain(TABLE, lambda: self._raw, heads or LocalHeads(), COLUMNS)
         # Several processes writing one table (scale-out): each append takes
         # this cross-process lock and re-reads the chain head under it.
         self._writer_lock = writer_lock
@@ -112,7 +126,6 @@ class SharedMemory:
         self._queue: asyncio.Queue[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = (
             asyncio.Queue())
         self._writer: asyncio.Task[None] | None = None
-        self._head: tuple[int, str] = (0, "")  # last (seq, write_hash) written
         self.tampered_reads = 0
         # Set when the table was written with another embedding model: reads
         # and publishes raise it until ``reembed`` (the app still starts).
@@ -123,8 +136,11 @@ class SharedMemory:
     async def open(
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
         ann_threshold: int = ANN_THRESHOLD, maintain_delay_s: float = 2.0,
-        writer_lock: WriterLock | None = None,
+        writer_lock: WriterLock | None = None, heads: ChainHeadStore | None = None,
     ) -> SharedMemory:
+        """``heads``: where the chain head lives (the app passes the SQL store; without
+        one it lives in this process only). ``writer_lock``: serializes writers
+        across processes (Redis, or a file lock)."""
         db = await connect(uri, storage_options)
         schema = with_model(FIELDS, embedder.model_name, embedder.dimension, "")
         if TABLE in await table_names(db):
@@ -132,7 +148,7 @@ class SharedMemory:
         else:
             table = await db.create_table(TABLE, schema=schema, exist_ok=True)
         store = cls(db, table, embedder, ann_threshold=ann_threshold,
-                    maintain_delay_s=maintain_delay_s, writer_lock=writer_lock)
+                    maintain_delay_s=maintain_delay_s, writer_lock=writer_lock, heads=heads)
         try:
             check_model(TABLE, await table.schema(), embedder.model_name, embedder.dimension)
         except EmbeddingMismatch as exc:
@@ -143,16 +159,18 @@ class SharedMemory:
         if self._mismatch is not None:
             raise self._mismatch
 
-    async def _read_head(self) -> None:
-        # Top-1 by seq inside LanceDB: no full column goes through Python per append.
-        last = await (self._raw.query().select(["seq", "write_hash"])
-                      .order_by([ColumnOrdering(column_name="seq", ascending=False)])
-                      .limit(1).to_list())
-        if last:
-            self._head = (last[0]["seq"], last[0]["write_hash"])
+    async def _locked(self, job: Callable[[], Awaitable[T]]) -> T:
+        # Another process may write too: take the cross-process lock around the job.
+        if self._writer_lock is None:
+            return await job()
+        async with self._writer_lock():
+            return await job()
 
     async def __aenter__(self) -> SharedMemory:
-        await self._read_head()
+        try:
+            await self._locked(self._chain.settle)  # finish a crashed write, migrate
+        except StorageError as exc:
+            log.error("%s", exc)  # reads exclude everything; writes say so again
         await self._maintainer.refresh()
         self._writer = asyncio.create_task(self._write_loop(), name="shared memory writer")
         return self
@@ -214,34 +232,58 @@ class SharedMemory:
                          author_bot=fact.bot, author_name=author_name or fact.author_name,
                          superseded_by=None, score=0.0, orphaned=False)
 
-        async def append() -> Fact:
-            if self._writer_lock is None:
-                return await write()
-            async with self._writer_lock():
-                await self._read_head()  # another process may have appended
-                return await write()
-
         async def write() -> Fact:
             # Under the writer (and lock): publishing one fact twice is refused.
             if await self._raw.count_rows(f"id = {quote(shared.id)}"):
                 raise StorageError(f"memory {shared.id} is already shared")
-            seq, prev = self._head
             row: dict[str, Any] = {
-                "id": shared.id, "seq": seq + 1, "text": shared.text, "user": shared.user,
+                "id": shared.id, "text": shared.text, "user": shared.user,
                 "category": shared.category, "importance": float(shared.importance),
                 "created_at": shared.created_at, "trust_level": level,
                 "trust_group": shared.trust_group, "author_bot": shared.author_bot,
                 "author_name": shared.author_name, "metadata": shared.metadata,
-                "orphaned": False, "prev_hash": prev,
+                "orphaned": False,
             }
-            row["write_hash"] = row_hash(row)
-            await self._raw.add(pa.Table.from_pylist([{**row, "vector": vector}],
-                                                     schema=await self._raw.schema()))
-            self._head = (row["seq"], row["write_hash"])
+            await self._chain.append(row, vector, await self._raw.schema())
             self._maintainer.poke()
             return shared
 
-        return await self._serialized(append)
+        return await self._serialized(lambda: self._locked(write))
+
+    @storage_errors
+    async def forget_user(self, user: str, *, actor: str) -> int:
+        """Delete every row about ``user`` (written by any bot); returns how many.
+
+        A tombstone is chained first, recording each deleted row's seq, id,
+        hash and previous hash, the time and ``actor`` (never the text or the
+        user), so ``verify`` steps over the gap; then the rows go. A crash in
+        between leaves the rows and a tombstone for them: run it again.
+        """
+        if not user:
+            raise StorageError("forget_user needs a user (\"\" is everyone's general facts)")
+
+        async def erase() -> int:
+            where = f"user = {quote(user)} AND trust_level <> '{TOMBSTONE}'"
+            victims = await (self._raw.query().where(where)
+                             .select(["id", "seq", "write_hash", "prev_hash"]).to_list())
+            if not victims:
+                return 0
+            deleted = [{"seq": v["seq"], "id": v["id"], "hash": v["write_hash"],
+                        "prev": v["prev_hash"]} for v in victims]
+            schema = await self._raw.schema()
+            dim = schema.field("vector").type.list_size
+            await self._chain.append({
+                "id": uuid.uuid4().hex, "text": "", "user": "", "category": TOMBSTONE,
+                "importance": 0.0, "created_at": now(), "trust_level": TOMBSTONE,
+                "trust_group": "", "author_bot": "", "author_name": actor,
+                "metadata": tombstone_metadata(deleted, actor, "forget_user"),
+                "orphaned": False,
+            }, [1.0] + [0.0] * (dim - 1), schema)
+            await self._raw.delete(in_list("id", [v["id"] for v in victims]))
+            self._maintainer.poke()
+            return len(victims)
+
+        return await self._serialized(lambda: self._locked(erase))
 
     @storage_errors
     async def orphan_bot(self, bot: str) -> int:
@@ -257,15 +299,19 @@ class SharedMemory:
     @storage_errors
     async def reembed(self, *, progress: Progress | None = None) -> int:
         async def rewrite() -> int:
+            await self._chain.settle()
+            await self._chain.check_intact()  # new vectors mean new hashes: a new chain
             data = await self._raw.query().select(COLUMNS).to_arrow()
             schema = with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, "")
-            rebuilt = await with_new_vectors(data, self._embedder, schema, progress)
-            self._raw = await self._db.create_table(TABLE, rebuilt, mode="overwrite")
+            rows = await rewrite_beside(self._db, TABLE, data, self._embedder, schema, progress,
+                                        finish=self._chain.rehash)
+            self._raw = await self._db.open_table(TABLE)
+            await self._chain.commit()
             self._mismatch = None
             await self._maintainer.run_now()
-            return int(rebuilt.num_rows)
+            return rows
 
-        return await self._serialized(rewrite)
+        return await self._serialized(lambda: self._locked(rewrite))
 
     async def maintain(self) -> None:
         """Run index maintenance now (tests, benchmarks, after an import)."""
@@ -273,20 +319,25 @@ class SharedMemory:
 
     # -- reads (every one through TrustRule and the hash check) ---------
 
-    def _verified(self, rows: list[dict[str, Any]], rule: TrustRule) -> list[dict[str, Any]]:
-        return self._count_tampered(split_rows(rows, rule))
+    async def _verified(self, rows: list[dict[str, Any]], rule: TrustRule
+                        ) -> list[dict[str, Any]]:
+        good = self._count_tampered(split_rows(rows, rule), "fails its write hash")
+        return self._count_tampered(await self._chain.linked(good),
+                                    "is not linked to the chain head")
 
     async def _verified_many(self, data: pa.Table, rule: TrustRule) -> list[dict[str, Any]]:
         # Converting and hashing thousands of rows is CPU work: off the event loop.
-        return self._count_tampered(
-            await asyncio.to_thread(lambda: split_rows(data.to_pylist(), rule)))
+        split = await asyncio.to_thread(lambda: split_rows(rows_of(data), rule))
+        good = self._count_tampered(split, "fails its write hash")
+        return self._count_tampered(await self._chain.linked(good),
+                                    "is not linked to the chain head")
 
-    def _count_tampered(self, split: tuple[list[dict[str, Any]], list[str]]
+    def _count_tampered(self, split: tuple[list[dict[str, Any]], list[str]], why: str
                         ) -> list[dict[str, Any]]:
         good, bad = split
         for fact_id in bad:
             self.tampered_reads += 1
-            log.warning("shared memory row %r fails its write hash: excluded", fact_id)
+            log.warning("shared memory row %r %s: excluded", fact_id, why)
         return good
 
     @storage_errors
@@ -303,8 +354,9 @@ class SharedMemory:
             vector = (await self._embedder.embed([query]))[0]
         # A few extra rows so that excluded (tampered) ones do not shorten the answer.
         result = await hybrid_search(self._raw, vector, query, rule.sql(), limit + 5,
-                                     fts=self._maintainer.fts, min_score=min_score)
-        facts = [_fact(r, r["score"]) for r in self._verified(result, rule)
+                                     fts=self._maintainer.fts, min_score=min_score,
+                                     digests=True)
+        facts = [_fact(r, r["score"]) for r in await self._verified(result, rule)
                  if min_score is None or r["score"] >= min_score]
         return facts[:limit]
 
@@ -313,7 +365,8 @@ class SharedMemory:
                          users: Sequence[str] | None, limit: int = 100,
                          offset: int = 0) -> list[Fact]:
         rule = TrustRule.of(reader_bot, groups, users)
-        data = await self._raw.query().where(rule.sql()).select(COLUMNS).to_arrow()
+        data = await self._raw.query().where(rule.sql()).select(
+            [*COLUMNS, "vector"]).to_arrow()
         rows = await self._verified_many(data, rule)
         rows.sort(key=lambda r: r["seq"], reverse=True)
         return [_fact(r) for r in rows[offset:offset + limit]]
@@ -322,19 +375,18 @@ class SharedMemory:
     async def get(self, reader_bot: str, groups: Sequence[str], fact_id: str) -> Fact | None:
         rule = TrustRule.of(reader_bot, groups, None)
         where = f"id = {quote(fact_id)} AND {rule.sql()}"
-        rows = self._verified(await self._raw.query().where(where).select(COLUMNS).to_list(),
-                              rule)
+        data = await self._raw.query().where(where).select([*COLUMNS, "vector"]).to_arrow()
+        rows = await self._verified(rows_of(data), rule)
         return _fact(rows[0]) if rows else None
 
     @storage_errors
     async def count(self) -> int:
-        n: int = await self._raw.count_rows()
+        n: int = await self._raw.count_rows(f"trust_level <> '{TOMBSTONE}'")
         return n
 
     @storage_errors
     async def verify(self) -> IntegrityReport:
-        data = await self._raw.query().select(COLUMNS).to_arrow()
-        report = await asyncio.to_thread(lambda: walk_chain(data.to_pylist(), self._head[0]))
+        report = await self._chain.verify()
         if not report.ok:
             log.warning("shared memory integrity: %d tampered, %d gap(s)",
                         len(report.tampered), len(report.missing))

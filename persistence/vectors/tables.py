@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -146,18 +147,48 @@ async def connect(uri: str, storage_options: dict[str, str] | None) -> Any:
         uri, read_consistency_interval=timedelta(0), storage_options=storage_options)
 
 
-async def with_new_vectors(data: pa.Table, embedder: Embedder, schema: pa.Schema,
-                           progress: Progress | None) -> pa.Table:
-    """``data`` (every column but the vector) with each ``text`` embedded again by ``embedder``."""
-    texts = data.column("text").to_pylist()
-    vectors: list[list[float]] = []
-    for start in range(0, len(texts), EMBED_BATCH):
-        vectors.extend(await embedder.embed(texts[start:start + EMBED_BATCH]))
+STAGING_PREFIX = "reembed_"  # a table being rewritten: never a bot's table
+
+
+async def rewrite_beside(
+    db: Any, name: str, data: pa.Table, embedder: Embedder, schema: pa.Schema,
+    progress: Progress | None, *,
+    finish: Callable[[pa.Table], Awaitable[pa.Table]] | None = None,
+) -> int:
+    """Replace table ``name`` by ``data`` (every column but the vector) embedded again.
+
+    Nothing is deleted before the new rows are safe: they are written, batch
+    by batch, to a staging table beside the old one (``reembed_<name>``),
+    counted, and only then swapped in with one overwrite (a single new
+    version of the dataset: an interrupted swap leaves the old version).
+    A failure or a kill at any point leaves the old table whole; a rerun
+    drops the stale staging table and starts again. ``finish`` may rework
+    the complete table before the swap (the shared table re-hashes its chain).
+    Returns the rows written.
+    """
+    staging = STAGING_PREFIX + name
+    if staging in await table_names(db):
+        await db.drop_table(staging)  # a leftover of an interrupted run
+    table = await db.create_table(staging, schema=schema)
+    total: int = data.num_rows
+    for start in range(0, total, EMBED_BATCH):
+        chunk = data.slice(start, EMBED_BATCH)
+        vectors = await embedder.embed(chunk.column("text").to_pylist())
+        await table.add(pa.Table.from_arrays(
+            [*chunk.columns, pa.array(vectors, type=pa.list_(pa.float32(), embedder.dimension))],
+            schema=schema))
         if progress is not None:
-            progress(len(vectors), len(texts))
-    return pa.Table.from_arrays(
-        [*data.columns, pa.array(vectors, type=pa.list_(pa.float32(), embedder.dimension))],
-        schema=schema)
+            progress(min(start + EMBED_BATCH, total), total)
+    written: int = await table.count_rows()
+    if written != total:
+        raise StorageError(f"re-embedding {name}: wrote {written} of {total} rows; "
+                           "the old table is unchanged, run it again")
+    rebuilt = await table.query().to_arrow()
+    if finish is not None:
+        rebuilt = await finish(rebuilt)
+    await db.create_table(name, rebuilt, mode="overwrite")
+    await db.drop_table(staging)
+    return total
 
 
 def owner_of(schema: pa.Schema) -> str:
@@ -179,6 +210,17 @@ def cosines(query: np.ndarray, data: pa.Table) -> np.ndarray:
     return scores
 
 
+def vector_digests(column: pa.ChunkedArray | pa.Array) -> list[str]:
+    """SHA-256 of each vector as little-endian float32 bytes (the shared table's hash)."""
+    if len(column) == 0:
+        return []
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    matrix = column.flatten().to_numpy(zero_copy_only=False).astype("<f4").reshape(
+        len(column), -1)
+    return [hashlib.sha256(vector.tobytes()).hexdigest() for vector in matrix]
+
+
 async def table_names(db: Any) -> list[str]:
     """Every table in a LanceDB database (``list_tables`` is paginated)."""
     names: list[str] = []
@@ -197,9 +239,10 @@ async def has_index(table: Any, column: str) -> bool:
 
 async def hybrid_search(
     table: Any, vector: Sequence[float], text: str, where: str, limit: int, *, fts: bool,
-    min_score: float | None = None,
+    min_score: float | None = None, digests: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows matching ``where``, best first, each with ``score`` (cosine) added.
+    """Rows matching ``where``, best first, each with ``score`` (cosine) added
+    (and ``vector_sha``, the vector's digest, with ``digests``).
 
     ``min_score`` drops candidates below that cosine before the top ``limit``
     are taken (so a keyword hit under the floor never takes a good row's place).
@@ -222,8 +265,12 @@ async def hybrid_search(
         if leg is None or leg.num_rows == 0:
             continue
         scores = cosines(query, leg)
+        shas = vector_digests(leg.column("vector")) if digests else [""] * len(scores)
         # The vector stays in Arrow: no caller needs it as Python floats.
-        for row, score in zip(leg.drop_columns(["vector"]).to_pylist(), scores, strict=True):
+        for row, score, sha in zip(leg.drop_columns(["vector"]).to_pylist(), scores, shas,
+                                   strict=True):
+            if digests:
+                row["vector_sha"] = sha
             if row["id"] not in rows:
                 rows[row["id"]] = row
                 cosine[row["id"]] = float(score)

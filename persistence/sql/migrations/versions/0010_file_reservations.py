@@ -1,7 +1,7 @@
 """file_reservations: bytes an upload in progress holds against its bot's cap
 
 Revision ID: 0010_file_reservations
-Revises: 0006_usage_kind
+Revises: 0009_chain_head
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010_file_reservations"
-down_revision = "0007_keys"
+down_revision = "0009_chain_head"
 branch_labels = None
 depends_on = None
 
