@@ -98,12 +98,15 @@ def test_user_show_export_and_forget_with_typed_confirmation(
     assert code == 1 and "nothing deleted" in err
     monkeypatch.setattr("sys.stdin", io.StringIO("telegram:42\n"))
     code, out, _ = run(capsys, config, "user", "forget", "telegram:42")
-    assert code == 0 and out.startswith("forgot telegram:42: 1 memory, 2 messages")
-    # until the shared store deletes by person (tombstones), it says so and keeps them
-    assert "(shared memory not touched)" in out
+    # Her shared fact goes too (a tombstone keeps the chain verifiable).
+    assert code == 0 and out.startswith("forgot telegram:42: 1 memory, 1 shared fact, "
+                                        "2 messages")
+    assert "not touched" not in out
     code, out, _ = run(capsys, config, "user", "show", "telegram:42")
-    assert out.strip() == "telegram:42: 0 memories, 1 shared fact, 0 messages, 0 files, " \
+    assert out.strip() == "telegram:42: 0 memories, 0 messages, 0 files, " \
                           "0 recall records"
+    code, out, _ = run(capsys, config, "shared", "verify")
+    assert code == 0, out
     code, out, _ = run(capsys, config, "user", "show", "telegram:7")
     assert "1 memory, 2 messages" in out  # Bob untouched
     code, _, err = run(capsys, config, "user", "show", "42")

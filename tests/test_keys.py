@@ -24,7 +24,7 @@ from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.types import Capabilities, Fact, IncomingMessage, Reply
 from persistence.sql.conversations import SqlConversationStore
-from persistence.sql.database import Database, alembic_config
+from persistence.sql.database import Database, alembic_config, head_revision
 from tests.fakes.openai_server import FakeOpenAI, Text
 
 
@@ -132,7 +132,7 @@ async def test_migration_0007_rewrites_stored_keys(database_url: str) -> None:
     await engine.dispose()
 
     async with Database(database_url) as db:
-        assert await db.revision() == "0007_keys"
+        assert await db.revision() == head_revision()
         store = SqlConversationStore(db)
         [terminal] = await store.history("demo", "terminal", platform="terminal")
         assert terminal.user == "terminal:local"

@@ -89,7 +89,8 @@ async def upgrade_stored_memories(app: App, uri: str, options: dict[str, str] | 
 
     lock = scaleout.writer_lock(app, "shared-memory")
     async with lock() if lock is not None else contextlib.nullcontext():
-        await upgrade_memory(await connect(uri, options), place)
+        await upgrade_memory(await connect(uri, options), place,
+                             heads=SqlChainHeads(app.database))
 
 
 def bot_memory(parts: MemoryParts | None, settings: Settings, bot_name: str,

@@ -33,9 +33,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from engine.errors import StorageError
 from engine.memory.scope import normalize_key
+from engine.ports import ChainHeadStore
+from persistence.vectors.chain import Chain, LocalHeads
 from persistence.vectors.memory import PREFIX
-from persistence.vectors.shared import TABLE
+from persistence.vectors.shared import COLUMNS, TABLE
 from persistence.vectors.tables import (
     in_list,
     now,
@@ -44,7 +47,6 @@ from persistence.vectors.tables import (
     storage_errors,
     table_names,
 )
-from persistence.vectors.trust import legacy_intact, legacy_row_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ Place = Callable[[str, str, datetime], Awaitable[tuple[str, str]]]
 
 
 @storage_errors
-async def upgrade_memory(db: Any, place: Place) -> dict[str, int]:
+async def upgrade_memory(db: Any, place: Place,
+                         heads: ChainHeadStore | None = None) -> dict[str, int]:
     """Run every step on every table of ``db``; returns counts (also logged)."""
     done: dict[str, int] = defaultdict(int)
     for name in await table_names(db):
@@ -67,7 +70,7 @@ async def upgrade_memory(db: Any, place: Place) -> dict[str, int]:
             done["rekeyed"] += rekeyed
             done["placed"] += placed
         elif name == TABLE:
-            done["shared_rekeyed"] += await _rekey_shared(db)
+            done["shared_rekeyed"] += await _rekey_shared(db, heads)
     if any(done.values()):
         log.info("memory upgrade: %d keys rewritten in bot tables, %d in the shared table "
                  "(re-chained); %d learned facts placed in the chat they came from",
@@ -105,32 +108,42 @@ async def _upgrade_bot(table: Any, bot: str, place: Place) -> tuple[int, int]:
     return rekeyed, len(rows)
 
 
-async def _rekey_shared(db: Any) -> int:
+async def _rekey_shared(db: Any, heads: ChainHeadStore | None) -> int:
+    """Rewrite twice-prefixed user keys in the shared table and re-chain it.
+
+    Through the chain's own rewrite path (``persistence.vectors.chain``): the
+    chain must verify first (a rewrite would launder an edit), the new head is
+    announced, the table overwritten in one version, then the head recorded.
+    """
     table = await db.open_table(TABLE)
     data: pa.Table = await table.query().to_arrow()
-    columns = [c for c in data.column_names if not c.startswith("_")]
-    rows = data.select(columns).to_pylist()
-    stale = [r for r in rows if normalize_key(r["user"]) != r["user"]]
+    data = data.select([c for c in data.column_names if not c.startswith("_")])
+    users = data.column("user").to_pylist()
+    fixed = [normalize_key(user) for user in users]
+    stale = sum(1 for old, new in zip(users, fixed, strict=True) if old != new)
     if not stale:
         return 0
-    # Tables from before this release carry the legacy hash (no vector, no
-    # head in SQL); they are re-chained in that form here, and SharedMemory
-    # re-hashes them with their vectors and records the head when it opens.
-    if not legacy_intact(rows):
+    chain = Chain(TABLE, lambda: table, heads or LocalHeads(), COLUMNS)
+    try:
+        await chain.settle()  # tables with the legacy hash are re-hashed here first
+        await chain.check_intact()
+    except StorageError:
         log.error("shared memory: %d rows are stored under twice-prefixed user keys, but "
                   "the hash chain does not verify, so they were left as they are; run "
-                  "`boternity shared verify`", len(stale))
+                  "`boternity shared verify`", stale)
         return 0
-    rows.sort(key=lambda r: r["seq"])
-    head_before = rows[-1]["write_hash"]
-    prev = ""
-    for row in rows:
-        row["user"] = normalize_key(row["user"])
-        row["prev_hash"] = prev
-        row["write_hash"] = prev = legacy_row_hash(row)
-    schema: pa.Schema = await table.schema()
+    data = await table.query().to_arrow()  # settle may have re-hashed it
+    data = data.select([c for c in data.column_names if not c.startswith("_")])
+    head_before = chain.head.hash if chain.head is not None else ""
+    index = data.schema.get_field_index("user")
+    data = data.set_column(index, data.schema.field(index),
+                           pa.array([normalize_key(u) for u in data.column("user").to_pylist()],
+                                    type=data.schema.field(index).type))
+    new = await chain.rehash(data)
     record = json.dumps({"at": now().isoformat(), "why": "0007_keys: user keys platform:id",
-                         "rows_rekeyed": len(stale), "head_before": head_before})
-    schema = schema.with_metadata({**(schema.metadata or {}), RECHAINED_KEY: record.encode()})
-    await db.create_table(TABLE, pa.Table.from_pylist(rows, schema=schema), mode="overwrite")
-    return len(stale)
+                         "rows_rekeyed": stale, "head_before": head_before})
+    new = new.replace_schema_metadata({**(new.schema.metadata or {}),
+                                       RECHAINED_KEY: record.encode()})
+    await db.create_table(TABLE, new, mode="overwrite")
+    await chain.commit()
+    return stale
