@@ -294,7 +294,7 @@ class SlackAdapter:
             from_self=(bool(self.bot_id) and event.get("bot_id") == self.bot_id)
             or event.get("user") == self.bot_user_id,
         )
-        decision = self.gate.decide(facts)
+        decision = await self.gate.decide(facts)
         if decision != "answer":
             log.debug("slack: not answering %s:%s (%s)", channel, ts, decision)
             return
