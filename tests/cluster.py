@@ -68,7 +68,8 @@ class RedisProxy:
 
     ``cut()``: Redis is gone (every connection closed, new ones refused);
     ``blackhole()``: Redis stops answering (connections stay open, nothing
-    is forwarded). An async context manager; ``url`` is what the worker uses.
+    is forwarded); ``restore()``: Redis is back (on the same port). An async
+    context manager; ``url`` is what the worker uses.
     """
 
     def __init__(self, target: tuple[str, int] = ("127.0.0.1", 6379)) -> None:
@@ -81,8 +82,14 @@ class RedisProxy:
 
     async def __aenter__(self) -> RedisProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
         return self
+
+    async def restore(self) -> None:
+        self.cut()  # drop the connections a blackhole left half-dead
+        self.silent = False
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def __aexit__(self, *exc: object) -> None:
         self.cut()
@@ -114,6 +121,7 @@ class RedisProxy:
             self._server.close()  # the port refuses new connections
         for writer in self._writers:
             writer.close()
+        self._writers.clear()
 
     def blackhole(self) -> None:
         self.silent = True

@@ -73,7 +73,7 @@ async def test_embedding_a_batch_leaves_the_event_loop_responsive(
 
 async def test_a_query_is_not_stuck_behind_a_big_import(embedder: FastEmbedder) -> None:
     """The model lock is per batch: a one-line embed finishes before a long import does."""
-    bulk = [f"Imported fact number {i} about somebody's hobbies and plans" for i in range(640)]
+    bulk = [f"Imported fact number {i} about somebody's hobbies and plans" for i in range(320)]
     order: list[str] = []
 
     async def run(name: str, texts: list[str]) -> None:

@@ -229,9 +229,10 @@ async def test_kill_9_mid_reply_is_answered_by_a_live_worker_once(env: dict[str,
 
 # --- one worker loses Redis while its replies are in flight ---
 
-@pytest_asyncio.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cut_off(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[str, Any]]:
-    """Two workers; worker 0 reaches Redis through a proxy the test can break."""
+    """Two workers; worker 0 reaches Redis through a proxy the tests can break
+    (each test restores it first)."""
     try:
         database_url, db_name = await fresh_database()
     except (OSError, asyncpg.PostgresError) as exc:
@@ -248,13 +249,16 @@ async def cut_off(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dic
 
 
 @pytest.mark.parametrize("outage", ["cut", "blackhole"])
+@pytest.mark.asyncio(loop_scope="module")
 async def test_a_worker_that_loses_redis_mid_reply_leaves_one_answer(
     cut_off: dict[str, Any], outage: str
 ) -> None:
     cluster: Cluster = cut_off["cluster"]
     slack: FakeSlack = cut_off["slack"]
     proxy: RedisProxy = cut_off["proxy"]
-    channels = [f"DCUT{i:02d}" for i in range(3)]
+    await proxy.restore()
+    await cluster.ready(cluster.workers[0])  # /readyz pings Redis through the proxy
+    channels = [f"D{outage.upper()}{i:02d}" for i in range(3)]
     # Worker 0's replies stream slowly (10 s); the taker-over's come at once.
     words = [f" word{i}" for i in range(40)]
     cut_off["openai"].script(*[Text(["Slow", *words], gap_s=0.25)] * len(channels))

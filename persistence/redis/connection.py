@@ -12,9 +12,11 @@ Contract:
   8.1: 44 of 200 looping tasks cancelled during an EVAL kept running), and
   a worker's shutdown then waited forever.
 - Every command is bounded: ``TIMEOUT_S`` to connect and to read an answer,
-  and no retry (the pool already replaces a connection Redis closed; a
-  pub/sub retry would resubscribe silently, hiding the messages missed
-  meanwhile from ``SharedBreakers``). redis-py's default (three retries with a
+  one immediate retry on a broken connection (a pooled connection Redis or
+  the network closed: after a Redis restart each one fails once), none on a
+  timeout. ``retry=False`` drops that retry: for pub/sub, where it would
+  resubscribe silently and hide the messages missed meanwhile from
+  ``SharedBreakers``, which reloads on the error. redis-py's default (three retries with a
   backoff of up to 10 s, no read timeout) made a Redis that went away delay
   each reply by 13-18 s and one that stopped answering block it for good.
   Pub/sub listening still blocks without a timeout (redis-py reads it so).
@@ -29,18 +31,20 @@ from collections.abc import Iterable
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 # Redis answers a local network in well under a millisecond; a second means
 # it is gone, and the callers' fallbacks (pace alone, answer untracked) apply.
 TIMEOUT_S = 1.0
 
 
-async def connect(url: str, *, client_name: str | None = None) -> aioredis.Redis:
+async def connect(url: str, *, client_name: str | None = None,
+                  retry: bool = True) -> aioredis.Redis:
     """A pinged client; ``client_name`` shows in Redis's CLIENT LIST."""
     client = aioredis.from_url(
         url, decode_responses=True, client_name=client_name,
         socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0))
+        retry=Retry(NoBackoff(), 1 if retry else 0, supported_errors=(RedisConnectionError,)))
     try:
         await client.ping()
     except BaseException:

@@ -261,7 +261,7 @@ class RedisInflight:
         except Exception as exc:  # a Redis blip, or Redis gone for this worker
             log.warning("inflight lease renewal failed: %s", type(exc).__name__)
             # The next round starts a third of a lease from now and may take
-            # a timeout (and a margin): a lease ending before that is lost.
+            # two timeouts (one retry): a lease ending before that is lost.
             at_risk = time.monotonic() + self._lease_ms / 3000 + 2 * TIMEOUT_S
             for event in events:
                 if self._deadline.get(event, float("inf")) <= at_risk:
