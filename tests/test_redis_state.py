@@ -417,7 +417,7 @@ async def test_stop_ends_tasks_whose_cancellation_redis_swallowed(namespace: str
                 await asyncio.sleep(0)
 
     try:
-        for trial in range(20):
+        for trial in range(8):  # with a read timeout most stops meet a swallowed cancel
             progressed.clear()
             task = asyncio.create_task(loop())
             await progressed.wait()  # mid-loop: the next EVAL is in flight

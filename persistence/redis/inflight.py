@@ -143,6 +143,7 @@ class RedisInflight:
         self._held: set[str] = set()
         self._deadline: dict[str, float] = {}  # event -> our lease's end at the latest
         self._replies: dict[str, asyncio.Task[Any]] = {}  # event -> the task answering it
+        self._stoppers: set[asyncio.Task[None]] = set()
         self._routes: dict[tuple[str, str], Resubmit] = {}
         self._client: aioredis.Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -280,7 +281,10 @@ class RedisInflight:
             return
         log.warning("stopping the reply to %s: %s; the worker that takes it over answers it",
                     event, why)
-        task.cancel()
+        # stop() cancels again if redis-py swallows the cancellation (see connection.py).
+        stopper = asyncio.create_task(stop([task]), name=f"stop-reply:{event}")
+        self._stoppers.add(stopper)
+        stopper.add_done_callback(self._stoppers.discard)
 
     async def sweep(self) -> int:
         """Take over the expired records this worker can serve; return how many."""
