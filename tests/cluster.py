@@ -79,6 +79,7 @@ class RedisProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.silent = False
         self.url = ""
+        self.asked = 0  # chunks the clients sent towards Redis (forwarded or not)
 
     async def __aenter__(self) -> RedisProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -99,14 +100,17 @@ class RedisProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._target)
         self._writers += [writer, up_writer]
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(self._pipe(reader, up_writer, ask=True),
+                             self._pipe(up_reader, writer))
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                    ask: bool = False) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
             while data := await source.read(65536):
+                self.asked += ask
                 if not self.silent:
                     sink.write(data)
                     await sink.drain()

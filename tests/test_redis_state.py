@@ -23,6 +23,7 @@ from persistence.redis.breakers import SharedBreakers
 from persistence.redis.connection import connect, stop
 from persistence.redis.inflight import OnceStore, RedisInflight
 from persistence.redis.state import RedisEventClaims, RedisRateBudget, RedisState
+from tests.cluster import RedisProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -393,6 +394,22 @@ async def test_without_redis_a_worker_paces_alone_and_still_answers() -> None:
         await claims.release("slack:T:C:1.0")  # no error either
     finally:
         await dead.aclose()
+
+
+async def test_a_redis_that_stops_answering_costs_one_timeout_not_one_per_call(
+    namespace: str
+) -> None:
+    """Budgets and claims share one outage: after a command timed out, the
+    next calls take their fallback at once instead of each waiting a timeout."""
+    async with RedisProxy() as proxy, RedisState(proxy.url, namespace=namespace) as state:
+        proxy.blackhole()  # Redis stops answering
+        assert await state.claims.claim("slack:T:C:1.0")  # timed out: handled anyway
+        asked = proxy.asked
+        assert await state.claims.claim("slack:T:C:2.0")
+        assert await state.budget.reserve("slack:chat:C", 1.0) == 0  # paced alone
+        await state.budget.penalize("slack:chat:C", 2.0)
+        assert await state.budget.reserve("telegram:chat:9", 1.0) == 0
+        assert proxy.asked == asked  # nothing more was sent to the silent Redis
 
 
 async def test_stop_ends_tasks_whose_cancellation_redis_swallowed(namespace: str) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,6 +56,24 @@ async def connect(url: str, *, client_name: str | None = None,
         await client.aclose()
         raise
     return client
+
+
+class Outage:
+    """Shared by everything that uses one client: after a command failed,
+    Redis is skipped for ``retry_s`` (callers take their fallback at once),
+    then asked again. A Redis that stops answering then costs one timeout
+    per ``retry_s``, not one per call (which made each reply wait seconds)."""
+
+    def __init__(self, retry_s: float = 5.0) -> None:
+        self.retry_s = retry_s
+        self._until = 0.0
+
+    @property
+    def ongoing(self) -> bool:
+        return time.monotonic() < self._until
+
+    def failed(self) -> None:
+        self._until = time.monotonic() + self.retry_s
 
 
 RECANCEL_S = 0.2  # how long a cancelled task may take before it is cancelled again

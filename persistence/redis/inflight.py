@@ -46,7 +46,7 @@ from redis.exceptions import RedisError
 from engine.log_context import bind
 from engine.ports import ConversationStore
 from engine.types import IncomingMessage, Role, StoredMessage
-from persistence.redis.connection import TIMEOUT_S, connect, stop
+from persistence.redis.connection import TIMEOUT_S, Outage, connect, stop
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ class RedisInflight:
         self._deadline: dict[str, float] = {}  # event -> our lease's end at the latest
         self._replies: dict[str, asyncio.Task[Any]] = {}  # event -> the task answering it
         self._stoppers: set[asyncio.Task[None]] = set()
+        self._outage = Outage()
         self._routes: dict[tuple[str, str], Resubmit] = {}
         self._client: aioredis.Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -184,6 +185,8 @@ class RedisInflight:
         event = event_key(message)
         if event is None:
             return True
+        if self._outage.ongoing:
+            return True  # Redis failed a moment ago: answer untracked at once
         zset, data, owner = self._hashes()
         asked = time.monotonic()
         try:
@@ -191,6 +194,7 @@ class RedisInflight:
                 _BEGIN, 4, zset, data, owner, self._answered(event),
                 event, _dump(message), self._token, self._lease_ms)
         except (RedisError, OSError) as exc:
+            self._outage.failed()
             # Answer it untracked: a lost message is worse than no take-over.
             log.warning("inflight: redis unavailable (%s); %s is not tracked",
                         type(exc).__name__, event)
@@ -260,6 +264,7 @@ class RedisInflight:
             kept = await self.client.eval(_RENEW, 2, zset, owner, self._token,
                                           self._lease_ms, *events)
         except Exception as exc:  # a Redis blip, or Redis gone for this worker
+            self._outage.failed()
             log.warning("inflight lease renewal failed: %s", type(exc).__name__)
             # The next round starts a third of a lease from now and may take
             # two timeouts (one retry): a lease ending before that is lost.

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from persistence.redis.connection import connect, stop
+from persistence.redis.connection import Outage, connect, stop
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +97,30 @@ class RedisRateBudget:
 
     While Redis does not answer, this worker paces alone (the same GCRA on
     its own clock) and says so once in the log: degraded, never blocked.
-    Redis is then asked again only every ``RETRY_S``, so a reply's many
-    sends and edits do not each wait for a timeout.
+    Redis is then asked again only after the ``Outage`` (shared with the
+    claims) ends, so a reply's many sends and edits do not each wait for a
+    timeout.
     """
 
-    RETRY_S = 5.0
-
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, client: aioredis.Redis, namespace: str,
+                 outage: Outage | None = None) -> None:
+        self._outage = outage or Outage()
         self._client = client
         self._ns = namespace
         self._reserve = client.register_script(_RESERVE)
         self._penalize = client.register_script(_PENALIZE)
         self._local: dict[str, float] = {}  # key -> theoretical arrival time (monotonic)
         self._degraded = False
-        self._retry_at = 0.0  # while degraded: when to ask Redis again (monotonic)
 
     def _fallback(self, exc: Exception) -> None:
         if not self._degraded:
             log.warning("rate budget: redis unavailable (%s); pacing this worker alone",
                         type(exc).__name__)
         self._degraded = True
-        self._retry_at = time.monotonic() + self.RETRY_S
+        self._outage.failed()
 
     def _alone(self) -> bool:
-        return self._degraded and time.monotonic() < self._retry_at
+        return self._outage.ongoing
 
     def _reserve_locally(self, key: str, interval_s: float, burst: int) -> float:
         now = time.monotonic()
@@ -173,8 +173,9 @@ class RedisEventClaims:
 
     def __init__(
         self, client: aioredis.Redis, namespace: str, *,
-        lease_s: float = 30.0, done_ttl_s: float = 86400.0,
+        lease_s: float = 30.0, done_ttl_s: float = 86400.0, outage: Outage | None = None,
     ) -> None:
+        self._outage = outage or Outage()
         self._client = client
         self._ns = namespace
         self._lease_ms = max(1, round(lease_s * 1000))
@@ -196,10 +197,13 @@ class RedisEventClaims:
         Redis unreachable: True. A possible duplicate answer beats a lost
         message (a redelivery is then answered again)."""
         full = self._key(key)
+        if self._outage.ongoing:
+            return True
         try:
             return bool(await self._client.set(full, self._token, nx=True,
                                                px=max(1, round(ttl_s * 1000))))
         except (RedisError, OSError) as exc:
+            self._outage.failed()
             log.warning("event claim: redis unavailable (%s); handling %s anyway",
                         type(exc).__name__, key)
             return True
@@ -355,8 +359,10 @@ class RedisState:
 
     async def __aenter__(self) -> RedisState:
         self._client = client = await connect(self._url)
-        self._budget = RedisRateBudget(client, self._ns)
-        self._claims = RedisEventClaims(client, self._ns, lease_s=self._lease_s)
+        outage = Outage()
+        self._budget = RedisRateBudget(client, self._ns, outage)
+        self._claims = RedisEventClaims(client, self._ns, lease_s=self._lease_s,
+                                        outage=outage)
         return self
 
     async def __aexit__(
