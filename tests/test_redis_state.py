@@ -388,7 +388,8 @@ async def test_without_redis_a_worker_paces_alone_and_still_answers() -> None:
         assert waits[0] == 0 and 0.5 - took <= waits[1] <= 0.5 and 1 - took <= waits[2] <= 1
         started = clock()
         await budget.penalize("telegram:chat-2", 5)
-        assert 5 - (clock() - started) <= await budget.reserve("telegram:chat-2", 0.1) <= 5
+        held = await budget.reserve("telegram:chat-2", 0.1)
+        assert 5 - (clock() - started) <= held <= 5
         claims = RedisEventClaims(dead, "test-dead")
         assert await claims.claim("slack:T:C:1.0")  # a duplicate beats a lost message
         await claims.release("slack:T:C:1.0")  # no error either
@@ -409,6 +410,8 @@ async def test_a_redis_that_stops_answering_costs_one_timeout_not_one_per_call(
         assert await state.budget.reserve("slack:chat:C", 1.0) == 0  # paced alone
         await state.budget.penalize("slack:chat:C", 2.0)
         assert await state.budget.reserve("telegram:chat:9", 1.0) == 0
+        turns = state.turns("slack:demo")  # the loop guard counts alone meanwhile
+        assert [await turns.take("C", 2) for _ in range(3)] == [True, True, False]
         assert proxy.asked == asked  # nothing more was sent to the silent Redis
 
 

@@ -282,17 +282,21 @@ class RedisBotTurns:
 
     TTL_MS = 86_400_000
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str,
+                 outage: Outage | None = None) -> None:
         self._client = client
         self._prefix = prefix
         self._take = client.register_script(_TAKE_TURN)
         self._local: dict[str, int] = {}
+        self._outage = outage or Outage()
 
     async def take(self, chat: str, limit: int) -> bool:
         try:
-            return bool(await self._take(keys=[f"{self._prefix}:{chat}"],
-                                         args=[limit, self.TTL_MS]))
+            if not self._outage.ongoing:
+                return bool(await self._take(keys=[f"{self._prefix}:{chat}"],
+                                             args=[limit, self.TTL_MS]))
         except (RedisError, OSError) as exc:
+            self._outage.failed()
             log.warning("loop guard: redis unavailable (%s); counting this worker alone",
                         type(exc).__name__)
         turns = self._local.get(chat, 0)
@@ -306,8 +310,10 @@ class RedisBotTurns:
     async def reset(self, chat: str) -> None:
         self._local.pop(chat, None)
         try:
-            await self._client.delete(f"{self._prefix}:{chat}")
+            if not self._outage.ongoing:
+                await self._client.delete(f"{self._prefix}:{chat}")
         except (RedisError, OSError) as exc:
+            self._outage.failed()
             log.warning("loop guard reset: redis unavailable (%s)", type(exc).__name__)
 
 
@@ -319,6 +325,7 @@ class RedisState:
         self._ns = namespace
         self._lease_s = lease_s
         self._client: aioredis.Redis | None = None
+        self._outage = Outage()
         self._claims: RedisEventClaims | None = None
         self._budget: RedisRateBudget | None = None
 
@@ -338,7 +345,7 @@ class RedisState:
         """The loop guard's counters of one bot on one platform (``telegram:<bot>``)."""
         if self._client is None:
             raise RuntimeError("RedisState used outside 'async with'")
-        return RedisBotTurns(self._client, f"{self._ns}:botturns:{scope}")
+        return RedisBotTurns(self._client, f"{self._ns}:botturns:{scope}", self._outage)
 
     def lock(self, name: str, *, timeout_s: float = 30.0) -> AbstractAsyncContextManager[Any]:
         """A cross-worker mutex (redis-py's ``Lock``: token-checked release,
@@ -359,7 +366,7 @@ class RedisState:
 
     async def __aenter__(self) -> RedisState:
         self._client = client = await connect(self._url)
-        outage = Outage()
+        self._outage = outage = Outage()
         self._budget = RedisRateBudget(client, self._ns, outage)
         self._claims = RedisEventClaims(client, self._ns, lease_s=self._lease_s,
                                         outage=outage)
