@@ -15,13 +15,14 @@ from typing import Any
 import pybreaker
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from adapters.chat.handler import Handler
 from adapters.chat.outbound import Limits, Outbound
 from engine.types import IncomingMessage, Reply
 from persistence.redis.breakers import SharedBreakers
 from persistence.redis.connection import connect, stop
-from persistence.redis.inflight import OnceStore, RedisInflight
+from persistence.redis.inflight import OnceStore, RedisInflight, event_key
 from persistence.redis.state import RedisEventClaims, RedisRateBudget, RedisState
 from tests.cluster import RedisProxy
 
@@ -314,6 +315,24 @@ async def test_handler_answers_duplicates_once(namespace: str) -> None:
         assert Replier.calls == 1
         assert sum(r is not None for r in results) == 1
         assert sent[-1] == ("C1", "Paris.")
+
+
+async def test_a_reply_finished_during_a_redis_blip_is_recorded_when_redis_is_back(
+    namespace: str
+) -> None:
+    """The answer went out but ``finish`` met no Redis: the worker keeps the
+    lease and records it at the next renewal, so nobody answers it again."""
+    async with RedisProxy() as proxy, \
+            RedisInflight(proxy.url, namespace=namespace, lease_s=LEASE_S) as worker, \
+            RedisInflight(REDIS_URL, namespace=namespace, lease_s=LEASE_S) as other:
+        assert await worker.begin(MESSAGE)
+        proxy.cut()  # Redis gone for this worker, the reply is delivered meanwhile
+        with pytest.raises((RedisError, OSError)):
+            await worker.finish(MESSAGE)
+        await proxy.restore()
+        await worker.renew()  # the next renewal round
+        assert not await other.begin(MESSAGE)  # answered: not taken over, not re-answered
+        assert await other.client.exists(f"{namespace}:answered:{event_key(MESSAGE)}")
 
 
 async def test_taken_over_user_message_is_stored_once(namespace: str, tmp_path: Any) -> None:

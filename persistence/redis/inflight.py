@@ -144,6 +144,7 @@ class RedisInflight:
         self._deadline: dict[str, float] = {}  # event -> our lease's end at the latest
         self._replies: dict[str, asyncio.Task[Any]] = {}  # event -> the task answering it
         self._stoppers: set[asyncio.Task[None]] = set()
+        self._unfinished: set[str] = set()  # answered, not yet recorded (Redis was away)
         self._outage = Outage()
         self._routes: dict[tuple[str, str], Resubmit] = {}
         self._client: aioredis.Redis | None = None
@@ -221,7 +222,20 @@ class RedisInflight:
         event = event_key(message)
         if event is None:
             return
+        deadline = self._deadline.get(event)
         self._release(event)
+        try:
+            await self._finish(event)
+        except (RedisError, OSError):
+            # Not recorded: keep the lease (no reply to stop) and finish it at
+            # the next renewal round, so a Redis blip does not get it answered twice.
+            if deadline is not None:
+                self._held.add(event)
+                self._deadline[event] = deadline
+                self._unfinished.add(event)
+            raise
+
+    async def _finish(self, event: str) -> None:
         zset, data, owner = self._hashes()
         await self.client.eval(_FINISH, 4, zset, data, owner, self._answered(event),
                                event, self._token, self._answered_ms)
@@ -255,6 +269,11 @@ class RedisInflight:
         would run out before the next round could renew it: its reply is
         cancelled, so the worker that takes the message over answers alone.
         """
+        for event in list(self._unfinished):
+            with contextlib.suppress(RedisError, OSError):
+                await self._finish(event)
+                self._unfinished.discard(event)
+                self._release(event)
         events = list(self._held)
         if not events:
             return
