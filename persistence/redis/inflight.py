@@ -16,8 +16,9 @@ the message. ``RedisInflight`` is the redelivery instead:
 
 A worker that cannot renew a lease (Redis gone for it alone) stops that
 reply itself before the lease can run out: the worker that takes the message
-over then gives the only answer. A reply finished while Redis is away is
-one this worker could not mark as answered, and may be answered twice.
+over then gives the only answer. A reply finished while Redis is away
+keeps its lease and is marked answered at the next renewal round; only an
+outage longer than the lease can then get it answered twice.
 
 Redis' own clock decides expiry, so worker clocks never matter. Bot names
 must not contain ``:`` (the event key is ``platform:bot:chat:message_id``).
