@@ -74,7 +74,9 @@ case "$cmd" in
     "$venv/bin/ruff" check adapters engine persistence tests benchmarks
     "$venv/bin/mypy"
     "$venv/bin/lint-imports"
-    exec "$venv/bin/pytest" "$@"
+    # Two processes, whole files each (module fixtures and in-file order hold):
+    # most tests wait on fakes and subprocesses, so two share two cores well.
+    exec "$venv/bin/pytest" -n "${BOTERNITY_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   *)
     install dev

@@ -63,6 +63,74 @@ async def drop_database(name: str) -> None:
         await admin.close()
 
 
+class RedisProxy:
+    """A TCP proxy between one worker and Redis that a test can break.
+
+    ``cut()``: Redis is gone (every connection closed, new ones refused);
+    ``blackhole()``: Redis stops answering (connections stay open, nothing
+    is forwarded); ``restore()``: Redis is back (on the same port). An async
+    context manager; ``url`` is what the worker uses.
+    """
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 6379)) -> None:
+        self._target = target
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.silent = False
+        self.url = ""
+        self.asked = 0  # chunks the clients sent towards Redis (forwarded or not)
+
+    async def __aenter__(self) -> RedisProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        return self
+
+    async def restore(self) -> None:
+        self.cut()  # drop the connections a blackhole left half-dead
+        self.silent = False
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers += [writer, up_writer]
+        await asyncio.gather(self._pipe(reader, up_writer, ask=True),
+                             self._pipe(up_reader, writer))
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                    ask: bool = False) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while data := await source.read(65536):
+                self.asked += ask
+                if not self.silent:
+                    sink.write(data)
+                    await sink.drain()
+        except OSError:
+            pass
+        finally:
+            self._tasks.discard(task)
+            sink.close()
+
+    def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()  # the port refuses new connections
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    def blackhole(self) -> None:
+        self.silent = True
+
+
 @dataclass
 class Worker:
     index: int
@@ -92,6 +160,7 @@ class Cluster:
     namespace: str = field(default_factory=lambda: f"workers-{uuid.uuid4().hex[:10]}")
     lease_s: float = 10.0  # short enough for a kill test, long for a busy machine
     fail_max: int = 2
+    redis_urls: dict[int, str] = field(default_factory=dict)  # worker -> its own way to Redis
     workers: list[Worker] = field(default_factory=list)
     _ts: int = 0
     _session: aiohttp.ClientSession | None = None
@@ -101,7 +170,7 @@ class Cluster:
 [storage]
 data_dir = "{self.tmp / f'worker{w.index}'}"
 database_url = "{self.database_url}"
-redis_url = "{REDIS_URL}"
+redis_url = "{self.redis_urls.get(w.index, REDIS_URL)}"
 redis_namespace = "{self.namespace}"
 redis_lease_s = {self.lease_s}
 
@@ -143,6 +212,8 @@ signing_secret_env = "TEST_SLACK_SIGNING"
 mode = "http"
 http_port = {w.slack_port}
 api_base_url = "{self.platform_api}"
+reply_to_bots = true
+max_bot_turns = 2
 """
 
     def _telegram(self, w: Worker) -> str:
@@ -217,6 +288,13 @@ api_base_url = "{self.platform_api}"
                 "event_time": 1764070000,
                 "event": {"type": "message", "channel": channel, "user": "UALICE001",
                           "text": text, "ts": ts, "channel_type": "im"}}
+
+    def bot_event(self, channel: str, text: str) -> dict[str, Any]:
+        """A message another bot posted in a direct message channel."""
+        event = self.event(channel, text)
+        del event["event"]["user"]
+        event["event"] |= {"bot_id": "BOTHER001", "subtype": "bot_message"}
+        return event
 
     async def post(self, worker: int, event: dict[str, Any], *, retry: int = 0) -> int:
         """Deliver ``event`` to one worker, signed; ``retry`` > 0 adds Slack's retry headers."""

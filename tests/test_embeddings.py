@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from persistence.vectors.embeddings import DIMENSION, FastEmbedder, prepare_model_dir
 
@@ -41,32 +44,36 @@ async def test_vectors_are_unit_length_and_meaningful(embedder: FastEmbedder) ->
 
 
 async def test_embedding_a_batch_leaves_the_event_loop_responsive(
-    embedder: FastEmbedder,
+    embedder: FastEmbedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Proved by where the work runs, not by a stopwatch (the lag itself is
+    measured in benchmarks/bench_embedding_lag.py): every batch goes to the
+    model from another thread, and while each batch is being embedded the
+    event loop serves a callback (it would deadlock if the batch ran on it)."""
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    model = embedder._model  # fastembed's TextEmbedding: observed, not replaced
+    batches: list[tuple[int, bool]] = []  # (thread, the loop answered meanwhile)
+
+    class Observed:
+        def embed(self, texts: list[str], **options: Any) -> Any:
+            answered = threading.Event()
+            loop.call_soon_threadsafe(answered.set)
+            vectors = list(model.embed(texts, **options))
+            batches.append((threading.get_ident(), answered.wait(timeout=60)))
+            return vectors
+
+    monkeypatch.setattr(embedder, "_model", Observed())
     texts = [f"Sentence {i}: the user mentioned their favourite hobby is number {i}"
-             for i in range(256)]
-    worst = 0.0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal worst
-        while not stop.is_set():
-            before = time.perf_counter()
-            await asyncio.sleep(0.005)
-            worst = max(worst, time.perf_counter() - before - 0.005)
-
-    task = asyncio.create_task(ticker())
+             for i in range(64)]
     vectors = await embedder.embed(texts)
-    stop.set()
-    await task
-    assert len(vectors) == 256
-    print(f"\nmax event-loop lag while embedding 256 sentences: {worst * 1000:.1f} ms")
-    assert worst < 0.100
+    assert len(vectors) == 64 and len(batches) == 64 // 16
+    assert all(thread != loop_thread and answered for thread, answered in batches), batches
 
 
 async def test_a_query_is_not_stuck_behind_a_big_import(embedder: FastEmbedder) -> None:
     """The model lock is per batch: a one-line embed finishes before a long import does."""
-    bulk = [f"Imported fact number {i} about somebody's hobbies and plans" for i in range(640)]
+    bulk = [f"Imported fact number {i} about somebody's hobbies and plans" for i in range(320)]
     order: list[str] = []
 
     async def run(name: str, texts: list[str]) -> None:

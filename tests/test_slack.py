@@ -331,6 +331,27 @@ async def test_sender_maps_429_and_scheduler_recovers_without_losing_text(
     assert sorted(m.channel for m in fake.messages.values()) == ["CR0", "CR1", "CR2"]
 
 
+async def test_timed_out_post_that_landed_is_found_not_posted_twice(
+    bot_pipeline: BotPipeline,
+) -> None:
+    """chat.postMessage is applied but answered after the client gave up: before
+    posting again the sender looks in the channel's history, finds its message
+    and goes on editing it."""
+    bot_pipeline.fake.default = Text(ANSWER, gap_s=0.3)
+    async with FakeSlack() as fake:
+        fake.lose_post_answers, fake.lost_answer_delay_s = 1, 3.0
+        async with adapter(fake, bot_pipeline, request_timeout_s=1):
+            await fake.push("events_api", message_event("CLOST1", f"<@{BOT_USER}> hi"))
+            await fake.wait_for(lambda: bool(bot_pipeline.replies) and any(
+                m.text == full(bot_pipeline.replies[0])  # type: ignore[arg-type]
+                for m in fake.in_channel("CLOST1")), within_s=30)
+    assert fake.lose_post_answers == 0  # the post did time out
+    assert [m.text for m in fake.in_channel("CLOST1")] == [
+        full(bot_pipeline.replies[0])]  # type: ignore[arg-type]
+    assert len(fake.calls_of("chat.postMessage")) == 1
+    assert len(fake.calls_of("conversations.history")) == 1
+
+
 # --- attachments ----------------------------------------------------------------------
 
 async def test_attachment_stored_with_metadata_and_hostile_or_huge_files_refused(

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from adapters.chat.gate import GateConfig
 from adapters.platforms.discord import DiscordAdapter, DiscordConfig
-from tests.cluster import REDIS_URL, Cluster, drop_database, fresh_database
+from tests.cluster import REDIS_URL, Cluster, RedisProxy, drop_database, fresh_database
 from tests.conftest import BotPipeline
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.openai_server import Status, Text, start_openai_fake
@@ -178,6 +178,29 @@ async def test_breaker_opened_by_one_worker_is_honoured_by_the_others(
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_the_loop_guard_counts_a_chats_bot_turns_across_workers(
+    env: dict[str, Any]
+) -> None:
+    cluster: Cluster = env["cluster"]
+    slack: FakeSlack = env["slack"]
+    channel = "DLOOP01"
+    # Another bot talks to ours, its messages spread over both workers; the
+    # guard allows two answers in a row (max_bot_turns = 2), not two per worker.
+    for i in range(4):
+        await cluster.post(i % 2, cluster.bot_event(channel, f"bot turn {i}"))
+
+    def stops() -> int:
+        return sum(cluster.log(w).count(f"bot turns in a row in {channel}")
+                   for w in cluster.workers)
+
+    # The guard's refusals show only in the workers' log files: nothing to await.
+    async with asyncio.timeout(60):
+        while len(_final(slack, channel)) + stops() < 4:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    assert (len(_final(slack, channel)), stops()) == (2, 2)
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_kill_9_mid_reply_is_answered_by_a_live_worker_once(env: dict[str, Any]) -> None:
     cluster: Cluster = env["cluster"]
     slack: FakeSlack = env["slack"]
@@ -202,3 +225,57 @@ async def test_kill_9_mid_reply_is_answered_by_a_live_worker_once(env: dict[str,
     rows = [r for r in await _rows(env["db"]) if r[0] == channel]
     assert [r[1:] for r in rows] == [  # the user message once, one answer
         ("user", "tell me a long story"), ("assistant", "Workers share the load.")]
+
+
+# --- one worker loses Redis while its replies are in flight ---
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cut_off(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[str, Any]]:
+    """Two workers; worker 0 reaches Redis through a proxy the tests can break
+    (each test restores it first)."""
+    try:
+        database_url, db_name = await fresh_database()
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"needs PostgreSQL and Redis on 127.0.0.1 ({type(exc).__name__})")
+    tmp = tmp_path_factory.mktemp("cutoff")
+    try:
+        async with RedisProxy() as proxy, start_openai_fake(default=Text(ANSWER)) as openai, \
+                FakeSlack() as slack:
+            async with Cluster(2, tmp, openai.base_url, slack.api_base, database_url,
+                               lease_s=5.0, redis_urls={0: proxy.url}) as cluster:
+                yield {"cluster": cluster, "openai": openai, "slack": slack, "proxy": proxy}
+    finally:
+        await drop_database(db_name)
+
+
+@pytest.mark.parametrize("outage", ["cut", "blackhole"])
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_worker_that_loses_redis_mid_reply_leaves_one_answer(
+    cut_off: dict[str, Any], outage: str
+) -> None:
+    cluster: Cluster = cut_off["cluster"]
+    slack: FakeSlack = cut_off["slack"]
+    proxy: RedisProxy = cut_off["proxy"]
+    await proxy.restore()
+    await cluster.ready(cluster.workers[0])  # /readyz pings Redis through the proxy
+    channels = [f"D{outage.upper()}{i:02d}" for i in range(3)]
+    # Worker 0's replies stream slowly (10 s); the taker-over's come at once.
+    words = [f" word{i}" for i in range(40)]
+    cut_off["openai"].script(*[Text(["Slow", *words], gap_s=0.25)] * len(channels))
+    for i, channel in enumerate(channels):
+        await cluster.post(0, cluster.event(channel, f"a long story {i}"))
+    await slack.wait_for(lambda: all(slack.in_channel(c) for c in channels), within_s=30)
+    getattr(proxy, outage)()  # Redis gone for worker 0 while all three are streaming
+
+    def settled(channel: str) -> bool:
+        # Answered by worker 1, and worker 0 either stopped its own reply or finished it.
+        finals = _final(slack, channel)
+        stopped = f"stopping the reply to slack:demo:{channel}" in cluster.log(cluster.workers[0])
+        return bool(finals) and (stopped or len(finals) > 1)
+
+    await slack.wait_for(lambda: all(settled(c) for c in channels), within_s=60)
+    answers = {c: _final(slack, c) for c in channels}
+    assert all(len(a) == 1 for a in answers.values()), answers  # one message, one answer
+    assert all(a[0].startswith("Workers share the load.") for a in answers.values())
+    log1 = cluster.log(cluster.workers[1])
+    assert all(f"taking over slack:demo:{c}" in log1 for c in channels)

@@ -12,7 +12,8 @@ does the rest, the same way everywhere:
   slots back and the SAME content is tried again later: nothing lost, nothing
   duplicated (what is shown is only recorded after the peer confirmed it);
 - a ``DeliveryTimeout`` on an edit is retried as an edit, never as a new
-  message, so a slow peer cannot produce a second copy;
+  message, and a timed-out send is sent again only if the sender's
+  ``find_sent`` did not find it: a slow peer cannot produce a second copy;
 - the final text (``Reply.full_text``: answer plus footer, in groups too)
   always lands, after whatever waits the peer asks for;
 - text longer than ``Limits.max_len`` is split on paragraph or line breaks,
@@ -105,7 +106,9 @@ class MessageSender(Protocol):
     it refused for good. A sender whose platform supports idempotent sends
     (Discord's ``enforce_nonce``) should use it: a timed-out send is retried.
     Optional: ``async typing(chat)`` shows a typing indicator; the scheduler
-    calls it every few seconds until the first text arrives.
+    calls it every few seconds until the first text arrives. Optional:
+    ``async find_sent(chat, text, since)``: the id of our message showing
+    ``text`` posted since ``since`` (epoch s) or None, asked after a timed-out send.
     """
 
     scope: str
@@ -308,6 +311,14 @@ class Outbound:
                 return waited
         return waited
 
+    async def _find_sent(self, chat: str, text: str, since: float) -> tuple[str, str] | None:
+        """(id, text) of a timed-out send that landed; None: send it again."""
+        find = getattr(self.sender, "find_sent", None)
+        with contextlib.suppress(DeliveryError):
+            if find is not None and (found := await find(chat, text, since)) is not None:
+                return str(found), text
+        return None
+
     @staticmethod
     def _next_op(parts: list[str], shown: list[str]) -> int | None:
         for i, part in enumerate(parts):
@@ -322,6 +333,7 @@ class Outbound:
         shown: list[str] = []  # what each sent message shows, confirmed by the peer
         started = time.monotonic()
         failures = 0
+        unsure: tuple[str, float] | None = None  # a send that timed out: (text, when)
         while True:
             parts, final = self._parts(draft)
             # A final text shorter than the stream (an error replaced it):
@@ -355,7 +367,15 @@ class Outbound:
                 if index is None:
                     continue
                 is_edit = index < len(out.message_ids)
+            if unsure is not None and not is_edit:  # did the timed-out send land?
+                landed, unsure = await self._find_sent(chat, *unsure), None
+                if landed is not None:
+                    out.sends += 1
+                    out.message_ids.append(landed[0])
+                    shown.append(landed[1])
+                    continue
             text = parts[index]
+            asked = time.time()
             try:
                 if is_edit:
                     await self.sender.edit(chat, out.message_ids[index], text)
@@ -383,6 +403,7 @@ class Outbound:
                     await self.budget.penalize(key, min(exc.seconds, self.max_wait_s))
             except DeliveryTimeout:
                 # Retried as the same operation (an edit stays an edit).
+                unsure = None if is_edit else (text, asked)
                 out.retries += 1
                 failures += 1
                 if failures >= self.max_failures:

@@ -310,7 +310,7 @@ class DiscordAdapter:
             addressed=me in message.mentions or replied_to_us,
             from_bot=message.author.bot, from_self=message.author.id == me.id,
         )
-        decision = self.gate.decide(facts)
+        decision = await self.gate.decide(facts)
         if decision != "answer":
             log.debug("discord: not answering %s (%s)", facts.chat, decision)
             return

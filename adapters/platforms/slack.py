@@ -70,10 +70,12 @@ def split_chat(chat: str) -> tuple[str, str | None]:
 class SlackSender:
     """``MessageSender`` over the Web API of one workspace."""
 
-    def __init__(self, client: AsyncWebClient, *, team: str, limits: Limits = SLACK) -> None:
+    def __init__(self, client: AsyncWebClient, *, team: str, limits: Limits = SLACK,
+                 bot_id: str = "") -> None:
         self.client = client
         self.scope = f"slack:{team}"
         self.limits = limits
+        self.bot_id = bot_id  # ours: what find_sent looks for
 
     async def send(self, chat: str, text: str, reply_to: str | None = None) -> str:
         channel, thread = split_chat(chat)
@@ -82,6 +84,22 @@ class SlackSender:
             mrkdwn=True, unfurl_links=False, unfurl_media=False,
         )
         return str(response["ts"])
+
+    async def find_sent(self, chat: str, text: str, since: float) -> str | None:
+        """The ts of our message showing ``text`` posted since ``since`` (a
+        chat.postMessage that timed out may have landed; Slack has no
+        idempotency key, so look before posting it again)."""
+        channel, thread = split_chat(chat)
+        # A minute of slack for the difference between our clock and Slack's.
+        window = {"channel": channel, "oldest": f"{since - 60:.6f}", "limit": 100}
+        response = await (self._call("conversations.replies", ts=thread, **window) if thread
+                          else self._call("conversations.history", **window))
+        wanted, messages = to_slack(text), response.get("messages")
+        for message in messages if isinstance(messages, list) else []:
+            if (message.get("bot_id") == self.bot_id and message.get("text") == wanted
+                    and message.get("ts") != thread):
+                return str(message["ts"])
+        return None
 
     async def edit(self, chat: str, message_id: str, text: str) -> None:
         channel, _ = split_chat(chat)
@@ -137,6 +155,7 @@ class SlackConfig:
     trust_workspace_admins: bool = False
     gate: GateConfig = field(default_factory=GateConfig)
     limits: Limits = SLACK
+    request_timeout_s: int = 30  # per Web API call
 
     def __post_init__(self) -> None:
         if self.mode == "socket" and self.app_token is None:
@@ -207,7 +226,8 @@ class SlackAdapter:
         config = self.config
         base = config.api_base_url or "https://slack.com/api/"
         self.client = AsyncWebClient(token=config.bot_token.get_secret_value(),
-                                     base_url=base.rstrip("/") + "/", timeout=30)
+                                     base_url=base.rstrip("/") + "/",
+                                     timeout=config.request_timeout_s)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         self._stack.push_async_callback(self.session.close)
         try:
@@ -218,7 +238,8 @@ class SlackAdapter:
         self.bot_user_id = str(auth.get("user_id", ""))
         self.bot_id = str(auth.get("bot_id", ""))
         self.team = str(auth.get("team_id", ""))
-        sender: MessageSender = SlackSender(self.client, team=self.team, limits=config.limits)
+        sender: MessageSender = SlackSender(self.client, team=self.team, limits=config.limits,
+                                            bot_id=self.bot_id)
         if self.wrap_sender is not None:
             sender = self.wrap_sender(sender)
         self.outbound = Outbound(sender, self.budget)
@@ -314,7 +335,7 @@ class SlackAdapter:
             from_self=(bool(self.bot_id) and event.get("bot_id") == self.bot_id)
             or event.get("user") == self.bot_user_id,
         )
-        decision = self.gate.decide(facts)
+        decision = await self.gate.decide(facts)
         if decision != "answer":
             log.debug("slack: not answering %s:%s (%s)", channel, ts, decision)
             return

@@ -330,7 +330,7 @@ class TelegramAdapter:
         facts = Facts(chat=str(message.chat.id), is_group=is_group,
                       addressed=self._mentioned(message) or replied_to_us,
                       from_bot=user.is_bot and sender is None, from_self=user.id == self.bot_id)
-        decision = self.gate.decide(facts)
+        decision = await self.gate.decide(facts)
         if decision != "answer":
             log.debug("telegram %s: not answering %s (%s)", self.config.bot, facts.chat, decision)
             return

@@ -86,10 +86,15 @@ def commands_for(app: App, bot: str, admins: list[str]) -> Commands:
     )
 
 
-def gate_config(platform: PlatformSettings) -> GateConfig:
+def gate_config(platform: PlatformSettings, app: App | None = None,
+                scope: str = "") -> GateConfig:
+    """The gate's values; with Redis, its loop guard counts across workers
+    (``scope``, e.g. ``telegram:<bot>``, keeps bots and platforms apart)."""
+    redis = getattr(app, "redis", None)
+    turns = redis.turns(scope) if redis is not None and platform.reply_to_bots else None
     return GateConfig(group_reply=platform.group_reply, channels=dict(platform.channels),
                       reply_to_bots=platform.reply_to_bots,
-                      max_bot_turns=platform.max_bot_turns)
+                      max_bot_turns=platform.max_bot_turns, turns=turns)
 
 
 def slack_config(app: App, bot: str, s: SlackSettings) -> SlackConfig:
@@ -104,7 +109,7 @@ def slack_config(app: App, bot: str, s: SlackSettings) -> SlackConfig:
         if s.mode == "http" else None,
         mode=s.mode, http_host=s.http_host, http_port=s.http_port, http_path=s.http_path,
         api_base_url=s.api_base_url, trust_workspace_admins=s.trust_workspace_admins,
-        gate=gate_config(s),
+        gate=gate_config(s, app, f"slack:{bot}"),
     )
 
 
@@ -112,7 +117,7 @@ def discord_config(app: App, bot: str, s: DiscordSettings) -> DiscordConfig:
     settings = app.settings
     return DiscordConfig(
         bot=bot, token=settings.require_secret(s.token_env, key=f"bots.{bot}.discord.token_env"),
-        data_dir=settings.storage.data_dir, gate=gate_config(s),
+        data_dir=settings.storage.data_dir, gate=gate_config(s, app, f"discord:{bot}"),
         api_base_url=s.api_base_url, gateway_url=s.gateway_url,
         trust_guild_admins=s.trust_guild_admins,
         shard_ids=tuple(s.shard_ids) if s.shard_ids is not None else None,
@@ -132,7 +137,8 @@ def telegram_config(app: App, bot: str, s: TelegramSettings) -> TelegramConfig:
             + " (see .env.example)")
     return TelegramConfig(
         bot=bot, token=settings.require_secret(s.token_env, key=f"{key}.token_env"),
-        admins=tuple(s.admins), gate=gate_config(s), api_base_url=s.api_base_url, mode=s.mode,
+        admins=tuple(s.admins), gate=gate_config(s, app, f"telegram:{bot}"),
+        api_base_url=s.api_base_url, mode=s.mode,
         webhook_url=s.webhook_url, webhook_listen=s.webhook_listen, webhook_port=s.webhook_port,
         webhook_secret=secret,
     )

@@ -161,7 +161,8 @@ class SharedBreakers:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         # Named, so an operator's CLIENT LIST tells what each connection is.
-        self._client = await connect(self._url, client_name=self.client_name)
+        # No silent reconnect: a lost subscription must raise, so _listen reloads.
+        self._client = await connect(self._url, client_name=self.client_name, retry=False)
         try:
             pubsub = self._client.pubsub()
             await pubsub.subscribe(self._channel)

@@ -14,6 +14,12 @@ the message. ``RedisInflight`` is the redelivery instead:
   takes each over atomically (one Lua script: exactly one sweeper wins) and
   re-submits the message to its own handler for that platform and bot.
 
+A worker that cannot renew a lease (Redis gone for it alone) stops that
+reply itself before the lease can run out: the worker that takes the message
+over then gives the only answer. A reply finished while Redis is away
+keeps its lease and is marked answered at the next renewal round; only an
+outage longer than the lease can then get it answered twice.
+
 Redis' own clock decides expiry, so worker clocks never matter. Bot names
 must not contain ``:`` (the event key is ``platform:bot:chat:message_id``).
 Keys:
@@ -29,6 +35,7 @@ import contextvars
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from types import TracebackType
@@ -40,7 +47,7 @@ from redis.exceptions import RedisError
 from engine.log_context import bind
 from engine.ports import ConversationStore
 from engine.types import IncomingMessage, Role, StoredMessage
-from persistence.redis.connection import connect, stop
+from persistence.redis.connection import TIMEOUT_S, Outage, connect, stop
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +76,18 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 return 1
 """
-# KEYS: zset, owner. ARGV: event, token, lease_ms.
+# KEYS: zset, owner. ARGV: token, lease_ms, events... Returns 1/0 per event (still ours).
 _RENEW = _NOW + """
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[1])
-return 1
+local kept = {}
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[i])
+    kept[#kept + 1] = 1
+  else
+    kept[#kept + 1] = 0
+  end
+end
+return kept
 """
 # KEYS: zset, data, owner, answered. ARGV: event, token, answered_ttl_ms.
 _FINISH = """
@@ -128,6 +142,11 @@ class RedisInflight:
         self._answered_ms = max(1, round(answered_ttl_s * 1000))
         self._token = uuid.uuid4().hex
         self._held: set[str] = set()
+        self._deadline: dict[str, float] = {}  # event -> our lease's end at the latest
+        self._replies: dict[str, asyncio.Task[Any]] = {}  # event -> the task answering it
+        self._stoppers: set[asyncio.Task[None]] = set()
+        self._unfinished: set[str] = set()  # answered, not yet recorded (Redis was away)
+        self._outage = Outage()
         self._routes: dict[tuple[str, str], Resubmit] = {}
         self._client: aioredis.Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -168,27 +187,56 @@ class RedisInflight:
         event = event_key(message)
         if event is None:
             return True
+        if self._outage.ongoing:
+            return True  # Redis failed a moment ago: answer untracked at once
         zset, data, owner = self._hashes()
+        asked = time.monotonic()
         try:
             started = await self.client.eval(
                 _BEGIN, 4, zset, data, owner, self._answered(event),
                 event, _dump(message), self._token, self._lease_ms)
         except (RedisError, OSError) as exc:
+            self._outage.failed()
             # Answer it untracked: a lost message is worse than no take-over.
             log.warning("inflight: redis unavailable (%s); %s is not tracked",
                         type(exc).__name__, event)
             return True
         if started:
-            self._held.add(event)
+            self._hold(event, asked)
+            if (task := asyncio.current_task()) is not None:
+                self._replies[event] = task
             current_event.set(event)
         return bool(started)
+
+    def _hold(self, event: str, asked: float) -> None:
+        # Redis set the lease after we asked: it ends no sooner than this.
+        self._held.add(event)
+        self._deadline[event] = asked + self._lease_ms / 1000
+
+    def _release(self, event: str) -> asyncio.Task[Any] | None:
+        self._held.discard(event)
+        self._deadline.pop(event, None)
+        return self._replies.pop(event, None)
 
     async def finish(self, message: IncomingMessage) -> None:
         """The reply was delivered (or failed for good): drop the record."""
         event = event_key(message)
         if event is None:
             return
-        self._held.discard(event)
+        deadline = self._deadline.get(event)
+        self._release(event)
+        try:
+            await self._finish(event)
+        except (RedisError, OSError):
+            # Not recorded: keep the lease (no reply to stop) and finish it at
+            # the next renewal round, so a Redis blip does not get it answered twice.
+            if deadline is not None:
+                self._held.add(event)
+                self._deadline[event] = deadline
+                self._unfinished.add(event)
+            raise
+
+    async def _finish(self, event: str) -> None:
         zset, data, owner = self._hashes()
         await self.client.eval(_FINISH, 4, zset, data, owner, self._answered(event),
                                event, self._token, self._answered_ms)
@@ -210,17 +258,58 @@ class RedisInflight:
 
     # -- background -----------------------------------------------------
     async def _renew_loop(self) -> None:
-        # A third of the lease: two missed rounds still keep it.
+        # A third of the lease: a missed round still keeps it.
         while True:
             await asyncio.sleep(self._lease_ms / 3000)
-            zset, _, owner = self._hashes()
-            for event in list(self._held):
-                try:
-                    if not await self.client.eval(_RENEW, 2, zset, owner, event, self._token,
-                                                  self._lease_ms):
-                        self._held.discard(event)  # taken over: not ours any more
-                except Exception as exc:  # a Redis blip: next round
-                    log.warning("inflight lease renewal failed: %s", type(exc).__name__)
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Renew every lease this worker holds, in one call.
+
+        A lease another worker took over is given up, and so is one that
+        would run out before the next round could renew it: its reply is
+        cancelled, so the worker that takes the message over answers alone.
+        """
+        for event in list(self._unfinished):
+            with contextlib.suppress(RedisError, OSError):
+                await self._finish(event)
+                self._unfinished.discard(event)
+                self._release(event)
+        events = list(self._held)
+        if not events:
+            return
+        zset, _, owner = self._hashes()
+        asked = time.monotonic()
+        try:
+            kept = await self.client.eval(_RENEW, 2, zset, owner, self._token,
+                                          self._lease_ms, *events)
+        except Exception as exc:  # a Redis blip, or Redis gone for this worker
+            self._outage.failed()
+            log.warning("inflight lease renewal failed: %s", type(exc).__name__)
+            # The next round starts a third of a lease from now and may take
+            # two timeouts (one retry): a lease ending before that is lost.
+            at_risk = time.monotonic() + self._lease_ms / 3000 + 2 * TIMEOUT_S
+            for event in events:
+                if self._deadline.get(event, float("inf")) <= at_risk:
+                    self._give_up(event, "its lease cannot be renewed (redis unreachable)")
+            return
+        for event, ours in zip(events, kept, strict=True):
+            if ours:
+                if event in self._held:  # not finished meanwhile
+                    self._deadline[event] = asked + self._lease_ms / 1000
+            else:
+                self._give_up(event, "another worker took it over")
+
+    def _give_up(self, event: str, why: str) -> None:
+        task = self._release(event)
+        if task is None or task.done():
+            return
+        log.warning("stopping the reply to %s: %s; the worker that takes it over answers it",
+                    event, why)
+        # stop() cancels again if redis-py swallows the cancellation (see connection.py).
+        stopper = asyncio.create_task(stop([task]), name=f"stop-reply:{event}")
+        self._stoppers.add(stopper)
+        stopper.add_done_callback(self._stoppers.discard)
 
     async def sweep(self) -> int:
         """Take over the expired records this worker can serve; return how many."""
@@ -235,11 +324,12 @@ class RedisInflight:
             resubmit = self._routes.get((platform, bot))
             if resubmit is None:
                 continue  # another worker serves that bot
+            asked = time.monotonic()
             payload = await self.client.eval(_TAKE_OVER, 3, zset, data, owner,
                                              event, self._token, self._lease_ms)
             if not payload:
                 continue  # another sweeper was faster, or it was renewed
-            self._held.add(event)
+            self._hold(event, asked)
             message = _load(payload)
             with bind(bot=message.bot, platform=message.platform, chat=message.chat):
                 log.warning("taking over %s from a worker that stopped mid-reply", event)

@@ -1,4 +1,5 @@
-"""State that several workers share through Redis: rate budgets and event claims.
+"""State that several workers share through Redis: rate budgets, event claims,
+the loop guard's counts.
 
 ``RedisState`` owns one async Redis connection (an async context manager)
 and gives out:
@@ -19,6 +20,7 @@ and gives out:
   expires after ``lease_s`` and the platform's redelivery (Slack retry,
   Telegram webhook retry, a second worker's copy) is claimed by a live one.
   A lease never outlives its owner by more than ``lease_s``.
+- ``turns(scope)`` (``RedisBotTurns``): the loop guard's bot-turn counts.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from persistence.redis.connection import connect, stop
+from persistence.redis.connection import Outage, connect, stop
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +97,14 @@ class RedisRateBudget:
 
     While Redis does not answer, this worker paces alone (the same GCRA on
     its own clock) and says so once in the log: degraded, never blocked.
+    Redis is then asked again only after the ``Outage`` (shared with the
+    claims) ends, so a reply's many sends and edits do not each wait for a
+    timeout.
     """
 
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, client: aioredis.Redis, namespace: str,
+                 outage: Outage | None = None) -> None:
+        self._outage = outage or Outage()
         self._client = client
         self._ns = namespace
         self._reserve = client.register_script(_RESERVE)
@@ -110,6 +117,16 @@ class RedisRateBudget:
             log.warning("rate budget: redis unavailable (%s); pacing this worker alone",
                         type(exc).__name__)
         self._degraded = True
+        self._outage.failed()
+
+    def _alone(self) -> bool:
+        return self._outage.ongoing
+
+    def _reserve_locally(self, key: str, interval_s: float, burst: int) -> float:
+        now = time.monotonic()
+        tat = max(self._local.get(key, now), now)
+        self._local[key] = tat + interval_s
+        return max(tat - (max(burst, 1) - 1) * interval_s - now, 0.0)
 
     def _key(self, key: str) -> str:
         return f"{self._ns}:budget:{key}"
@@ -117,15 +134,14 @@ class RedisRateBudget:
     async def reserve(self, key: str, interval_s: float, burst: int = 1) -> float:
         """Take the next slot of ``key``; return the seconds to wait for it."""
         interval_ms = max(1, round(interval_s * 1000))
+        if self._alone():
+            return self._reserve_locally(key, interval_s, burst)
         try:
             wait_ms = await self._reserve(keys=[self._key(key)],
                                           args=[interval_ms, max(1, burst)])
         except (RedisError, OSError) as exc:
             self._fallback(exc)
-            now = time.monotonic()
-            tat = max(self._local.get(key, now), now)
-            self._local[key] = tat + interval_s
-            return max(tat - (max(burst, 1) - 1) * interval_s - now, 0.0)
+            return self._reserve_locally(key, interval_s, burst)
         self._degraded = False
         return int(wait_ms) / 1000
 
@@ -139,6 +155,8 @@ class RedisRateBudget:
         """No worker uses ``key`` for ``seconds`` (a platform's retry_after)."""
         until = time.monotonic() + seconds
         self._local[key] = max(self._local.get(key, 0.0), until)
+        if self._alone():
+            return
         try:
             await self._penalize(keys=[self._key(key)], args=[max(0, round(seconds * 1000))])
         except (RedisError, OSError) as exc:
@@ -155,8 +173,9 @@ class RedisEventClaims:
 
     def __init__(
         self, client: aioredis.Redis, namespace: str, *,
-        lease_s: float = 30.0, done_ttl_s: float = 86400.0,
+        lease_s: float = 30.0, done_ttl_s: float = 86400.0, outage: Outage | None = None,
     ) -> None:
+        self._outage = outage or Outage()
         self._client = client
         self._ns = namespace
         self._lease_ms = max(1, round(lease_s * 1000))
@@ -178,10 +197,13 @@ class RedisEventClaims:
         Redis unreachable: True. A possible duplicate answer beats a lost
         message (a redelivery is then answered again)."""
         full = self._key(key)
+        if self._outage.ongoing:
+            return True
         try:
             return bool(await self._client.set(full, self._token, nx=True,
                                                px=max(1, round(ttl_s * 1000))))
         except (RedisError, OSError) as exc:
+            self._outage.failed()
             log.warning("event claim: redis unavailable (%s); handling %s anyway",
                         type(exc).__name__, key)
             return True
@@ -240,6 +262,61 @@ class RedisEventClaims:
         self._held.clear()
 
 
+# The loop guard's count. KEYS[1]: the chat's counter. ARGV: limit, ttl_ms.
+_TAKE_TURN = """
+local turns = tonumber(redis.call('GET', KEYS[1]) or '0')
+if turns >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], turns + 1, 'PX', ARGV[2])
+return 1
+"""
+
+
+class RedisBotTurns:
+    """The loop guard's per-chat bot-turn counts, shared by workers
+    (``adapters.chat.gate.BotTurns``): a bot's messages spread over several
+    workers still get at most ``max_bot_turns`` answers in a row.
+
+    A count is forgotten after a day without bot turns. While Redis does not
+    answer, this worker counts alone (the guard still holds per worker).
+    """
+
+    TTL_MS = 86_400_000
+
+    def __init__(self, client: aioredis.Redis, prefix: str,
+                 outage: Outage | None = None) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._take = client.register_script(_TAKE_TURN)
+        self._local: dict[str, int] = {}
+        self._outage = outage or Outage()
+
+    async def take(self, chat: str, limit: int) -> bool:
+        try:
+            if not self._outage.ongoing:
+                return bool(await self._take(keys=[f"{self._prefix}:{chat}"],
+                                             args=[limit, self.TTL_MS]))
+        except (RedisError, OSError) as exc:
+            self._outage.failed()
+            log.warning("loop guard: redis unavailable (%s); counting this worker alone",
+                        type(exc).__name__)
+        turns = self._local.get(chat, 0)
+        if turns >= limit:
+            return False
+        if len(self._local) > 10_000:  # bounded: a Redis outage is not a leak
+            self._local.clear()
+        self._local[chat] = turns + 1
+        return True
+
+    async def reset(self, chat: str) -> None:
+        self._local.pop(chat, None)
+        try:
+            if not self._outage.ongoing:
+                await self._client.delete(f"{self._prefix}:{chat}")
+        except (RedisError, OSError) as exc:
+            self._outage.failed()
+            log.warning("loop guard reset: redis unavailable (%s)", type(exc).__name__)
+
+
 class RedisState:
     """One Redis connection for budgets and claims; an async context manager."""
 
@@ -248,6 +325,7 @@ class RedisState:
         self._ns = namespace
         self._lease_s = lease_s
         self._client: aioredis.Redis | None = None
+        self._outage = Outage()
         self._claims: RedisEventClaims | None = None
         self._budget: RedisRateBudget | None = None
 
@@ -262,6 +340,12 @@ class RedisState:
         if self._claims is None:
             raise RuntimeError("RedisState used outside 'async with'")
         return self._claims
+
+    def turns(self, scope: str) -> RedisBotTurns:
+        """The loop guard's counters of one bot on one platform (``telegram:<bot>``)."""
+        if self._client is None:
+            raise RuntimeError("RedisState used outside 'async with'")
+        return RedisBotTurns(self._client, f"{self._ns}:botturns:{scope}", self._outage)
 
     def lock(self, name: str, *, timeout_s: float = 30.0) -> AbstractAsyncContextManager[Any]:
         """A cross-worker mutex (redis-py's ``Lock``: token-checked release,
@@ -282,8 +366,10 @@ class RedisState:
 
     async def __aenter__(self) -> RedisState:
         self._client = client = await connect(self._url)
-        self._budget = RedisRateBudget(client, self._ns)
-        self._claims = RedisEventClaims(client, self._ns, lease_s=self._lease_s)
+        self._outage = outage = Outage()
+        self._budget = RedisRateBudget(client, self._ns, outage)
+        self._claims = RedisEventClaims(client, self._ns, lease_s=self._lease_s,
+                                        outage=outage)
         return self
 
     async def __aexit__(

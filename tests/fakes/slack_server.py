@@ -5,7 +5,11 @@ Point the SDK at it with ``AsyncWebClient(token=..., base_url=fake.api_base)``
 merges query string, form and JSON bodies, like Slack does.
 
 - ``auth.test``, ``apps.connections.open`` (returns this fake's websocket),
-  ``chat.postMessage``, ``chat.update``, ``files.info``, ``users.info``.
+  ``chat.postMessage``, ``chat.update``, ``files.info``, ``users.info``,
+  ``conversations.history`` and ``conversations.replies`` (the bot's messages).
+- ``lose_post_answers = N`` posts the next N messages but answers only after
+  ``lost_answer_delay_s`` (longer than the client's timeout): a timed-out
+  post that landed.
 - Socket Mode: ``push(type, payload)`` sends an envelope to the connected
   client and returns its ack (the ``payload`` of the ack, e.g. a slash
   command's text).
@@ -120,7 +124,9 @@ class FakeSlack:
         self.admins = set(admins)
         self._post = _Bucket(post_limit / post_window_s, post_burst)
         self._update = _Window(update_limit, update_window_s)
-        self._ts = itertools.count(1)
+        self._last_ts = 0.0
+        self.lose_post_answers = 0  # post the next N messages but answer too late
+        self.lost_answer_delay_s = 3.0
         self._ids = itertools.count(1)
         self._socket: web.WebSocketResponse | None = None
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -210,6 +216,9 @@ class FakeSlack:
         if handler is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
         result = handler(args)
+        if method == "chat.postMessage" and self.lose_post_answers > 0:
+            self.lose_post_answers -= 1
+            await asyncio.sleep(self.lost_answer_delay_s)  # applied, answered too late
         if isinstance(result, web.Response):
             return result
         return web.json_response({"ok": True, **result})
@@ -235,7 +244,9 @@ class FakeSlack:
         wait_s = self._post.take(channel)
         if wait_s:
             return self._ratelimited(wait_s)
-        ts = f"1764064800.{next(self._ts):06d}"
+        # Slack's ts is its clock (unique per channel): conversations.history's oldest uses it.
+        self._last_ts = max(time.time(), self._last_ts + 1e-6)
+        ts = f"{self._last_ts:.6f}"
         text = str(args.get("text", ""))
         if len(text) > 40000:
             return web.json_response({"ok": False, "error": "msg_too_long"})
@@ -259,6 +270,20 @@ class FakeSlack:
         message.edited_at.append(time.monotonic())
         self.changed.set()
         return {"channel": message.channel, "ts": message.ts, "text": text}
+
+    def _history(self, args: dict[str, Any], thread: str | None) -> dict[str, Any]:
+        oldest = float(args.get("oldest") or 0)
+        found = [m for m in self.messages.values() if m.channel == str(args["channel"])
+                 and float(m.ts) > oldest and (thread is None or m.thread_ts == thread)]
+        return {"messages": [{"type": "message", "ts": m.ts, "text": m.text, "user": BOT_USER,
+                              "bot_id": "B00000001", "thread_ts": m.thread_ts}
+                             for m in reversed(found)]}  # newest first, as Slack
+
+    def _m_conversations_history(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self._history(args, None)
+
+    def _m_conversations_replies(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self._history(args, str(args["ts"]))
 
     def _m_files_info(self, args: dict[str, Any]) -> dict[str, Any] | web.Response:
         file = self.files.get(str(args.get("file")))
