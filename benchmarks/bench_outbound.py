@@ -36,7 +36,7 @@ from telegram import Bot
 
 from adapters.chat.outbound import DeliveryError, Outbound, RetryAfter
 from adapters.chat.render import to_telegram
-from adapters.platforms.telegram import TelegramSender
+from adapters.platforms.telegram_sender import TelegramSender
 from engine.types import Reply
 from tests.fakes.telegram_server import start_telegram_fake
 

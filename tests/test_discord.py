@@ -284,7 +284,7 @@ async def test_who_handles_429s_short_waits_discordpy_long_waits_our_scheduler()
     import yarl
 
     from adapters.chat.outbound import RetryAfter
-    from adapters.platforms.discord import MAX_RATELIMIT_TIMEOUT_S, DiscordSender
+    from adapters.platforms.discord_sender import MAX_RATELIMIT_TIMEOUT_S, DiscordSender
 
     async with FakeDiscord(channels=(C1, C2), channel_limit=1, channel_window_s=0.3) as fake:
         discord.http.Route.BASE = fake.api_base

@@ -21,10 +21,7 @@ starts polling (default) or a webhook. Every message update is normalized:
   sticker or a location reaches the model described in words
   (``describe``), anything else unreadable gets ``UNREADABLE``.
 
-``TelegramSender`` implements ``MessageSender`` for the outbound scheduler:
-Markdown is rendered to text + entities (``adapters.chat.render``), PTB's
-``RetryAfter`` becomes ours, ``TimedOut`` becomes ``DeliveryTimeout`` and
-"message is not modified" counts as success.
+Sending and editing go through ``TelegramSender`` (``telegram_sender.py``).
 
 Group admins are NOT trusted for admin commands: anyone can create a group
 and add the bot, so only the configured ``admins`` ids may run them.
@@ -33,9 +30,7 @@ and add the bot, so only the configured ``admins`` ids may run them.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -43,17 +38,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
-from telegram import (
-    Bot,
-    BotCommand,
-    Message,
-    MessageEntity,
-    ReplyParameters,
-    Update,
-)
+from telegram import BotCommand, Message, MessageEntity, Update
 from telegram import error as tg_error
 from telegram.ext import Application, ContextTypes, MessageHandler, filters
-from telegram.warnings import PTBDeprecationWarning
 
 from adapters.chat.commands import COMMANDS, Caller, Commands, answers_privately, parse
 from adapters.chat.dedupe import Dedupe, MemoryDedupe
@@ -61,17 +48,13 @@ from adapters.chat.gate import Facts, Gate, GateConfig
 from adapters.chat.handler import Handler, Inflight, PendingFile
 from adapters.chat.outbound import (
     TELEGRAM,
-    DeliveryError,
-    DeliveryTimeout,
     Limits,
     MemoryBudget,
     MessageSender,
     Outbound,
     RateBudget,
-    RetryAfter,
 )
-from adapters.chat.render import to_telegram
-from adapters.chat.splitting import utf16_len
+from adapters.platforms.telegram_sender import TelegramSender
 from engine.errors import ConfigError, StartupError
 from engine.memory.scope import user_key
 from engine.ports import FileStore, Replier, Transcriber
@@ -95,69 +78,6 @@ def describe(message: Message) -> str:
         return (f"[shares a location{named}: latitude {place.latitude:.5f}, "
                 f"longitude {place.longitude:.5f}]")
     return ""
-
-
-def _retry_after(exc: tg_error.RetryAfter) -> float:
-    # PTB 22 warns that the int will become a timedelta; accept both.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PTBDeprecationWarning)
-        value = exc.retry_after
-    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
-
-
-class TelegramSender:
-    """``MessageSender`` over a PTB ``Bot`` (see the module docstring)."""
-
-    def __init__(self, bot: Bot, scope: str, limits: Limits = TELEGRAM) -> None:
-        self.bot = bot
-        self.scope = scope
-        self.limits = limits
-
-    def _render(self, text: str) -> tuple[str, list[MessageEntity]]:
-        plain, entities = to_telegram(text)
-        if utf16_len(plain) > self.limits.max_len:
-            # The splitter measured the Markdown; should rendering ever make it
-            # longer, send the source as plain text rather than have it refused.
-            return text, []
-        return plain, [MessageEntity(**{k: v for k, v in e.items() if k != "user"})
-                       for e in entities]
-
-    async def send(self, chat: str, text: str, reply_to: str | None = None) -> str:
-        plain, entities = self._render(text)
-        reply = (ReplyParameters(message_id=int(reply_to), allow_sending_without_reply=True)
-                 if reply_to else None)
-        message = await self._call(self.bot.send_message(
-            chat_id=int(chat), text=plain, entities=entities, reply_parameters=reply))
-        assert isinstance(message, Message)
-        return str(message.message_id)
-
-    async def typing(self, chat: str) -> None:
-        await self._call(self.bot.send_chat_action(chat_id=int(chat), action="typing"))
-
-    async def edit(self, chat: str, message_id: str, text: str) -> None:
-        plain, entities = self._render(text)
-        try:
-            await self._call(self.bot.edit_message_text(
-                chat_id=int(chat), message_id=int(message_id), text=plain, entities=entities))
-        except DeliveryError as exc:
-            if "not modified" not in str(exc):  # a retried edit that had landed
-                raise
-
-    @staticmethod
-    async def _call(call: Awaitable[Any]) -> Any:
-        try:
-            return await call
-        except tg_error.RetryAfter as exc:
-            raise RetryAfter(_retry_after(exc)) from exc
-        except tg_error.TimedOut as exc:
-            raise DeliveryTimeout(str(exc)) from exc
-        except tg_error.BadRequest as exc:
-            raise DeliveryError(exc.message) from exc
-        except tg_error.NetworkError as exc:
-            # Connection trouble: like a timeout, the call may or may not have landed.
-            raise DeliveryTimeout(str(exc)) from exc
-        except tg_error.TelegramError as exc:
-            raise DeliveryError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
