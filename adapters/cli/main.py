@@ -281,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_bots(args, settings)
         _configure_logging(settings, args)
         _quiet_lancedb(args)
+        importlib.import_module("adapters.wiring.build")  # before the loop runs, not on it
         return asyncio.run(_serve(args, settings))
     except ConfigError as exc:
         return _fail(args, exc, 2)

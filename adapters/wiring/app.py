@@ -10,8 +10,11 @@ the CLI reads it to run one command.
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +34,13 @@ if TYPE_CHECKING:
     from engine.providers.fallback import Breakers, FallbackChain
     from engine.usage import UsageAccounting
     from persistence.sql.database import Database
+
+async def imported(module: str) -> ModuleType:
+    """``module``, imported in a worker thread: the provider SDKs, aiohttp,
+    Redis and LanceDB take 0.1-1.2 s each to import, time the event loop
+    must not spend (start-up work of the wiring, or memory opened mid-chat)."""
+    return await asyncio.to_thread(importlib.import_module, module)
+
 
 # A platform adapter's main loop: runs until cancelled.
 Runner = Callable[[], Coroutine[Any, Any, None]]

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from adapters.wiring import scaleout
-from adapters.wiring.app import App
+from adapters.wiring.app import App, imported
 from adapters.wiring.memory import LazyRecall, bot_memory, start_memory
 from adapters.wiring.providers import provider_config
 from adapters.wiring.settings import Settings
@@ -73,7 +73,9 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory
         for name, config in configs.items():
             if name not in used or not with_bots:
                 continue  # configured but in no chain: do not start it (a local model is heavy)
-            from engine.providers.registry import build_provider  # the SDKs: only when used
+            # The provider SDKs (openai, aioboto3): imported only when used, off the loop.
+            await imported("engine.providers.registry")
+            from engine.providers.registry import build_provider
 
             provider = build_provider(config)
             if hasattr(provider, "__aenter__"):

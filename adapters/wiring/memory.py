@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 from adapters.wiring import scaleout
-from adapters.wiring.app import App
+from adapters.wiring.app import App, imported
 from adapters.wiring.settings import Settings
 from engine.admin.memory import BotInfo, MemoryAdmin
 from engine.background import Background
@@ -138,7 +137,7 @@ class MemoryParts:
 
 async def _enter(stack: AsyncExitStack, module: str, cls: str, *args: Any, **kwargs: Any) -> Any:
     # The import of lancedb and pyarrow takes about a second: not on the event loop.
-    store_class = getattr(await asyncio.to_thread(importlib.import_module, module), cls)
+    store_class = getattr(await imported(module), cls)
     return await stack.enter_async_context(await store_class.open(*args, **kwargs))
 
 

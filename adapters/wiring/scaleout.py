@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import make_url
 
-from adapters.wiring.app import App
+from adapters.wiring.app import App, imported
 from adapters.wiring.settings import Settings
 from engine.errors import StorageError
 from engine.providers.fallback import Breakers
@@ -97,6 +97,7 @@ async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
     app.ready_checks["database"] = app.database.ping
 
     if storage.redis_url:
+        await imported("redis.asyncio")  # imports take time: off the loop, then from there
         from redis.exceptions import RedisError
 
         try:
@@ -109,12 +110,14 @@ async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
 
     if not serve:
         return
+    await imported("adapters.ops.metrics")  # prometheus_client
     from adapters.ops.metrics import Metrics, ReplyMetrics
 
     metrics = app.metrics = Metrics()
     app.observers.append(ReplyMetrics(metrics))
     metrics.watch_breakers(lambda: {name: app.breakers.state(name) for name in app.providers})
     if settings.http.enabled:
+        await imported("adapters.ops.server")  # aiohttp
         from adapters.ops.server import OpsServer
 
         ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)
@@ -124,6 +127,7 @@ async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
 
 
 async def _start_redis(stack: AsyncExitStack, app: App, url: str) -> None:
+    await imported("persistence.redis.state")
     from persistence.redis.breakers import SharedBreakers
     from persistence.redis.inflight import OnceStore, RedisInflight
     from persistence.redis.state import RedisState
