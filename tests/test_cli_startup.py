@@ -132,6 +132,23 @@ async def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) 
         assert "adapters.wiring.build" not in run.modules and "sqlalchemy" not in run.modules
 
 
+def test_shell_completion_offers_commands_and_options(tmp_path: Path) -> None:
+    """What bash asks through ``register-python-argcomplete boternity`` (README)."""
+    import subprocess
+
+    answers = tmp_path / "completions.txt"
+    for line, expected in [("boternity memory fo", ["forget"]),
+                           ("boternity providers --", ["--config", "--env-file", "--verbose"])]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "_ARGCOMPLETE": "1",
+               "_ARGCOMPLETE_IFS": "\n", "COMP_LINE": line, "COMP_POINT": str(len(line)),
+               "_ARGCOMPLETE_STDOUT_FILENAME": str(answers)}
+        proc = subprocess.run([sys.executable, "-m", "adapters.cli"], env=env, cwd=tmp_path,
+                              capture_output=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        offered = answers.read_text().split()
+        assert all(word in offered for word in expected), (line, offered)
+
+
 def test_telegram_admins_may_be_numbers(tmp_path: Path) -> None:
     from adapters.wiring.settings import load_settings
 
