@@ -144,7 +144,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:  # one prefix for every error line
         self.print_usage(sys.stderr)
-        self.exit(2, f"boternity: {self.prog.removeprefix('boternity ')}: {message}\n")
+        command = self.prog.removeprefix("boternity").strip()  # "memory add", or none
+        self.exit(2, f"boternity: {command + ': ' if command else ''}{message}\n")
 
 
 def _version() -> str:
