@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -35,11 +36,21 @@ if TYPE_CHECKING:
     from engine.usage import UsageAccounting
     from persistence.sql.database import Database
 
+# One import at a time: two threads importing lancedb at once (the own and the
+# shared store opening together) made one see it partially initialized.
+_IMPORTING = threading.Lock()
+
+
+def _import(module: str) -> ModuleType:
+    with _IMPORTING:
+        return importlib.import_module(module)
+
+
 async def imported(module: str) -> ModuleType:
     """``module``, imported in a worker thread: the provider SDKs, aiohttp,
     Redis and LanceDB take 0.1-1.2 s each to import, time the event loop
     must not spend (start-up work of the wiring, or memory opened mid-chat)."""
-    return await asyncio.to_thread(importlib.import_module, module)
+    return await asyncio.to_thread(_import, module)
 
 
 # A platform adapter's main loop: runs until cancelled.
