@@ -12,7 +12,9 @@ configuration and data (shaped like deploy/boternity.example.toml, memory on,
   list|export|why|forget``, ``shared list|verify``, and a bad ``--importance``:
   how long until the user hears about the typo);
 - ``chat``: start until its first answer reaches stdout, against a zero-latency
-  fake provider (so nothing but start-up and the reply path is timed);
+  fake provider (so nothing but start-up and the reply path is timed), with
+  the seeded memories (recall opens the model and LanceDB) and with a fresh
+  data directory (no memory yet: what a new user's first chat pays);
 - ``chat`` on the demo (the embedded config, the local SmolLM2 model): the
   same, generation included, once per round with a fresh data directory.
 
@@ -143,6 +145,13 @@ async def main() -> None:
                                           stdin="hello\n")
                     times.setdefault("chat, first answer (fake)", {}).setdefault(
                         side, []).append(seconds)
+                    fresh = work / f"fresh-{side}-{round_no}"
+                    fresh.mkdir()
+                    (fresh / "boternity.toml").write_text(
+                        CONFIG.format(data=fresh / "data", base_url=fake.base_url))
+                    seconds = await timed(root, ["chat"], fresh, stdin="hello\n")
+                    times.setdefault("chat, first answer (fake, new)", {}).setdefault(
+                        side, []).append(seconds)
                     if not opts.no_demo:
                         demo = work / f"demo-{side}-{round_no}"
                         demo.mkdir()
@@ -151,10 +160,10 @@ async def main() -> None:
                             side, []).append(seconds)
                 print(f"round {round_no + 1}/{opts.rounds} done", file=sys.stderr)
 
-    print(f"{'command':<28} {'before s':>9} {'after s':>9} {'after/before':>13}")
+    print(f"{'command':<32} {'before s':>9} {'after s':>9} {'after/before':>13}")
     for name, by_side in times.items():
         before, after = (statistics.median(by_side[s]) for s in ("before", "after"))
-        print(f"{name:<28} {before:>9.2f} {after:>9.2f} {after / before:>13.2f}")
+        print(f"{name:<32} {before:>9.2f} {after:>9.2f} {after / before:>13.2f}")
 
 
 if __name__ == "__main__":
