@@ -68,6 +68,9 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory
             breakers=Breakers(fail_max=settings.chain.fail_max,
                               reset_timeout_s=settings.chain.reset_timeout_s),
         )
+        # /readyz answers while the start goes on (imports run off the loop): not
+        # ready until everything started and `run` registered its platforms.
+        app.ready_checks["starting"] = _not_yet
         # Redis-shared state, metrics, ops endpoint
         await scaleout.start(stack, app, serve=serve)
         for name, config in configs.items():
@@ -122,4 +125,9 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory
                 },
             )
         log.info("started %d bot(s): %s", len(app.conversations), ", ".join(app.conversations))
+        del app.ready_checks["starting"]  # the caller adds its checks before it awaits
         yield app
+
+
+async def _not_yet() -> bool:
+    return False
