@@ -171,7 +171,7 @@ def test_add_search_forget_and_reembed(cli: Cli) -> None:
     assert [f["id"] for f in cli.json_lines("memory", "list", "--bot", "helper")] == [printer]
 
     code, _, err = cli("memory", "list", "--bot", "nobody")
-    assert code == 2 and "unknown bot 'nobody'" in err
+    assert code == 2 and "bots.nobody: no such bot (configured: helper, scout)" in err
 
 
 def test_shared_publish_list_and_verify_detects_tampering(cli: Cli, tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ async def test_why_shows_what_the_last_reply_recalled(
     assert code == 1 and "no reply" in err
     # Forgotten means forgotten: `why` no longer shows the fact's text either.
     code, _, _ = await asyncio.to_thread(cli, "memory", "forget", "--user", "telegram:alice",
-                                         "--bot", "helper")
+                                         "--bot", "helper", "--yes")
     assert code == 0
     [record] = await asyncio.to_thread(cli.json_lines, "memory", "why", "--bot", "helper",
                                        "--chat", "c1")

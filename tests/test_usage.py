@@ -282,7 +282,7 @@ async def test_app_records_usage_and_cli_prints_it(
 ) -> None:
     import asyncio
 
-    from adapters.cli.main import build_parser, main
+    from adapters.cli.main import main
     from adapters.wiring.build import build_app
     from adapters.wiring.settings import load_settings
 
@@ -291,9 +291,10 @@ async def test_app_records_usage_and_cli_prints_it(
     async with build_app(load_settings(config, dotenv=None)) as app:
         first = await say(app.conversations["demo"], "hello")
         second = await say(app.conversations["demo"], "again")
-        args = build_parser().parse_args(["usage", "--bot", "nobody"])
-        assert await args.handler(args, app) == 2
-        assert "no bot 'nobody'" in capsys.readouterr().err
+    # An unknown bot is refused before anything starts.
+    code = await asyncio.to_thread(main, ["--config", str(config), "--env-file", "",
+                                          "usage", "--bot", "nobody"])
+    assert code == 2 and "bots.nobody: no such bot (configured: demo)" in capsys.readouterr().err
     assert (first.served_by, second.served_by) == ("aws", "backup")
     assert "aws skipped: over the bot's daily budget" in second.footer
 

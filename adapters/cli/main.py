@@ -3,17 +3,31 @@
     boternity [--config PATH] [-v] chat [--bot NAME] [--chat ID] [--user NAME]
     boternity [--config PATH] providers
     boternity [--config PATH] run
+    boternity --version
 
-``--config`` defaults to ``./boternity.toml``; when that default file does not
-exist, the embedded demo configuration (``deploy/boternity.example.toml``,
-shipped inside the package) is used and stderr says so. ``.env`` is read at
-start. Expected errors print one message and exit non-zero: a configuration
-error (file, key, problem) exits 2, a storage or start-up failure 1;
-Ctrl-C exits 130. No traceback unless ``-v``.
+The global options (``--config``, ``--env-file``, ``-v``) are accepted before
+or after the command (``boternity providers -v``). ``--config`` defaults to
+``./boternity.toml``; when that default file does not exist, the embedded demo
+configuration (``deploy/boternity.example.toml``, shipped inside the package)
+is used and stderr says so. ``./.env`` is read at start when it exists; an
+``--env-file`` that does not exist is an error. Expected errors print one line
+``boternity: ...`` and exit non-zero: a configuration error or a bad argument
+exits 2, a storage or start-up failure 1; Ctrl-C exits 130. No traceback and
+no INFO log lines (``run`` excepted) unless ``-v``.
+
+Start-up pays only for what the command uses: arguments and the bot name are
+checked before anything starts, the heavy modules are imported when a
+command needs them, memory opens on first use (``build_app(lazy_memory=True)``)
+and only ``run`` starts the ``[http]`` server and the platform adapters.
 
 Other command groups live in their own module exposing
 ``add_commands(subparsers)``; each handler is ``async def handler(args, app) -> int``
-and is registered below with one line in ``COMMAND_MODULES``.
+and is registered below with one line in ``COMMAND_MODULES``. A subcommand may
+``set_defaults(needs_memory=False)`` (no memory at all), ``needs_bots=False``
+(no provider, chain nor conversation: admin commands reading the stores) and
+``quiet_logs=False`` (INFO lines on stderr).
+
+Shell completion (argcomplete): ``eval "$(register-python-argcomplete boternity)"``.
 """
 
 from __future__ import annotations
@@ -28,23 +42,25 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.cli.providers import cmd_providers
 from adapters.ops.logs import Redactor, configure_logging
-from adapters.platforms import terminal
-from adapters.wiring.app import App
-from adapters.wiring.build import build_app
 from adapters.wiring.settings import Settings, load_settings, secret_values
 from engine.conversation import reset_chat
 from engine.errors import BoternityError, ConfigError, StartupError
 
+if TYPE_CHECKING:
+    from adapters.wiring.app import App
+
 log = logging.getLogger("boternity")
 
 DEFAULT_CONFIG = "boternity.toml"
+DEFAULT_ENV_FILE = ".env"
 EMBEDDED_CONFIG = "boternity.example.toml"  # package data of ``adapters.wiring``
-Handler = Callable[[argparse.Namespace, App], Awaitable[int]]
+Handler = Callable[[argparse.Namespace, "App"], Awaitable[int]]
 
 # Modules that add subcommands: each exposes ``add_commands(subparsers)``.
 COMMAND_MODULES: list[str] = ["adapters.cli.usage", "adapters.cli.memory",
@@ -52,6 +68,8 @@ COMMAND_MODULES: list[str] = ["adapters.cli.usage", "adapters.cli.memory",
 
 
 async def cmd_chat(args: argparse.Namespace, app: App) -> int:
+    from adapters.platforms import terminal
+
     bot = args.bot or _default_bot(app)
     if bot not in app.conversations:
         known = ", ".join(sorted(app.conversations)) or "none"
@@ -110,16 +128,46 @@ async def _named(label: str, runner: Callable[[], Awaitable[None]]) -> None:
                            "for details") from exc
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose every (sub)command accepts the global options.
+
+    Subparsers are built with the parser's own class, so command modules get
+    the options without doing anything. On a subcommand the defaults are
+    SUPPRESS: ``--config X providers`` keeps X, ``providers --config X`` sets it.
+    """
+
+    def __init__(self, *args: Any, top: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+        def default(value: object) -> object:
+            return value if top else argparse.SUPPRESS
+
+        self.add_argument("--config", metavar="PATH", default=default(None),
+                          help=f"TOML configuration (default: ./{DEFAULT_CONFIG}, else the "
+                               "embedded demo config)")
+        self.add_argument("--env-file", metavar="PATH", default=default(None),
+                          help=f"secrets file read at start (default: ./{DEFAULT_ENV_FILE} "
+                               "when it exists; '' for none)")
+        self.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                          help="info and debug logs, tracebacks")
+
+    def error(self, message: str) -> Any:  # one prefix for every error line
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("boternity").strip()  # "memory add", or none
+        self.exit(2, f"boternity: {command + ': ' if command else ''}{message}\n")
+
+
+def _version() -> str:
+    try:
+        return version("boternity")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="boternity", description="Self-hosted AI bots with memory and provider fallback.")
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help=f"TOML configuration (default: ./{DEFAULT_CONFIG}, else the "
-                             "embedded demo config)")
-    parser.add_argument("--env-file", metavar="PATH", default=".env",
-                        help="secrets file read at start (default: ./.env)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logs and tracebacks")
+    parser = Parser(prog="boternity", top=True,
+                    description="Self-hosted AI bots with memory and provider fallback.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     chat = sub.add_parser("chat", help="talk to a bot in this terminal (reads stdin lines "
@@ -127,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--bot", help="bot name (default: the only bot, or 'demo')")
     chat.add_argument("--chat", default="terminal", help="conversation id (default: terminal)")
     chat.add_argument("--user", default="local", help="who you are (default: local)")
-    chat.set_defaults(handler=cmd_chat, quiet_logs=True)
+    chat.set_defaults(handler=cmd_chat)
 
     providers = sub.add_parser("providers", help="list providers with their breaker state")
     # needs_memory=False: no embedding model, no LanceDB (build_app(with_memory=False))
@@ -135,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     providers.set_defaults(handler=cmd_providers, needs_memory=False, serve=False)
 
     run = sub.add_parser("run", help="start every configured platform adapter")
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, quiet_logs=False, serve=True)
 
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_commands(sub)
@@ -152,6 +200,12 @@ def _embedded_config() -> Iterator[Path]:
 def load_config(args: argparse.Namespace) -> Settings:
     """The settings from ``--config``, ``./boternity.toml`` or the embedded demo."""
     dotenv = args.env_file
+    if dotenv is None:
+        dotenv = DEFAULT_ENV_FILE  # optional: read when it exists
+    elif dotenv == "":
+        dotenv = None  # --env-file '': read none
+    elif not Path(dotenv).exists():
+        raise ConfigError(f"{dotenv}: --env-file: file not found")
     if args.config is not None:
         return load_settings(args.config, dotenv=dotenv)
     if Path(DEFAULT_CONFIG).is_file():
@@ -165,8 +219,9 @@ def load_config(args: argparse.Namespace) -> Settings:
 
 def _configure_logging(settings: Settings, args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else getattr(logging, settings.log.level)
-    if getattr(args, "quiet_logs", False) and not args.verbose:
-        # In a terminal chat, info lines would interleave with the answer.
+    if getattr(args, "quiet_logs", True) and not args.verbose:
+        # A one-shot command prints its answer; in a terminal chat, info lines
+        # would interleave with it. Only `run` (a service) logs at INFO.
         level = max(level, logging.WARNING)
     # One root handler: text or JSON lines, bot/platform/chat/provider on every
     # line, every configured secret redacted (adapters/ops/logs.py).
@@ -176,7 +231,26 @@ def _configure_logging(settings: Settings, args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def _check_bots(args: argparse.Namespace, settings: Settings) -> None:
+    """An unknown ``--bot`` is reported before anything starts."""
+    names = getattr(args, "bot", None)
+    for name in [names] if isinstance(names, str) else names or []:
+        if name not in settings.bots:
+            known = ", ".join(sorted(settings.bots)) or "none"
+            raise ConfigError(f"{settings.source}: bots.{name}: no such bot (configured: {known})")
+
+
+def _quiet_lancedb(args: argparse.Namespace) -> None:
+    # LanceDB's Rust core logs straight to stderr (env_logger), outside our log
+    # handler. It reads the variable once, at import: set it before. Its errors
+    # still reach us as exceptions; `run` and -v keep its default (errors).
+    if not args.verbose and getattr(args, "quiet_logs", True):
+        os.environ.setdefault("LANCEDB_LOG", "off")
+
+
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.wiring.build import build_app  # after the arguments were checked
+
     handler: Handler = args.handler
     main_task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -194,8 +268,10 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
         loop.add_signal_handler(signal.SIGTERM, terminate)
     try:
         # A command that never replies may set needs_memory=False (see build_parser).
+        serve = getattr(args, "serve", False)  # only `run` serves [http] and platforms
         async with build_app(settings, with_memory=getattr(args, "needs_memory", True),
-                             serve=getattr(args, "serve", True)) as app:
+                             with_bots=getattr(args, "needs_bots", True),
+                             lazy_memory=not serve, serve=serve) as app:
             return await handler(args, app)
     except asyncio.CancelledError:
         if terminated:
@@ -206,12 +282,19 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # a shell asks for completions (see the docstring)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     redact = Redactor()
     try:
         settings = load_config(args)
         redact = Redactor(secret_values(settings))
+        _check_bots(args, settings)
         _configure_logging(settings, args)
+        _quiet_lancedb(args)
+        importlib.import_module("adapters.wiring.build")  # before the loop runs, not on it
         return asyncio.run(_serve(args, settings))
     except ConfigError as exc:
         return _fail(args, exc, 2, redact)

@@ -7,8 +7,15 @@ to stdout (``--json`` prints one JSON object per line instead, for
 scripts); progress bars and problems go to stderr, so
 ``boternity memory export > facts.jsonl`` stays clean.
 
+Arguments (``--importance``, ``--limit``, ``--metadata``, ...) are checked by
+the parser, before anything starts. ``memory forget --user`` says how many
+facts it will delete and asks (``--yes`` skips the question; without a
+terminal to ask on, ``--yes`` is required). ``memory list`` says when it shows
+a page of a larger set ("showing 50 of 2,648").
+
 Exit codes: 0 done; 1 done with problems (bad import lines, tampering,
-nothing found to forget); 2 the request was impossible (unknown bot, ...).
+nothing found to forget); 2 the request was impossible (unknown bot, a bad
+argument, a refused confirmation, ...). Every error line starts ``boternity:``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from adapters.cli.args import at_least, confirm, fraction, json_object
 from engine.admin.memory import MemoryAdmin, fact_record
 from engine.errors import AdminError, BoternityError
 from engine.types import Fact
@@ -117,11 +125,16 @@ def _print_facts(args: argparse.Namespace, facts: list[Fact], *, shared: bool = 
 # --- memory ---
 
 async def memory_list(args: argparse.Namespace, app: Any) -> int:
-    facts = await _admin(app).list_facts(
-        _bot(args, app), user=args.user, history=args.history, limit=args.limit,
-        offset=args.offset,
-    )
+    admin, bot = _admin(app), _bot(args, app)
+    facts = await admin.list_facts(bot, user=args.user, history=args.history, limit=args.limit,
+                                   offset=args.offset)
     _print_facts(args, facts)
+    if len(facts) == args.limit or args.offset:  # a page of a larger set, maybe: say so
+        total = await admin.count(bot, user=args.user, history=args.history)
+        if args.offset or total > len(facts):
+            first = args.offset + 1 if facts else args.offset
+            _err().print(f"showing {first:,}-{args.offset + len(facts):,} of {total:,} "
+                         "(--limit, --offset for more)", markup=False)
     return 0
 
 
@@ -133,12 +146,9 @@ async def memory_search(args: argparse.Namespace, app: Any) -> int:
 
 
 async def memory_add(args: argparse.Namespace, app: Any) -> int:
-    metadata = json.loads(args.metadata) if args.metadata else None
-    if metadata is not None and not isinstance(metadata, dict):
-        raise AdminError("--metadata must be a JSON object")
     fact = await _admin(app).add(
         _bot(args, app), args.text, user=args.user or "", category=args.category,
-        importance=args.importance, metadata=metadata,
+        importance=args.importance, metadata=args.metadata,
     )
     print(fact.id)
     return 0
@@ -149,8 +159,19 @@ async def memory_forget(args: argparse.Namespace, app: Any) -> int:
     if (args.id is None) == (args.user is None):
         raise AdminError("pass a memory id or --user (one of them)")
     if args.user is not None:
+        if not args.user:
+            raise AdminError("name a user to forget (general facts are forgotten one by one)")
+        planned = await admin.count(bot, user=args.user, history=True)
+        if planned == 0:
+            _err().print(f"no memories about {args.user} in {bot}", markup=False)
+            return 1
+        if not args.yes:
+            question = f"forget {planned:,} memories about {args.user} in {bot}? [y/N] "
+            if not await asyncio.to_thread(confirm, question):
+                _err().print("nothing forgotten", markup=False)
+                return 2
         count = await admin.forget_user(bot, args.user)
-        _err().print(f"forgot {count} memories about {args.user}")
+        _err().print(f"forgot {count} memories about {args.user}", markup=False)
         return 0 if count else 1
     if await admin.forget(bot, args.id):
         _err().print(f"forgot {args.id}")
@@ -296,11 +317,8 @@ def _guarded(handler: Handler) -> Handler:
     async def run(args: argparse.Namespace, app: Any) -> int:
         try:
             return await handler(args, app)
-        except BoternityError as exc:
-            _err().print(f"error: {exc}", markup=False)
-            return 2
-        except ValueError as exc:  # e.g. --metadata that is not JSON
-            _err().print(f"error: {exc}", markup=False)
+        except (BoternityError, ValueError) as exc:
+            _err().print(f"boternity: {exc}", markup=False)
             return 2
 
     return run
@@ -315,14 +333,16 @@ def _common(parser: argparse.ArgumentParser, *, json_out: bool = False) -> None:
 def add_commands(subparsers: Any) -> None:
     """Register ``memory`` and ``shared`` on the CLI's subparsers."""
     memory = subparsers.add_parser("memory", help="inspect and manage a bot's memories")
+    # No provider, chain nor conversation: these read and write the stores only.
+    memory.set_defaults(needs_bots=False)
     sub = memory.add_subparsers(dest="memory_command", required=True)
 
     p = sub.add_parser("list", help="list memories, newest first")
     _common(p, json_out=True)
     p.add_argument("--user", help="only facts about this user (platform:id; '' = general)")
     p.add_argument("--history", action="store_true", help="include superseded facts")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=at_least(1), default=50)
+    p.add_argument("--offset", type=at_least(0), default=0)
     p.set_defaults(handler=_guarded(memory_list))
 
     p = sub.add_parser("search", help="memories nearest to a query, with scores")
@@ -330,7 +350,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("query")
     p.add_argument("--user", help="that user's (platform:id) and general facts "
                    "(default: every user)")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=at_least(1), default=10)
     p.set_defaults(handler=_guarded(memory_search))
 
     p = sub.add_parser("add", help="add one memory; prints its id")
@@ -338,14 +358,15 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("text")
     p.add_argument("--user", default="", help="whom it is about (platform:id; default general)")
     p.add_argument("--category", default="general")
-    p.add_argument("--importance", type=float, default=0.5)
-    p.add_argument("--metadata", help="a JSON object kept with the fact")
+    p.add_argument("--importance", type=fraction, default=0.5, help="0 to 1 (default: 0.5)")
+    p.add_argument("--metadata", type=json_object, help="a JSON object kept with the fact")
     p.set_defaults(handler=_guarded(memory_add))
 
     p = sub.add_parser("forget", help="delete one memory, or every memory about a user")
     _common(p)
     p.add_argument("id", nargs="?")
     p.add_argument("--user", help="forget everything about this user (platform:id)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.set_defaults(handler=_guarded(memory_forget))
 
     p = sub.add_parser("promote", help="make a learned memory bot-wide (every chat)")
@@ -374,13 +395,14 @@ def add_commands(subparsers: Any) -> None:
     p.set_defaults(handler=_guarded(memory_reembed))
 
     shared = subparsers.add_parser("shared", help="memories shared between bots")
+    shared.set_defaults(needs_bots=False)
     sub = shared.add_subparsers(dest="shared_command", required=True)
 
     p = sub.add_parser("list", help="shared memories a bot may read")
     _common(p, json_out=True)
     p.add_argument("--user")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=at_least(1), default=50)
+    p.add_argument("--offset", type=at_least(0), default=0)
     p.set_defaults(handler=_guarded(shared_list))
 
     p = sub.add_parser("publish", help="share one of a bot's memories")

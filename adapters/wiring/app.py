@@ -10,24 +10,48 @@ the CLI reads it to run one command.
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from adapters.chat.dedupe import Dedupe
-from adapters.chat.handler import Inflight
-from adapters.chat.outbound import RateBudget
-from adapters.ops.metrics import Metrics
-from adapters.ops.server import Check, OpsServer
-from adapters.wiring.settings import Settings
-from engine.admin.memory import MemoryAdmin
-from engine.background import Background
-from engine.conversation import Conversation
-from engine.memory.policy import BotMemory
-from engine.ports import ConversationStore, Provider, ReplyObserver
-from engine.providers.fallback import Breakers, FallbackChain
-from engine.usage import UsageAccounting
-from persistence.sql.database import Database
+if TYPE_CHECKING:
+    # Types only: importing them here would load aiohttp, prometheus, the
+    # engine and SQLAlchemy for every command, before it knows what it needs.
+    from adapters.chat.dedupe import Dedupe
+    from adapters.chat.handler import Inflight
+    from adapters.chat.outbound import RateBudget
+    from adapters.ops.metrics import Metrics
+    from adapters.ops.server import Check, OpsServer
+    from adapters.wiring.settings import Settings
+    from engine.admin.memory import MemoryAdmin
+    from engine.background import Background
+    from engine.conversation import Conversation
+    from engine.memory.policy import BotMemory
+    from engine.ports import ConversationStore, Provider, ReplyObserver
+    from engine.providers.fallback import Breakers, FallbackChain
+    from engine.usage import UsageAccounting
+    from persistence.sql.database import Database
+
+# One import at a time: two threads importing lancedb at once (the own and the
+# shared store opening together) made one see it partially initialized.
+_IMPORTING = threading.Lock()
+
+
+def _import(module: str) -> ModuleType:
+    with _IMPORTING:
+        return importlib.import_module(module)
+
+
+async def imported(module: str) -> ModuleType:
+    """``module``, imported in a worker thread: the provider SDKs, aiohttp,
+    Redis and LanceDB take 0.1-1.2 s each to import, time the event loop
+    must not spend (start-up work of the wiring, or memory opened mid-chat)."""
+    return await asyncio.to_thread(_import, module)
+
 
 # A platform adapter's main loop: runs until cancelled.
 Runner = Callable[[], Coroutine[Any, Any, None]]

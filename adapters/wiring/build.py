@@ -24,15 +24,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from adapters.ops.metrics import TimedMemory
 from adapters.wiring import scaleout
-from adapters.wiring.app import App
-from adapters.wiring.memory import bot_memory, start_memory
+from adapters.wiring.app import App, imported
+from adapters.wiring.memory import LazyRecall, bot_memory, start_memory
 from adapters.wiring.providers import provider_config
 from adapters.wiring.settings import Settings
 from engine.conversation import Conversation
+from engine.ports import MemoryPolicy
 from engine.providers.fallback import Breakers, FallbackChain
-from engine.providers.registry import build_provider
 from engine.usage import Budget, Price, UsageAccounting
 from persistence.sql.conversations import SqlConversationStore
 from persistence.sql.database import Database
@@ -42,15 +41,19 @@ log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def build_app(settings: Settings, *, with_memory: bool = True,
-                    serve: bool = True) -> AsyncIterator[App]:
+async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory: bool = False,
+                    serve: bool = True, with_bots: bool = True) -> AsyncIterator[App]:
     """Start everything the settings describe; stop it all on exit.
 
     ``with_memory=False`` starts no long-term memory at all (no embedding model,
     no LanceDB, no extraction queue; ``app.memories`` stays empty), for
     commands that only read providers or usage. Replies still work, without
-    recall. ``serve=False`` starts no ``[http]`` server (nor the console):
-    one-shot commands run beside the service.
+    recall. ``lazy_memory=True`` opens each memory piece on its first use
+    (``adapters/wiring/memory.py``): what the one-shot commands and the
+    terminal chat use. ``serve=False`` starts no ``[http]`` server and no
+    metrics: a command run beside the service must not take its port.
+    ``with_bots=False`` starts no provider, chain nor conversation (nor imports
+    a provider SDK): for admin commands that read the stores only.
     """
     configs = {n: provider_config(n, p, settings) for n, p in settings.providers.items()}
     used = {name for bot in settings.bots.values() for name in bot.chain}
@@ -65,10 +68,18 @@ async def build_app(settings: Settings, *, with_memory: bool = True,
             breakers=Breakers(fail_max=settings.chain.fail_max,
                               reset_timeout_s=settings.chain.reset_timeout_s),
         )
-        await scaleout.start(stack, app, serve=serve)  # Redis-shared state, metrics, ops endpoint
+        # /readyz answers while the start goes on (imports run off the loop): not
+        # ready until everything started and `run` registered its platforms.
+        app.ready_checks["starting"] = _not_yet
+        # Redis-shared state, metrics, ops endpoint
+        await scaleout.start(stack, app, serve=serve)
         for name, config in configs.items():
-            if name not in used:
+            if name not in used or not with_bots:
                 continue  # configured but in no chain: do not start it (a local model is heavy)
+            # The provider SDKs (openai, aioboto3): imported only when used, off the loop.
+            await imported("engine.providers.registry")
+            from engine.providers.registry import build_provider
+
             provider = build_provider(config)
             if hasattr(provider, "__aenter__"):
                 provider = await stack.enter_async_context(provider)  # type: ignore[arg-type]
@@ -83,23 +94,28 @@ async def build_app(settings: Settings, *, with_memory: bool = True,
                      for n, b in settings.bots.items()},
         )
         app.observers.append(app.usage)
-        memory_parts = await start_memory(stack, settings, app) if with_memory else None
-        if memory_parts is not None:
-            app.ready_checks["lancedb"] = scaleout.lancedb_check(memory_parts.store)
-        for bot_name, bot in settings.bots.items():
+        memory_parts = (await start_memory(stack, settings, app, lazy=lazy_memory)
+                        if with_memory else None)
+        for bot_name, bot in settings.bots.items() if with_bots else ():
             chain = FallbackChain([app.providers[n] for n in bot.chain], app.breakers,
                                   name=bot_name, skip=app.usage.skip_for(bot_name))
             app.chains[bot_name] = chain
             memory = bot_memory(memory_parts, settings, bot_name, chain,
                                  app.usage.extraction)  # rows of kind "extraction"
-            if memory is not None:
+            policy: MemoryPolicy | None = memory
+            if memory is not None and memory_parts is not None:
                 app.memories[bot_name] = memory
+                policy = LazyRecall(memory, memory_parts) if lazy_memory else memory
+            if policy is not None and app.metrics is not None:
+                from adapters.ops.metrics import TimedMemory
+
+                policy = TimedMemory(policy, app.metrics)
             app.conversations[bot_name] = Conversation(
                 bot=bot_name,
                 persona=bot.persona,
                 chain=chain,
                 store=app.messages,
-                memory=TimedMemory(memory, app.metrics) if memory and app.metrics else memory,
+                memory=policy,
                 footer=bot.footer,
                 history_messages=bot.history_messages,
                 max_output_tokens=bot.max_output_tokens,
@@ -110,4 +126,9 @@ async def build_app(settings: Settings, *, with_memory: bool = True,
                 },
             )
         log.info("started %d bot(s): %s", len(app.conversations), ", ".join(app.conversations))
+        del app.ready_checks["starting"]  # the caller adds its checks before it awaits
         yield app
+
+
+async def _not_yet() -> bool:
+    return False

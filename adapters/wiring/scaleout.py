@@ -14,11 +14,17 @@ the same composition root, split so each file stays small.
   readiness checks. Without it, every field stays None and platforms use
   their in-process defaults: one worker, nothing else to run; the
   shared-memory writers of processes on this machine take a file lock.
-- Always: ``app.metrics`` (a ``ReplyMetrics`` observer is registered; breaker
-  states are read at scrape time) and a database readiness check.
+- Always: a database readiness check. When serving (``serve=True``,
+  ``boternity run``): ``app.metrics`` (a ``ReplyMetrics`` observer is
+  registered; breaker states are read at scrape time).
 - With ``[http] enabled = true``: the ops server (``/healthz``, ``/readyz``,
   ``/metrics``) on ``[http] host``/``port``; its checks are
   ``app.ready_checks``, a dict platforms add their connection checks to.
+  One-shot commands (``serve=False``) never start it: a second process
+  beside the running service must not take (or fail on) its port.
+
+Redis, aiohttp and prometheus are imported only when configured: commands
+and configurations without them start faster.
 """
 
 from __future__ import annotations
@@ -29,20 +35,16 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from filelock import AsyncFileLock
-from redis.exceptions import RedisError
 from sqlalchemy import make_url
 
-from adapters.ops.metrics import Metrics, ReplyMetrics
-from adapters.ops.server import Check, OpsServer
-from adapters.wiring.app import App
+from adapters.wiring.app import App, imported
 from adapters.wiring.settings import Settings
 from engine.errors import StorageError
 from engine.providers.fallback import Breakers
-from persistence.redis.breakers import SharedBreakers
-from persistence.redis.inflight import OnceStore, RedisInflight
-from persistence.redis.state import RedisState
 
 if TYPE_CHECKING:
+    from adapters.ops.server import Check
+
     # Types only: importing it loads lancedb and pyarrow (seconds), which
     # commands without memory (`providers`, `usage`) never need.
     from persistence.vectors.memory import LanceMemoryStore
@@ -99,13 +101,12 @@ async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
     """Start the scale-out and ops pieces the settings ask for (see module docstring)."""
     settings = app.settings
     storage = settings.storage
-    metrics = app.metrics = Metrics()
-    app.observers.append(ReplyMetrics(metrics))
-    metrics.watch_breakers(lambda: {name: app.breakers.state(name) for name in app.providers})
-
     app.ready_checks["database"] = app.database.ping
 
     if storage.redis_url:
+        await imported("redis.asyncio")  # imports take time: off the loop, then from there
+        from redis.exceptions import RedisError
+
         try:
             await _start_redis(stack, app, storage.redis_url)
         except (RedisError, OSError) as exc:
@@ -116,10 +117,21 @@ async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
 
     if not serve:
         return  # a one-shot command beside the service must not take (or fail on) its port
-    from adapters.wiring.console import start_console  # aiohttp, jinja2: only when serving
+    await imported("adapters.ops.metrics")  # prometheus_client
+    from adapters.ops.metrics import Metrics, ReplyMetrics
 
-    ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port) \
-        if settings.http.enabled else None
+    metrics = app.metrics = Metrics()
+    app.observers.append(ReplyMetrics(metrics))
+    metrics.watch_breakers(lambda: {name: app.breakers.state(name) for name in app.providers})
+    ops = None
+    if settings.http.enabled:
+        await imported("adapters.ops.server")  # aiohttp
+        from adapters.ops.server import OpsServer
+
+        ops = OpsServer(metrics, host=settings.http.host, port=settings.http.port)
+    await imported("adapters.wiring.console")  # aiohttp, jinja2: only when serving
+    from adapters.wiring.console import start_console
+
     start_console(app, ops)  # the admin API and console, when a token is set
     if ops is not None:
         ops.checks = app.ready_checks  # the same dict: checks added later count too
@@ -128,6 +140,11 @@ async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
 
 
 async def _start_redis(stack: AsyncExitStack, app: App, url: str) -> None:
+    await imported("persistence.redis.state")
+    from persistence.redis.breakers import SharedBreakers
+    from persistence.redis.inflight import OnceStore, RedisInflight
+    from persistence.redis.state import RedisState
+
     settings, storage = app.settings, app.settings.storage
     namespace = storage.redis_namespace
     shared = await stack.enter_async_context(SharedBreakers(url, namespace=namespace))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -160,6 +161,15 @@ class PlatformSettings(_Strict):
     channels: dict[str, Literal["mention", "always", "never"]] = Field(default_factory=dict)
     reply_to_bots: bool = False
     max_bot_turns: int = Field(default=3, ge=0)
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _ids_as_text(cls, value: Any) -> Any:
+        # Telegram and Discord ids are numbers: `admins = [12345]` means "12345".
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                    for v in value]
+        return value
 
 
 class TelegramSettings(PlatformSettings):
@@ -328,7 +338,7 @@ def load_settings(
     path = Path(path)
     env: dict[str, str] = {}
     if dotenv is not None and Path(dotenv).is_file():
-        env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        env.update(_read_dotenv(Path(dotenv)))
     env.update(os.environ if environ is None else environ)
     try:
         raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -344,6 +354,19 @@ def load_settings(
         return Settings.model_validate({**raw, "source": str(path), "env": env})
     except ValidationError as exc:
         raise ConfigError(_format_validation(str(path), exc)) from None
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    """The variables of a ``.env`` file; ConfigError naming the file and line when malformed."""
+    try:
+        with path.open(encoding="utf-8") as stream:
+            bad = next((b.original.line for b in parse_stream(stream) if b.error), None)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if bad is not None:
+        # python-dotenv would only log a warning and skip the line (a missing secret later).
+        raise ConfigError(f"{path}:{bad}: not a KEY=value line (.env syntax)")
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
 
 
 def secret_values(settings: Settings) -> set[str]:

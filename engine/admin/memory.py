@@ -172,6 +172,14 @@ class MemoryAdmin:
             limit=limit, offset=offset,
         )
 
+    async def count(self, bot: str, *, user: str | None = None, history: bool = False) -> int:
+        """How many facts ``list_facts`` with these filters would page through."""
+        self._bot(bot)
+        if user is None:
+            return await self.store.count(bot, history=history)
+        return sum([1 async for fact in self.store.iterate(bot)
+                    if fact.user == user and (history or not fact.superseded_by)])
+
     async def users(self, bot: str) -> list[str]:
         """Every user a bot holds facts about ("" = general), sorted."""
         self._bot(bot)

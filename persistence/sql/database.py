@@ -21,12 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event, make_url, pool, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -40,6 +36,9 @@ from sqlalchemy.ext.asyncio import (
 
 from engine.errors import StorageError
 from persistence.sql.writer import GroupWriter
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,6 +119,10 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
 
 
 def alembic_config() -> Config:
+    # Alembic is imported here, not at the top: only the migration (in a worker
+    # thread) needs it, and one-shot commands start faster without it.
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     return config
@@ -130,12 +133,16 @@ def _upgrade(connection: Connection) -> None:
         # Several workers may start at once: one migrates, the others wait
         # here (the lock lasts until this transaction ends), then find head.
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+    from alembic import command
+
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
 
 
 def _current(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(connection).get_current_revision()
 
 
@@ -163,6 +170,8 @@ async def _migrate(url: URL) -> None:
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 

@@ -1,0 +1,170 @@
+"""Start-up of each one-shot command and of ``boternity chat``, before and after, in one run.
+
+    git worktree add /tmp/before 8285c29          # the code to compare against
+    .venv/bin/python benchmarks/bench_startup.py --before /tmp/before [--rounds 3] [--facts 300]
+
+Each command runs as a fresh ``python -m adapters.cli`` process of each
+checkout (``PYTHONPATH`` points at it), alternating before/after, on the same
+configuration and data (shaped like deploy/boternity.example.toml, memory on,
+``--facts`` memories imported first). What is timed:
+
+- every admin command, start to exit (``providers``, ``usage``, ``memory
+  list|export|why|forget``, ``shared list|verify``, and a bad ``--importance``:
+  how long until the user hears about the typo);
+- ``chat``: start until its first answer reaches stdout, against a zero-latency
+  fake provider (so nothing but start-up and the reply path is timed), with
+  the seeded memories (recall opens the model and LanceDB) and with a fresh
+  data directory (no memory yet: what a new user's first chat pays);
+- ``chat`` on the demo (the embedded config, the local SmolLM2 model): the
+  same, generation included, once per round with a fresh data directory.
+
+Medians are printed with the after/before ratio. Wall-clock numbers depend on
+the machine and its load; the ratios in one run are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.fakes.openai_server import start_openai_fake
+
+HERE = Path(__file__).resolve().parent.parent
+CONFIG = """
+[storage]
+data_dir = "{data}"
+
+[providers.primary]
+kind = "openai_compatible"
+base_url = "{base_url}"
+model = "fake-model"
+api_key_env = "BENCH_KEY"
+
+[bots.demo]
+persona = "You are a helpful assistant."
+chain = ["primary"]
+footer = "on_failover"
+history_messages = 30
+
+[bots.demo.memory]
+extract = false                      # the fake answers no JSON: nothing to learn
+"""
+
+COMMANDS: dict[str, list[str]] = {
+    "providers": ["providers"],
+    "usage": ["usage"],
+    "memory list": ["memory", "list"],
+    "memory export": ["memory", "export"],
+    "memory why": ["memory", "why"],
+    "memory forget --user": ["memory", "forget", "--user", "telegram:nobody"],
+    "shared list": ["shared", "list"],
+    "shared verify": ["shared", "verify"],
+    "bad --importance": ["memory", "add", "x", "--importance", "7"],
+}
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LANCEDB_LOG", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(root), BENCH_KEY="sk-bench", HF_HUB_OFFLINE="1")
+    return env
+
+
+async def timed(root: Path, args: list[str], cwd: Path, *, stdin: str | None = None) -> float:
+    """Seconds from spawn to exit; with ``stdin``, to the first line on stdout."""
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapters.cli", *args, cwd=cwd, env=_env(root),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    if stdin is None:
+        proc.stdin.close()
+        await proc.wait()
+        return time.perf_counter() - start
+    proc.stdin.write(stdin.encode())
+    await proc.stdin.drain()
+    line = await proc.stdout.readline()
+    elapsed = time.perf_counter() - start
+    if not line.strip():
+        raise RuntimeError(f"{root}: chat printed no answer")
+    proc.stdin.close()
+    await proc.wait()
+    return elapsed
+
+
+async def supports_yes(root: Path, cwd: Path) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapters.cli", "memory", "forget", "--help", cwd=cwd,
+        env=_env(root), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    return b"--yes" in out
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", type=Path, required=True, help="checkout of the old code")
+    parser.add_argument("--after", type=Path, default=HERE, help="default: this checkout")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--facts", type=int, default=300)
+    parser.add_argument("--no-demo", action="store_true", help="skip the local-model chat")
+    opts = parser.parse_args()
+    sides = {"before": opts.before.resolve(), "after": opts.after.resolve()}
+    times: dict[str, dict[str, list[float]]] = {}
+
+    async with start_openai_fake() as fake:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            config = work / "boternity.toml"
+            config.write_text(CONFIG.format(data=work / "data", base_url=fake.base_url))
+            facts = "".join(json.dumps({"text": f"fact {i} about the office",
+                                        "user": f"telegram:{i % 7}"}) + "\n"
+                            for i in range(opts.facts))
+            (work / "facts.jsonl").write_text(facts)
+            seed = await timed(sides["after"], ["--config", str(config), "memory", "import",
+                                                "facts.jsonl"], work)
+            print(f"seeded {opts.facts} facts ({seed:.1f} s)", file=sys.stderr)
+            yes = {side: await supports_yes(root, work) for side, root in sides.items()}
+            for round_no in range(opts.rounds):
+                for name, args in COMMANDS.items():
+                    for side, root in sides.items():
+                        extra = ["--yes"] if name.startswith("memory forget") and yes[side] else []
+                        seconds = await timed(root, ["--config", str(config), *args, *extra],
+                                              work)
+                        times.setdefault(name, {}).setdefault(side, []).append(seconds)
+                for side, root in sides.items():
+                    seconds = await timed(root, ["--config", str(config), "chat"], work,
+                                          stdin="hello\n")
+                    times.setdefault("chat, first answer (fake)", {}).setdefault(
+                        side, []).append(seconds)
+                    fresh = work / f"fresh-{side}-{round_no}"
+                    fresh.mkdir()
+                    (fresh / "boternity.toml").write_text(
+                        CONFIG.format(data=fresh / "data", base_url=fake.base_url))
+                    seconds = await timed(root, ["chat"], fresh, stdin="hello\n")
+                    times.setdefault("chat, first answer (fake, new)", {}).setdefault(
+                        side, []).append(seconds)
+                    if not opts.no_demo:
+                        demo = work / f"demo-{side}-{round_no}"
+                        demo.mkdir()
+                        seconds = await timed(root, ["chat"], demo, stdin="hello\n")
+                        times.setdefault("chat, first answer (demo)", {}).setdefault(
+                            side, []).append(seconds)
+                print(f"round {round_no + 1}/{opts.rounds} done", file=sys.stderr)
+
+    print(f"{'command':<32} {'before s':>9} {'after s':>9} {'after/before':>13}")
+    for name, by_side in times.items():
+        before, after = (statistics.median(by_side[s]) for s in ("before", "after"))
+        print(f"{name:<32} {before:>9.2f} {after:>9.2f} {after / before:>13.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
