@@ -87,16 +87,22 @@ class GroupWriter:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             async with self._engine.begin() as connection:
-                for job, done in batch:
-                    savepoint = await connection.begin_nested()
-                    try:
-                        value = await job(connection)
-                    except Exception as exc:  # the job's own error: only its caller's
-                        await savepoint.rollback()
-                        results.append((done, None, exc))
-                    else:
-                        await savepoint.commit()
-                        results.append((done, value, None))
+                if len(batch) == 1:
+                    # Alone, a job needs no savepoint: if it fails, the whole
+                    # transaction is its own (two statements fewer per write).
+                    job, done = batch[0]
+                    results.append((done, await job(connection), None))
+                else:
+                    for job, done in batch:
+                        savepoint = await connection.begin_nested()
+                        try:
+                            value = await job(connection)
+                        except Exception as exc:  # the job's own error: only its caller's
+                            await savepoint.rollback()
+                            results.append((done, None, exc))
+                        else:
+                            await savepoint.commit()
+                            results.append((done, value, None))
         except Exception as exc:  # the transaction failed: nothing of it committed
             log.warning("a group write of %d job(s) failed: %s", len(batch), type(exc).__name__)
             for _, done in batch:
