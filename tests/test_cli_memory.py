@@ -285,5 +285,5 @@ def test_users_are_named_platform_colon_id_and_promote_makes_a_fact_bot_wide(
     assert code == 0 and "bot-wide" in err
     listed = cli.json_lines("memory", "list", "--bot", "helper", "--user", "telegram:7")
     assert {f["chat"] for f in listed} == {""}
-    code, _, err = cli("memory", "forget", "--bot", "helper", "--user", "telegram:7")
+    code, _, err = cli("memory", "forget", "--bot", "helper", "--user", "telegram:7", "--yes")
     assert code == 0 and "forgot 3" in err

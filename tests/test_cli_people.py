@@ -112,7 +112,7 @@ def test_user_show_export_and_forget_with_typed_confirmation(
     code, _, err = run(capsys, config, "user", "show", "42")
     assert code == 2 and "PLATFORM:ID" in err
     code, _, err = run(capsys, config, "user", "show", "telegram:42", "--bot", "nope")
-    assert code == 2 and "unknown bot 'nope'" in err
+    assert code == 2 and "bots.nope: no such bot" in err
 
 
 def test_purge_dry_run_then_purge_and_bot_delete(

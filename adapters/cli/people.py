@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from adapters.wiring.people import people, retention
 from engine.errors import BoternityError
 
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]
@@ -49,12 +48,16 @@ async def _confirmed(args: argparse.Namespace, what: str, expected: str) -> bool
 
 
 async def user_show(args: argparse.Namespace, app: Any) -> int:
+    from adapters.wiring.people import people  # after the arguments were checked
+
     held = await people(app).show(args.user, _bots(args))
     print(f"{args.user}: {held.describe()}")
     return 0
 
 
 async def user_export(args: argparse.Namespace, app: Any) -> int:
+    from adapters.wiring.people import people
+
     data = await people(app).export(args.user, _bots(args))
     text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
     if args.output:
@@ -66,6 +69,8 @@ async def user_export(args: argparse.Namespace, app: Any) -> int:
 
 
 async def user_forget(args: argparse.Namespace, app: Any) -> int:
+    from adapters.wiring.people import people
+
     admin = people(app)
     held = await admin.show(args.user, _bots(args))
     print(f"{args.user}: {held.describe()}", file=sys.stderr)
@@ -78,6 +83,8 @@ async def user_forget(args: argparse.Namespace, app: Any) -> int:
 
 
 async def purge(args: argparse.Namespace, app: Any) -> int:
+    from adapters.wiring.people import retention
+
     keeper = retention(app)
     done = await keeper.purge(dry_run=args.dry_run)
     if not done:
@@ -92,6 +99,8 @@ async def purge(args: argparse.Namespace, app: Any) -> int:
 async def bot_delete(args: argparse.Namespace, app: Any) -> int:
     if not await _confirmed(args, f"bot {args.name}'s memories, history and files", args.name):
         return 1
+    from adapters.wiring.people import retention
+
     counts = await retention(app).delete_bot(args.name)
     print(f"deleted bot {args.name}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     if args.name in app.settings.bots:

@@ -15,10 +15,11 @@ running), the command says so and falls back to 2 or 3.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from adapters.wiring.app import App
-from adapters.wiring.settings import Settings
+if TYPE_CHECKING:
+    from adapters.wiring.app import App
+    from adapters.wiring.settings import Settings
 
 API_TIMEOUT_S = 5.0
 
