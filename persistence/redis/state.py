@@ -30,6 +30,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Literal
@@ -103,8 +104,10 @@ class RedisRateBudget:
     """
 
     def __init__(self, client: aioredis.Redis, namespace: str,
-                 outage: Outage | None = None) -> None:
+                 outage: Outage | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._outage = outage or Outage()
+        self._clock = clock  # the local pacing's clock (monotonic; tests freeze it)
         self._client = client
         self._ns = namespace
         self._reserve = client.register_script(_RESERVE)
@@ -123,7 +126,7 @@ class RedisRateBudget:
         return self._outage.ongoing
 
     def _reserve_locally(self, key: str, interval_s: float, burst: int) -> float:
-        now = time.monotonic()
+        now = self._clock()
         tat = max(self._local.get(key, now), now)
         self._local[key] = tat + interval_s
         return max(tat - (max(burst, 1) - 1) * interval_s - now, 0.0)
@@ -153,7 +156,7 @@ class RedisRateBudget:
 
     async def penalize(self, key: str, seconds: float) -> None:
         """No worker uses ``key`` for ``seconds`` (a platform's retry_after)."""
-        until = time.monotonic() + seconds
+        until = self._clock() + seconds
         self._local[key] = max(self._local.get(key, 0.0), until)
         if self._alone():
             return
