@@ -13,7 +13,6 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from adapters.ops.server import OpsServer
 from adapters.platforms.telegram import TelegramConfig
 from adapters.wiring import settings as config
 from adapters.wiring.settings import Settings, SlackSettings
+from tests.cluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -118,13 +118,6 @@ def test_compose_file_validates(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "BOTERNITY_DOMAIN" in missing.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _healthcheck(config_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(DEPLOY / "healthcheck.py")], capture_output=True, text=True,
@@ -132,7 +125,7 @@ def _healthcheck(config_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 async def test_the_image_health_check_asks_the_ops_server(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "boternity.toml"
     cfg.write_text(f"[http]\nenabled = true\nport = {port}\n")
     down = _healthcheck(cfg)

@@ -19,7 +19,6 @@ first reply should not wait for the model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import AsyncExitStack
@@ -203,8 +202,7 @@ async def upgrade_stored_memories(app: App, uri: str, options: dict[str, str] | 
     async def place(bot: str, user: str, at: datetime) -> tuple[str, str]:
         return await learned_in(app.database, bot, user, at)
 
-    lock = scaleout.writer_lock(app, "shared-memory")
-    async with lock() if lock is not None else contextlib.nullcontext():
+    async with scaleout.writer_lock(app, "shared-memory")():
         await upgrade_memory(await connect(uri, options), place,
                              heads=SqlChainHeads(app.database))
     return True

@@ -116,11 +116,10 @@ async def _rekey_shared(db: Any, heads: ChainHeadStore | None) -> int:
     announced, the table overwritten in one version, then the head recorded.
     """
     table = await db.open_table(TABLE)
-    data: pa.Table = await table.query().to_arrow()
-    data = data.select([c for c in data.column_names if not c.startswith("_")])
-    users = data.column("user").to_pylist()
-    fixed = [normalize_key(user) for user in users]
-    stale = sum(1 for old, new in zip(users, fixed, strict=True) if old != new)
+    # Only the keys to find out whether there is work: the vectors are read
+    # once, after the chain settled, for the rewrite itself.
+    users = (await table.query().select(["user"]).to_arrow()).column("user").to_pylist()
+    stale = sum(1 for user in users if normalize_key(user) != user)
     if not stale:
         return 0
     chain = Chain(TABLE, lambda: table, heads or LocalHeads(), COLUMNS)
@@ -132,7 +131,7 @@ async def _rekey_shared(db: Any, heads: ChainHeadStore | None) -> int:
                   "the hash chain does not verify, so they were left as they are; run "
                   "`boternity shared verify`", stale)
         return 0
-    data = await table.query().to_arrow()  # settle may have re-hashed it
+    data: pa.Table = await table.query().to_arrow()  # settle may have re-hashed it
     data = data.select([c for c in data.column_names if not c.startswith("_")])
     head_before = chain.head.hash if chain.head is not None else ""
     index = data.schema.get_field_index("user")
