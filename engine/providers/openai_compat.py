@@ -58,6 +58,7 @@ from engine.errors import (
     scrub,
 )
 from engine.providers.closing import ClosesOnExit
+from engine.providers.deadline import Deadline
 from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage, output_cap
 
 log = logging.getLogger(__name__)
@@ -120,23 +121,31 @@ class OpenAICompatProvider(ClosesOnExit):
         await self._client.close()
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        # The SDK's low-level ``post`` with our own body: ``chat.completions.create``
+        # re-walks every message against its TypedDicts (milliseconds of CPU on
+        # the loop for a long history); ``_body`` already builds plain JSON.
+        from openai import AsyncStream
+        from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
         if self._health_url:
             await self._check_health()
         loop = asyncio.get_running_loop()
         overall = loop.time() + self.timeout_s
         deadline = loop.time() + self.first_token_timeout_s
+        timer = Deadline(loop, min(deadline, overall))
         got_text = False
         sdk_stream = None
         try:
-            async with asyncio.timeout_at(min(deadline, overall)):
-                sdk_stream = await self._client.chat.completions.create(**self._body(request))
+            sdk_stream = await timer.wait(self._client.post(
+                "/chat/completions", body=self._body(request), cast_to=ChatCompletion,
+                options={"security": {"bearer_auth": True}},
+                stream=True, stream_cls=AsyncStream[ChatCompletionChunk]))
             chunks = aiter(sdk_stream)
             while True:
-                async with asyncio.timeout_at(min(deadline, overall)):
-                    try:
-                        event = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
+                try:
+                    event = await timer.wait(anext(chunks))
+                except StopAsyncIteration:
+                    break
                 if event.usage is not None:
                     yield Chunk(usage=Usage(event.usage.prompt_tokens,
                                             event.usage.completion_tokens))
@@ -147,6 +156,7 @@ class OpenAICompatProvider(ClosesOnExit):
                 # Before the first text, role/empty chunks do not restart the clock.
                 if got_text:
                     deadline = loop.time() + self.idle_timeout_s
+                    timer.at = min(deadline, overall)
         except TimeoutError as exc:
             if overall <= deadline:
                 reason = "timed out mid-answer" if got_text else "timed out"
@@ -159,6 +169,7 @@ class OpenAICompatProvider(ClosesOnExit):
         except Exception as exc:
             raise self._map_error(exc, started=got_text) from exc
         finally:
+            timer.cancel()
             if sdk_stream is not None:
                 await sdk_stream.close()
 
@@ -279,3 +290,4 @@ def _looks_like_context(exc: openai.APIStatusError) -> bool:
     body = exc.body if isinstance(exc.body, dict) else {}
     text = f"{body.get('code', '')} {body.get('message', '')} {exc.message}".lower()
     return any(hint in text for hint in _CONTEXT_HINTS)
+
