@@ -309,4 +309,3 @@ def _looks_like_context(exc: openai.APIStatusError) -> bool:
     body = exc.body if isinstance(exc.body, dict) else {}
     text = f"{body.get('code', '')} {body.get('message', '')} {exc.message}".lower()
     return any(hint in text for hint in _CONTEXT_HINTS)
-
