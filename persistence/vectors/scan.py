@@ -359,7 +359,7 @@ async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text:
     text_leg = None
     if fts and text.strip():  # started first: LanceDB works while the scan runs
         text_leg = asyncio.ensure_future(table.query().nearest_to_text(text).where(where)
-                                         .select(["id"]).limit(pool).to_arrow())
+                                         .select(["id", "_score"]).limit(pool).to_arrow())
     try:
         if sum(snap.parts[k].n for k in keys if k in snap.parts) > THREAD_ROWS:
             numbers, scores = await asyncio.to_thread(snap.top, query, keys, pool)
