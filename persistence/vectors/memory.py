@@ -171,8 +171,7 @@ class LanceMemoryStore:
                         self._embedder.dimension)
         self._tables[bot] = table
         maintainer = Maintainer(name, lambda: self._tables[bot], scalar=SCALAR_INDEXES,
-                                ann_threshold=self._ann_threshold, delay_s=self._delay_s,
-                                guard=lambda: self.cache.neutral(bot, lambda: self._tables[bot]))
+                                ann_threshold=self._ann_threshold, delay_s=self._delay_s)
         await maintainer.refresh()
         self._maintainers[bot] = maintainer
         return table

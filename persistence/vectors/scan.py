@@ -12,13 +12,16 @@ scope names, so the privacy filter is the choice of partitions, not a mask
 over a shared matrix, and the caller checks each row again.
 
 Consistency: LanceDB stays the store of record. ``RecallCache.current``
-reads the table's version (~0.1 ms; ``read_consistency_interval=0`` makes it
-see other processes' commits) and answers with the snapshot only when its
-version is exactly that one: after a write by anyone else (CLI ``memory
-forget``, another worker) the caller uses LanceDB while a reload runs in the
-background, so a deleted row is never recalled after its delete committed.
-This process's own writes go through ``RecallCache.write``: when the write
-made exactly the next version, the change is applied to the snapshot too.
+reads the table's version and schema (~0.25 ms CPU; ``read_consistency_interval=0``
+makes them see other processes' commits) and answers with the snapshot only
+when it is of exactly that version (and generation, see ``GENERATION_KEY``).
+Otherwise the caller searches LanceDB while the snapshot catches up in the
+background: by the difference in the current rows' ids (a delete, a
+supersede, an add, index maintenance by anyone) or, when that is large, by a
+full reload. So a row deleted by another process (CLI ``memory forget``,
+another worker) is never recalled after its delete committed. This
+process's own writes go through ``RecallCache.write``: when the write made
+exactly the next version, the change is applied to the snapshot at once.
 
 Concurrency: partitions only grow in place (a new row is written past the
 length a running scan took) and a removed row is only marked dead, so a scan
@@ -30,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from persistence.vectors.tables import fuse, pool_size
+from persistence.vectors.tables import fuse, in_list, pool_size
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +265,9 @@ class RecallCache:
             async with self.lock(bot):  # never between a write and its apply
                 version, schema = await asyncio.gather(table.version(), table.schema())
                 snap = self._snaps.get(bot)
-                if (snap is not None and snap.version == version
-                        and snap.generation == _generation(schema)):
-                    return  # a write brought it up to date while this waited
+                if snap is not None and snap.generation == _generation(schema):
+                    if snap.version == version or await self._catch_up(snap, table, version):
+                        return  # a write brought it up to date while this waited, or a delta
                 rows: int = await table.count_rows()
                 others = sum(s.nbytes for b, s in self._snaps.items() if b != bot)
                 if others + rows * (4 * self.dim + ROW_OVERHEAD) > self.budget:
@@ -284,10 +287,35 @@ class RecallCache:
         except Exception:
             log.exception("recall cache: loading the memories of bot %s failed", bot)
 
+    async def _catch_up(self, snap: Snapshot, table: Any, version: int) -> bool:
+        """Bring ``snap`` to ``version`` by the difference in its current rows: read
+        id, user and chat (not the vectors), kill what went, add what came. Index
+        maintenance (anyone's) changes no row, so this finds nothing to do.
+        False when that cannot be done cheaply (many new rows, a user changed)."""
+        data = await table.query().where("superseded_by = ''").select(
+            ["id", "user", "chat"]).to_arrow()
+        if await table.version() != version:
+            return False
+        gone, new, moved = await asyncio.to_thread(_diff, snap, data)
+        if len(new) > max(1_000, len(snap.where) // 4):
+            return False  # as cheap to read it all
+        rows = []
+        for start in range(0, len(new) + len(moved), 256):  # bounded filter strings
+            batch = (new + moved)[start:start + 256]
+            rows.append(await table.query().where(in_list("id", batch)).select(
+                self._columns).to_arrow())
+        if await table.version() != version:
+            return False
+        snap.kill(gone + moved)  # a moved row is added again at its new place
+        if rows:
+            snap.add(pa.concat_tables(rows))
+        snap.version = version
+        return True
+
     async def write(self, bot: str, table: Any, op: Callable[[], Awaitable[T]],
                     apply: Callable[[Snapshot, T], None]) -> T:
         """Run one write (one LanceDB commit); mirror it into the snapshot when it
-        made exactly the next version, else drop the snapshot (reloaded later)."""
+        made exactly the next version."""
         async with self.lock(bot):
             before = await table.version()
             result = await op()
@@ -298,28 +326,9 @@ class RecallCache:
             if snap.version == before and after == before + 1:
                 apply(snap, result)
                 snap.version = after
-            else:
-                self._snaps.pop(bot, None)
+            # else someone else wrote too: the snapshot stays at its version, and the
+            # next search catches it up (``_load``)
             return result
-
-    @contextlib.asynccontextmanager
-    async def neutral(self, bot: str, table: Callable[[], Any]) -> AsyncIterator[None]:
-        """Around index maintenance: its versions change no row, so a snapshot of the
-        version before may take the version after, once the rows that decide a
-        recall (id, user, chat, current) are checked to be the same."""
-        async with self.lock(bot):
-            before = await table().version()
-            yield
-            after = await table().version()
-            snap = self._snaps.get(bot)
-            if snap is None or after == before or snap.version != before:
-                return
-            data = await table().query().where("superseded_by = ''").select(
-                ["id", "user", "chat"]).to_arrow()
-            if await table().version() == after and await asyncio.to_thread(_same, snap, data):
-                snap.version = after
-            else:
-                self._snaps.pop(bot, None)
 
     def drop(self, bot: str) -> None:
         self._snaps.pop(bot, None)
@@ -337,16 +346,20 @@ def _generation(schema: pa.Schema) -> bytes:
     return generation
 
 
-def _same(snap: Snapshot, data: pa.Table) -> bool:
-    """Whether ``data`` (id, user, chat of the current rows) is exactly the snapshot's."""
-    if data.num_rows != len(snap.where):
-        return False
+def _diff(snap: Snapshot, data: pa.Table) -> tuple[list[str], list[str], list[str]]:
+    """(ids gone, ids new, ids moved to another user or chat): the snapshot against
+    ``data`` (id, user, chat of the current rows of a newer version)."""
+    seen: set[str] = set()
+    new, moved = [], []
     for fact_id, user, chat in zip(data.column("id").to_pylist(), data.column("user").to_pylist(),
                                    data.column("chat").to_pylist(), strict=True):
+        seen.add(fact_id)
         place = snap.where.get(fact_id)
-        if place is None or place[0] != (user, chat):
-            return False
-    return True
+        if place is None:
+            new.append(fact_id)
+        elif place[0] != (user, chat):
+            moved.append(fact_id)
+    return [i for i in snap.where if i not in seen], new, moved
 
 
 async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text: str, where: str,

@@ -305,17 +305,13 @@ class Maintainer:
 
     ``poke()`` after a write schedules a run (debounced by ``delay_s``);
     ``run_now()`` does one pass at once (tests, benchmarks, import). Errors
-    are logged: maintenance never breaks a write or a read. ``guard`` wraps
-    each pass (the recall cache tells its own data-neutral versions apart).
+    are logged: maintenance never breaks a write or a read.
     """
 
     def __init__(self, name: str, table: Callable[[], Any], *,
                  ann_threshold: int = ANN_THRESHOLD, delay_s: float = 2.0,
-                 scalar: dict[str, ScalarIndex] | None = None,
-                 guard: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
-                 ) -> None:
+                 scalar: dict[str, ScalarIndex] | None = None) -> None:
         self.name = name
-        self._guard = guard or contextlib.nullcontext
         self._scalar = scalar or {}
         self._table = table
         self._ann_threshold = ann_threshold
@@ -343,8 +339,7 @@ class Maintainer:
     async def run_now(self) -> None:
         async with self._lock:
             try:
-                async with self._guard():
-                    await self._run()
+                await self._run()
             except Exception:
                 log.exception("maintenance of memory table %s failed", self.name)
 
