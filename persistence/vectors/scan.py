@@ -52,8 +52,27 @@ T = TypeVar("T")
 GENERATION_KEY = b"boternity.generation"
 Key = tuple[str, str]  # (user, chat)
 ROW_OVERHEAD = 160  # bytes per row besides the vector (ids, text, Arrow offsets): estimated
-# Scoring fewer rows than this on the loop is cheaper than a thread hop (measured:
-# the hop costs ~60 us, 4k x 384 float32 rows take about as long to score).
+_ONE_BLAS_THREAD: list[bool] = []  # set once per process
+
+
+def one_blas_thread() -> None:
+    """Run numpy's BLAS on one thread, in this whole process (once).
+
+    Measured on a busy 2-core machine: OpenBLAS spreads a 2,000 x 384
+    matrix-vector product over its threads and took 3-27 ms waiting for
+    them; on one thread it takes 0.07 ms. Nothing else here needs threaded
+    BLAS (the model runs in onnxruntime, LanceDB in Rust), and scans of
+    large tables already run in worker threads.
+    """
+    if not _ONE_BLAS_THREAD:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+        _ONE_BLAS_THREAD.append(True)
+
+
+# Scoring fewer rows than this stays on the loop: the thread hop costs ~90 us of CPU,
+# scoring 4k x 384 float32 rows on one BLAS thread ~0.1-0.2 ms.
 THREAD_ROWS = 4_000
 
 
@@ -224,6 +243,8 @@ class RecallCache:
     def __init__(self, dim: int, *, budget_bytes: int, columns: Sequence[str]) -> None:
         self.dim = dim
         self.budget = budget_bytes
+        if budget_bytes > 0:
+            one_blas_thread()
         self._columns = [*columns, "vector"]
         self._snaps: dict[str, Snapshot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
