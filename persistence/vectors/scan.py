@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,6 @@ import pyarrow.compute as pc
 from persistence.vectors.tables import fuse, in_list, pool_size
 
 log = logging.getLogger(__name__)
-
 T = TypeVar("T")
 # Schema metadata: a random id a table gets when it is created or rewritten. Another
 # process may drop a table and create it again, and its versions restart at 1: the
@@ -52,9 +52,9 @@ T = TypeVar("T")
 GENERATION_KEY = b"boternity.generation"
 Key = tuple[str, str]  # (user, chat)
 ROW_OVERHEAD = 160  # bytes per row besides the vector (ids, text, Arrow offsets): estimated
-_ONE_BLAS_THREAD: list[bool] = []  # set once per process
 
 
+@functools.cache
 def one_blas_thread() -> None:
     """Run numpy's BLAS on one thread, in this whole process (once).
 
@@ -64,11 +64,9 @@ def one_blas_thread() -> None:
     BLAS (the model runs in onnxruntime, LanceDB in Rust), and scans of
     large tables already run in worker threads.
     """
-    if not _ONE_BLAS_THREAD:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(limits=1, user_api="blas")
-        _ONE_BLAS_THREAD.append(True)
+    threadpool_limits(limits=1, user_api="blas")
 
 
 # Scoring fewer rows than this stays on the loop: the thread hop costs ~90 us of CPU,
@@ -196,7 +194,9 @@ class Snapshot:
     def top(self, query: np.ndarray, keys: Sequence[Key], pool: int
             ) -> tuple[np.ndarray, np.ndarray]:
         """(Arrow row numbers, cosines) of the best ``pool`` live rows in ``keys``, best first."""
-        parts = [(self.parts[k], self.parts[k].n) for k in keys if k in self.parts]
+        # One lookup per key: the loop may drop a part (delete_user) while this runs.
+        found = [self.parts.get(k) for k in keys]
+        parts = [(p, p.n) for p in found if p is not None]
         if not parts:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         scores = np.concatenate([np.where(p.live[:n], p.matrix[:n] @ query, -np.inf)
@@ -219,11 +219,7 @@ class Snapshot:
         return int(part.rows[place[1]]), float(part.matrix[place[1]] @ query)
 
     def rows(self, numbers: Sequence[int]) -> list[dict[str, Any]]:
-        taken: list[dict[str, Any]] = self.meta.take(pa.array(numbers, pa.int64())).to_pylist()
-        return taken
-
-    def scored(self, users: Sequence[str]) -> int:
-        return sum(p.n for k, p in self.parts.items() if k[0] in users)
+        return self.meta.take(pa.array(numbers, pa.int64())).to_pylist()  # type: ignore[no-any-return]
 
 
 def _set_chat(meta: pa.Table, row: int, chat: str) -> pa.Table:
@@ -347,6 +343,9 @@ class RecallCache:
             if snap.version == before and after == before + 1:
                 apply(snap, result)
                 snap.version = after
+                if snap.nbytes > self.budget:  # grown past it: LanceDB from now on
+                    self._snaps.pop(bot, None)
+                    self._too_big[bot] = after
             # else someone else wrote too: the snapshot stays at its version, and the
             # next search catches it up (``_load``)
             return result
