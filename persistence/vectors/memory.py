@@ -30,7 +30,8 @@ import pyarrow as pa
 from engine.errors import StorageError
 from engine.ports import Embedder, Progress
 from engine.types import Fact
-from persistence.vectors.scan import GENERATION_KEY, RecallCache, Snapshot, scan_search
+from persistence.vectors.recall_cache import GENERATION_KEY, RecallCache
+from persistence.vectors.scan import Snapshot, scan_search
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
     EMBED_BATCH,
