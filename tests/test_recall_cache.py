@@ -200,3 +200,22 @@ async def test_over_the_budget_uses_lancedb(tmp_path: Path, embedder: FastEmbedd
         for question, (users, chats) in itertools.product(QUESTIONS[:3], SCOPES):
             assert ([f.id for f in await search(small, question, users, chats)]
                     == [f.id for f in await search(plain, question, users, chats)])
+
+
+async def test_a_snapshot_grown_past_the_budget_goes_back_to_lancedb(
+        stores: tuple[LanceMemoryStore, LanceMemoryStore]) -> None:
+    fast, plain = stores
+    await fast.add_many(corpus())
+    assert await fast.warm(BOT)
+    table = await fast._table(BOT)
+    snap = await fast.cache.current(BOT, table)
+    assert snap is not None
+    fast.cache.budget = snap.nbytes + 1_000  # what it holds now, and 1 KB more
+    await fast.add_many([Fact(id="", text=f"Alice read book number {i} this year", bot=BOT,
+                              user=ALICE, chat=DM_A) for i in range(10)])
+    assert await fast.cache.current(BOT, table) is None
+    await fast.cache.wait(BOT)  # a reload finds it too big: still LanceDB, still right
+    assert await fast.cache.current(BOT, table) is None
+    for question, (users, chats) in itertools.product(["which books?", "tea"], SCOPES):
+        assert ([f.id for f in await search(fast, question, users, chats)]
+                == [f.id for f in await search(plain, question, users, chats)])
