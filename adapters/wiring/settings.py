@@ -60,6 +60,7 @@ class StorageSettings(_Strict):
     database_url: str | None = None  # default: sqlite+aiosqlite in data_dir
     memory_uri: str | None = None  # default: data_dir/lancedb; "s3://bucket/prefix" allowed
     memory_storage_options: dict[str, str] = Field(default_factory=dict)
+    memory_cache_mb: float = Field(default=512, ge=0)  # recall cache (docs/memory.md); 0: off
     redis_url: str | None = None
     # Scale-out: URLs that carry a password can come from the environment
     # instead (``database_url_env = "BOTERNITY_DATABASE_URL"``); the value wins
