@@ -151,7 +151,9 @@ class MemorySettings(_Strict):
     extract_with_local: bool = False  # the demo model's "facts" are unreliable
     # groups also recall what was learned in DMs and other groups (trusted groups only)
     recall_across_chats: bool = False
-    embedding_threads: int = Field(default=2, ge=1)
+    # One: onnxruntime's second intra-op thread spins while it waits, which on a
+    # busy host costs ~2x the CPU per text for no faster answer (docs/benchmarks.md).
+    embedding_threads: int = Field(default=1, ge=1)
 
 
 class PlatformSettings(_Strict):

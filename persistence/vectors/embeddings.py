@@ -113,7 +113,7 @@ class FastEmbedder:
         self.calls = 0  # model calls (batches) so far: tests, benchmarks
 
     @classmethod
-    async def load(cls, data_dir: Path, *, threads: int = 2,
+    async def load(cls, data_dir: Path, *, threads: int = 1,
                    batch_size: int = 16) -> FastEmbedder:
         """Prepare the model directory and load the model, both off the loop."""
 
