@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from engine.errors import StorageError
 from engine.types import RecallRecord
 from engine.usage import UsageRecord
-from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.conversations import _INSERT, SqlConversationStore
 from persistence.sql.database import Database
 from persistence.sql.recall_log import SqlRecallLog
 from persistence.sql.usage import SqlUsageStore
@@ -105,3 +105,49 @@ async def test_a_unique_violation_reaches_its_caller(database_url: str) -> None:
         await db.write(insert)
         with pytest.raises(IntegrityError):
             await db.write(insert)
+
+
+async def test_writes_of_one_statement_run_as_one_statement(database_url: str) -> None:
+    """40 message inserts queued together: a handful of executemany, not 40 statements."""
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        await store.add(bot="demo", chat="warm", role="user", content="w")
+        before = db.writer.statements
+        ids = await asyncio.gather(*(
+            store.add(bot="demo", chat="c", role="user", content=f"m{n}") for n in range(40)))
+        assert db.writer.statements - before < 10
+        # Each caller got its own row's id, in the order the writes were queued.
+        assert ids == sorted(ids) and len(set(ids)) == 40
+        rows = await store.history("demo", "c", limit=100)
+        assert [(m.id, m.content) for m in rows] == [(i, f"m{n}") for n, i in enumerate(ids)]
+
+
+async def test_a_failing_write_in_a_grouped_statement_fails_alone(database_url: str) -> None:
+    """One bad row in an executemany: the batch is retried one by one, only it fails."""
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        good = [dict(bot="demo", chat="c", role="user", content=f"m{n}", user="", user_name="",
+                     platform="", served_by=None, created_at=datetime.now(UTC))
+                for n in range(3)]
+        bad = {**good[0], "content": None}  # NOT NULL
+        results = await asyncio.gather(
+            db.execute(_INSERT, good[0]), db.execute(_INSERT, bad),
+            db.execute(_INSERT, good[1]), db.execute(_INSERT, good[2]),
+            return_exceptions=True)
+        assert isinstance(results[1], IntegrityError)
+        assert all(not isinstance(r, BaseException) for r in (results[0], *results[2:]))
+        assert [m.content for m in await store.history("demo", "c")] == ["m0", "m1", "m2"]
+
+
+async def test_keyed_writes_in_one_batch_keep_the_last(database_url: str) -> None:
+    """Two recall records of one chat in a batch: both callers answered, the later kept."""
+    async with Database(database_url) as db:
+        log = SqlRecallLog(db)
+        before = db.writer.statements
+        await asyncio.gather(*(
+            log.record(RecallRecord(bot="demo", chat="c", message_id=str(n), query=f"q{n}",
+                                    facts=()))
+            for n in range(5)))
+        assert db.writer.statements - before <= 2
+        last = await log.last("demo", "c")
+        assert last is not None and last.message_id == "4"

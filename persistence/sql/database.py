@@ -18,12 +18,12 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import event, make_url, pool, text
+from sqlalchemy import Executable, event, make_url, pool, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -241,6 +241,11 @@ class Database:
     async def write(self, job: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``job`` in the next group transaction; return once it committed."""
         return await self.writer.write(job)
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any], *,
+                      key: Hashable | None = None) -> Any:
+        """One prepared statement in the next group transaction (``GroupWriter.execute``)."""
+        return await self.writer.execute(statement, params, key=key)
 
     async def start(self) -> None:
         await self.migrate()
