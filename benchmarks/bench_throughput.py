@@ -118,8 +118,9 @@ async def _app(base_url: str, concurrency: int, replies: int, memory: bool,
             conversation = app.conversations["b"]
 
             async def send(n: int, i: int) -> None:
+                # Unique per (chat, i): a query-embedding cache cannot flatter recall.
                 message = IncomingMessage(platform="telegram", bot="b", chat=str(1000 + n),
-                                          user=str(n), text=f"what do you know about {i}?",
+                                          user=str(n), text=_question(n, i),
                                           message_id=f"{n}-{i}")
                 async for item in conversation.reply(message):
                     if isinstance(item, Reply) and item.error:
@@ -127,6 +128,10 @@ async def _app(base_url: str, concurrency: int, replies: int, memory: bool,
 
             await send(0, -1)
             return await _drive(send, concurrency, replies)
+
+
+def _question(chat: int, i: int) -> str:
+    return f"chat {chat}, turn {i}: what do you know about topic {(chat * 7919 + i) % FACTS}?"
 
 
 async def _seed(app: Any, users: int) -> None:
@@ -143,10 +148,17 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, args.root)
     args.concurrency = args.concurrency[0]
     if args.mode == "floor":
-        result = asyncio.run(_floor(args.base_url, args.concurrency, args.replies))
+        run = _floor(args.base_url, args.concurrency, args.replies)
     else:
-        result = asyncio.run(_app(args.base_url, args.concurrency, args.replies,
-                                  args.mode == "on", args.db_url))
+        run = _app(args.base_url, args.concurrency, args.replies, args.mode == "on", args.db_url)
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(asyncio.run, run)
+        profiler.dump_stats(args.profile)
+    else:
+        result = asyncio.run(run)
     print(json.dumps(result))
 
 
@@ -198,6 +210,8 @@ def main() -> None:
     parser.add_argument("--db", nargs="+", default=["sqlite", "postgresql"])
     parser.add_argument("--modes", nargs="+", default=["floor", "off", "on"])
     parser.add_argument("--before", help="another checkout to run side by side")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="write a cProfile of each run's child to DIR (view with pstats)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--root", default=str(ROOT), help=argparse.SUPPRESS)
@@ -207,6 +221,8 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     roots = [("after", str(ROOT))] + ([("before", args.before)] if args.before else [])
     server, base_url = _fake_server()
     print(f"{'db':<11}{'mode':<7}{'C':>3}  {'code':<7}{'replies/s':>10}{'p50 ms':>9}"
@@ -219,12 +235,16 @@ def main() -> None:
                 for concurrency in args.concurrency:
                     for label, root in roots:
                         name, db_url = _pg_database() if db == "postgresql" else ("", "")
+                        prof = f"{db}-{mode}-c{concurrency}-{label}.prof"
+                        profile = (["--profile", str(Path(args.profile).resolve() / prof)]
+                                   if args.profile else [])
                         try:
                             out = subprocess.run(
                                 [sys.executable, __file__, "--child", "--mode", mode,
                                  "--root", root, "--base-url", base_url,
                                  "--concurrency", str(concurrency), "--replies",
-                                 str(args.replies)] + (["--db-url", db_url] if db_url else []),
+                                 str(args.replies)] + (["--db-url", db_url] if db_url else [])
+                                + profile,
                                 capture_output=True, text=True, check=False,
                                 cwd=tempfile.gettempdir())
                         finally:

@@ -90,7 +90,7 @@ class SqlConversationStore:
         if platform is not None:
             params["platform"] = platform
         try:
-            async with self._db.engine.connect() as connection:
+            async with self._db.reads.connect() as connection:
                 rows = (await connection.execute(_HISTORY[platform is not None], params)).all()
         except SQLAlchemyError as exc:
             raise StorageError(f"could not read history: {type(exc).__name__}") from exc
