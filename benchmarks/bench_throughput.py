@@ -1,7 +1,8 @@
 """Replies per second of one process, with the production wiring.
 
     .venv/bin/python benchmarks/bench_throughput.py [--replies 400] [--concurrency 1 8 32]
-        [--db sqlite postgresql] [--before PATH]
+        [--db sqlite postgresql] [--modes floor off on] [--rounds 3] [--before PATH]
+        [--profile DIR]
 
 A zero-latency provider (the fake OpenAI server) runs in another process. For
 each database and concurrency C, C chats each send messages one after the
@@ -16,7 +17,11 @@ and the event loop's lag p99 (a 5 ms ticker's overshoot):
 
 ``--before PATH`` runs the same scenarios on another checkout's code (e.g.
 ``git worktree add /tmp/before <commit>``) in the same run, so before and
-after are side by side. Each scenario runs in its own process. PostgreSQL
+after are side by side (``--rounds N``: N runs of each, alternating which
+goes first, medians printed, with the load average). Each scenario runs in
+its own process; ``--profile DIR`` writes a cProfile of each.
+Each chat's messages are unique per (chat, turn), so a cache of query
+embeddings cannot make recall look cheaper than it is. PostgreSQL
 needs a server on 127.0.0.1:5432 (user postgres; a database is created and
 dropped). Absolute numbers depend on the machine; compare ratios.
 """
@@ -26,6 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,12 +210,36 @@ def _drop(name: str) -> None:
     asyncio.run(drop())
 
 
+def _run(args: argparse.Namespace, base_url: str, db: str, mode: str, concurrency: int,
+         label: str, root: str, round_: int) -> dict[str, float]:
+    """One scenario in a fresh child process (and, on PostgreSQL, a fresh database)."""
+    name, db_url = _pg_database() if db == "postgresql" else ("", "")
+    prof = f"{db}-{mode}-c{concurrency}-{label}-{round_}.prof"
+    profile = ["--profile", str(Path(args.profile).resolve() / prof)] if args.profile else []
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", "--mode", mode, "--root", root,
+             "--base-url", base_url, "--concurrency", str(concurrency),
+             "--replies", str(args.replies)]
+            + (["--db-url", db_url] if db_url else []) + profile,
+            capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
+    finally:
+        if name:
+            _drop(name)
+    if out.returncode != 0:
+        sys.exit(f"{db} {mode} C={concurrency} {label} failed:\n{out.stderr}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replies", type=int, default=400)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--db", nargs="+", default=["sqlite", "postgresql"])
     parser.add_argument("--modes", nargs="+", default=["floor", "off", "on"])
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs per row, before and after alternating; medians are printed")
     parser.add_argument("--before", help="another checkout to run side by side")
     parser.add_argument("--profile", metavar="DIR",
                         help="write a cProfile of each run's child to DIR (view with pstats)")
@@ -225,37 +256,28 @@ def main() -> None:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     roots = [("after", str(ROOT))] + ([("before", args.before)] if args.before else [])
     server, base_url = _fake_server()
+    # The load average is printed per row: the machine may be shared.
     print(f"{'db':<11}{'mode':<7}{'C':>3}  {'code':<7}{'replies/s':>10}{'p50 ms':>9}"
-          f"{'p95 ms':>9}{'lag p99':>9}")
+          f"{'p95 ms':>9}{'lag p99':>9}{'load':>6}")
     try:
         for db in args.db:
             for mode in args.modes:
                 if mode == "floor" and db != args.db[0]:
                     continue  # the floor has no database
                 for concurrency in args.concurrency:
-                    for label, root in roots:
-                        name, db_url = _pg_database() if db == "postgresql" else ("", "")
-                        prof = f"{db}-{mode}-c{concurrency}-{label}.prof"
-                        profile = (["--profile", str(Path(args.profile).resolve() / prof)]
-                                   if args.profile else [])
-                        try:
-                            out = subprocess.run(
-                                [sys.executable, __file__, "--child", "--mode", mode,
-                                 "--root", root, "--base-url", base_url,
-                                 "--concurrency", str(concurrency), "--replies",
-                                 str(args.replies)] + (["--db-url", db_url] if db_url else [])
-                                + profile,
-                                capture_output=True, text=True, check=False,
-                                cwd=tempfile.gettempdir())
-                        finally:
-                            if name:
-                                _drop(name)
-                        if out.returncode != 0:
-                            sys.exit(f"{db} {mode} C={concurrency} {label} failed:\n{out.stderr}")
-                        r = json.loads(out.stdout.strip().splitlines()[-1])
+                    runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in roots}
+                    for round_ in range(args.rounds):
+                        # Alternate which code goes first, so neither always runs warmer.
+                        for label, root in roots[::1 if round_ % 2 == 0 else -1]:
+                            runs[label].append(_run(args, base_url, db, mode, concurrency,
+                                                    label, root, round_))
+                    for label, _ in roots:
+                        r = {k: statistics.median(run[k] for run in runs[label])
+                             for k in runs[label][0]}
                         print(f"{db if mode != 'floor' else '-':<11}{mode:<7}{concurrency:>3}  "
                               f"{label:<7}{r['replies_s']:>10.1f}{r['p50_ms']:>9.1f}"
-                              f"{r['p95_ms']:>9.1f}{r['lag_p99_ms']:>9.1f}", flush=True)
+                              f"{r['p95_ms']:>9.1f}{r['lag_p99_ms']:>9.1f}"
+                              f"{os.getloadavg()[0]:>6.1f}", flush=True)
     finally:
         server.terminate()
 
