@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from engine.errors import StorageError
 from engine.types import RecallRecord
 from engine.usage import UsageRecord
-from persistence.sql.conversations import _INSERT, SqlConversationStore
+from persistence.sql.conversations import _HISTORY, _INSERT, SqlConversationStore
 from persistence.sql.database import Database
 from persistence.sql.recall_log import SqlRecallLog
 from persistence.sql.usage import SqlUsageStore
@@ -151,3 +151,21 @@ async def test_keyed_writes_in_one_batch_keep_the_last(database_url: str) -> Non
         assert db.writer.statements - before <= 2
         last = await log.last("demo", "c")
         assert last is not None and last.message_id == "4"
+
+
+async def test_the_hot_read_gives_what_sqlalchemy_gives(database_url: str) -> None:
+    """``Database.read`` (one driver call on SQLite) converts values like SQLAlchemy."""
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        for n in range(4):
+            await store.add(bot="demo", chat="c", role="user" if n % 2 else "assistant",
+                            content=f"m{n}", platform="telegram", user_name="Ann" * (n % 2),
+                            served_by=None if n % 2 else "p")
+        params = {"bot": "demo", "chat": "c", "platform": "telegram", "limit": 3}
+        async with db.engine.connect() as connection:
+            expected = [tuple(r) for r in await connection.execute(_HISTORY[True], params)]
+        rows = await db.read(_HISTORY[True], params)
+        assert rows == expected and len(rows) == 3
+        assert all(isinstance(r[6], datetime) for r in rows)  # created_at parsed
+        assert [m.created_at is not None and m.created_at.tzinfo is not None
+                for m in await store.history("demo", "c", platform="telegram")] == [True] * 4

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select
+from sqlalchemy import Select, Table, bindparam, delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine.admin.conversations import ChatSummary
@@ -23,7 +24,7 @@ _COLUMNS = [_MESSAGES.c[name] for name in ("id", "bot", "chat", "role", "content
                                           "created_at", "served_by", "user_name")]
 
 
-def _history_query(by_platform: bool) -> Any:
+def _history_query(by_platform: bool) -> Select[Any]:
     where = [_MESSAGES.c.bot == bindparam("bot"), _MESSAGES.c.chat == bindparam("chat")]
     if by_platform:
         where.append(_MESSAGES.c.platform == bindparam("platform"))
@@ -34,16 +35,14 @@ def _history_query(by_platform: bool) -> Any:
 _HISTORY = {True: _history_query(True), False: _history_query(False)}
 
 
-def _stored(row: Any) -> StoredMessage:
-    """A Core row (or ORM object) of ``messages`` as the engine's ``StoredMessage``."""
-    role: Role = row.role  # only ever written from Role
-    created = row.created_at
+def _stored(row: tuple[Any, ...]) -> StoredMessage:
+    """A row of ``_COLUMNS`` as the engine's ``StoredMessage``."""
+    key, bot, chat, role, content, user, created, served_by, user_name = row
     if created is not None and created.tzinfo is None:
         created = created.replace(tzinfo=UTC)  # SQLite drops the zone; we store UTC
     return StoredMessage(
-        id=row.id, bot=row.bot, chat=row.chat, role=role, content=row.content,
-        user=row.user, created_at=created, served_by=row.served_by,
-        user_name=row.user_name or "",
+        id=key, bot=bot, chat=chat, role=cast(Role, role), content=content, user=user,
+        created_at=created, served_by=served_by, user_name=user_name or "",
     )
 
 
@@ -90,9 +89,8 @@ class SqlConversationStore:
         if platform is not None:
             params["platform"] = platform
         try:
-            async with self._db.reads.connect() as connection:
-                rows = (await connection.execute(_HISTORY[platform is not None], params)).all()
-        except SQLAlchemyError as exc:
+            rows = await self._db.read(_HISTORY[platform is not None], params)
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             raise StorageError(f"could not read history: {type(exc).__name__}") from exc
         return [_stored(row) for row in reversed(rows)]
 

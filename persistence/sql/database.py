@@ -23,8 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Executable, event, make_url, pool, text
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy import Executable, Select, event, make_url, pool, text
+from sqlalchemy.engine import URL, Connection, Dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# SQL, (parameter, default) in position order, a converter per column (None: as is)
+_DriverSql = tuple[str, tuple[tuple[str, Any], ...], tuple[Callable[[Any], Any] | None, ...]]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
@@ -189,6 +191,8 @@ class Database:
         self._echo = echo
         self._engine: AsyncEngine | None = None
         self._reads: AsyncEngine | None = None
+        self._compiled: dict[int, tuple[str, tuple[tuple[str, Any], ...],
+                                        tuple[Callable[[Any], Any] | None, ...], Any]] = {}
         self._writer_engine: AsyncEngine | None = None
         self._writer: GroupWriter | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
@@ -209,6 +213,42 @@ class Database:
         connection's mode costs a thread hop each way, more than it saves).
         """
         return self._reads or self.engine
+
+    async def read(
+        self, statement: Select[Any], params: Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """The rows of one prepared SELECT, as tuples, on the ``reads`` engine.
+
+        On SQLite the statement runs as ONE call of the aiosqlite driver
+        (``execute_fetchall``): through SQLAlchemy's adapter a query is four
+        thread hops (cursor, execute, fetch, close), each a wake-up of the
+        event loop. It is compiled by SQLAlchemy once, and each column's
+        result type converts the raw values as SQLAlchemy would have.
+        Raises ``SQLAlchemyError`` or, on SQLite, ``sqlite3.Error``.
+        """
+        async with self.reads.connect() as connection:
+            if self.dialect != "sqlite":
+                return [tuple(row) for row in await connection.execute(statement, params)]
+            sql, names, convert = self._driver_sql(statement, connection.dialect)
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert driver is not None  # a checked-out connection always has one
+            rows = await driver.execute_fetchall(
+                sql, tuple(params.get(name, default) for name, default in names))
+        return [tuple(f(v) if f else v for f, v in zip(convert, row, strict=True))
+                for row in rows]
+
+    def _driver_sql(self, statement: Select[Any], dialect: Dialect) -> _DriverSql:
+        compiled = self._compiled.get(id(statement))
+        if compiled is None:
+            plan = statement.compile(dialect=dialect)
+            # The binds' own values (e.g. the OFFSET 0 SQLite adds after LIMIT).
+            names = tuple((name, plan.binds[name].effective_value)
+                          for name in plan.positiontup or ())
+            convert = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None)
+                            for column in statement.selected_columns)
+            # Keep the statement alive with its plan: the key is its id().
+            compiled = self._compiled[id(statement)] = (str(plan), names, convert, statement)
+        return compiled[:3]
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
