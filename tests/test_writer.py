@@ -8,13 +8,13 @@ On SQLite and PostgreSQL (the ``database_url`` fixture).
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.errors import StorageError
 from engine.types import RecallRecord
@@ -45,8 +45,8 @@ async def test_a_failing_job_fails_alone(database_url: str) -> None:
     async with Database(database_url) as db:
         store = SqlConversationStore(db)
 
-        async def broken(connection: AsyncConnection) -> None:
-            await connection.execute(text("INSERT INTO no_such_table VALUES (1)"))
+        def broken(connection: Connection) -> None:
+            connection.execute(text("INSERT INTO no_such_table VALUES (1)"))
 
         results = await asyncio.gather(
             store.add(bot="demo", chat="c", role="user", content="before"),
@@ -97,8 +97,8 @@ async def test_writes_after_close_are_refused_clearly(tmp_path: Path) -> None:
 
 async def test_a_unique_violation_reaches_its_caller(database_url: str) -> None:
     async with Database(database_url) as db:
-        async def insert(connection: AsyncConnection) -> None:
-            await connection.execute(text(
+        def insert(connection: Connection) -> None:
+            connection.execute(text(
                 "INSERT INTO recall_log (bot, chat, message_id, query, facts, created_at) "
                 "VALUES ('b', 'c', '', '', '[]', CURRENT_TIMESTAMP)"))
 
@@ -169,3 +169,23 @@ async def test_the_hot_read_gives_what_sqlalchemy_gives(database_url: str) -> No
         assert all(isinstance(r[6], datetime) for r in rows)  # created_at parsed
         assert [m.created_at is not None and m.created_at.tzinfo is not None
                 for m in await store.history("demo", "c", platform="telegram")] == [True] * 4
+
+
+async def test_on_sqlite_a_batch_runs_whole_on_the_writer_thread(tmp_path: Path) -> None:
+    """Structural: every statement of a SQLite write runs off the event loop's thread,
+    in the writer's one thread (a batch costs the loop one wake-up, not one per call)."""
+    async with Database(f"sqlite+aiosqlite:///{tmp_path}/t.db") as db:
+        threads: set[int] = set()
+        engine = db._writer_engine
+        assert engine is not None
+
+        def seen(*_: object) -> None:
+            threads.add(threading.get_ident())
+
+        event.listen(engine, "before_cursor_execute", seen)
+        await asyncio.gather(
+            SqlConversationStore(db).add(bot="demo", chat="c", role="user", content="x"),
+            SqlUsageStore(db).add(UsageRecord(
+                at=datetime.now(UTC), bot="demo", provider="p", prompt_tokens=1,
+                completion_tokens=1, estimated=False, cost_usd=0.0)))
+        assert len(threads) == 1 and threading.get_ident() not in threads

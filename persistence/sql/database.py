@@ -18,16 +18,16 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import sqlalchemy
 from sqlalchemy import Executable, Select, event, make_url, pool, text
 from sqlalchemy.engine import URL, Connection, Dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -183,7 +183,9 @@ class Database:
     The hot-path writes (messages, usage rows, the recall log) go through
     ``write``: one writer per database commits what arrives together in one
     transaction (``persistence.sql.writer``). On SQLite the writer has its own
-    connection, which takes the lock with ``BEGIN IMMEDIATE``.
+    thread and stdlib ``sqlite3`` connection, which takes the lock with
+    ``BEGIN IMMEDIATE``; readers use the aiosqlite pool (``read`` for the hot
+    one-statement reads).
     """
 
     def __init__(self, url: str | URL, *, echo: bool = False) -> None:
@@ -193,7 +195,7 @@ class Database:
         self._reads: AsyncEngine | None = None
         self._compiled: dict[int, tuple[str, tuple[tuple[str, Any], ...],
                                         tuple[Callable[[Any], Any] | None, ...], Any]] = {}
-        self._writer_engine: AsyncEngine | None = None
+        self._writer_engine: sqlalchemy.Engine | None = None
         self._writer: GroupWriter | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
 
@@ -290,8 +292,9 @@ class Database:
             raise StorageError("database is not started (use 'async with Database(...)')")
         return self._writer
 
-    async def write(self, job: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``job`` in the next group transaction; return once it committed."""
+    async def write(self, job: Callable[[Connection], T]) -> T:
+        """Run ``job`` (a sync function of a connection) in the next group
+        transaction; return once it committed."""
         return await self.writer.write(job)
 
     async def execute(self, statement: Executable, params: Mapping[str, Any], *,
@@ -305,13 +308,17 @@ class Database:
             self._engine = create_engine(self.url, echo=self._echo,
                                          poolclass=pool.AsyncAdaptedQueuePool,
                                          pool_size=SQLITE_READERS, max_overflow=0)
-            self._writer_engine = create_engine(self.url, echo=self._echo,
-                                                poolclass=pool.AsyncAdaptedQueuePool,
-                                                pool_size=1, max_overflow=0)
+            # The writer's one connection is the stdlib driver's, used by the
+            # writer's own thread only: a batch runs there whole (one wake-up
+            # of the loop; see persistence.sql.writer).
+            self._writer_engine = sqlalchemy.create_engine(
+                self.url.set(drivername="sqlite"), echo=self._echo, poolclass=pool.QueuePool,
+                pool_size=1, max_overflow=0)
+            event.listen(self._writer_engine, "connect", _sqlite_pragmas)
             # We say BEGIN IMMEDIATE ourselves: the lock is taken up front, and
-            # the driver's own transaction handling would break savepoints.
-            event.listen(self._writer_engine.sync_engine, "connect", _sqlite_driver_autocommit)
-            event.listen(self._writer_engine.sync_engine, "begin", _sqlite_begin_immediate)
+            # the driver's own transaction handling would start it deferred.
+            event.listen(self._writer_engine, "connect", _sqlite_driver_autocommit)
+            event.listen(self._writer_engine, "begin", _sqlite_begin_immediate)
         else:
             self._engine = create_engine(self.url, echo=self._echo)
             # A view of the same pool: the mode is set on checkout, reset on return.
@@ -325,9 +332,7 @@ class Database:
         if self._writer is not None:
             await self._writer.close()
         self._writer = None
-        if self._writer_engine is not None:
-            await self._writer_engine.dispose()
-        self._writer_engine = None
+        self._writer_engine = None  # the writer disposed of it on its thread
         if self._engine is not None:
             await self._engine.dispose()
         self._engine = None

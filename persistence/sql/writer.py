@@ -10,7 +10,8 @@ committed (what they return is durable):
   Writes with the same ``key`` on the same statement supersede each other: only
   the last queued runs and the earlier callers get its result (for
   last-writer-wins upserts, e.g. the recall log's one row per chat).
-- ``write(job)``: an async function of one ``AsyncConnection`` (anything else).
+- ``write(job)``: a (synchronous) function of one SQLAlchemy ``Connection``,
+  for anything else.
 
 One task drains the queue: it takes every write waiting at that moment (up
 to ``max_batch``) and runs them in one transaction, each statement group at
@@ -31,6 +32,14 @@ replies costs one commit (one fsync) instead of one each. Savepoints per
 write (two statements each, each a thread hop on aiosqlite) are gone: the
 optimistic batch plus the one-by-one retry keeps a failure to its caller.
 PostgreSQL gets the same batching, which saves round trips and commits.
+
+Where a batch runs: given a synchronous ``Engine`` (SQLite, the stdlib
+driver), each batch runs whole in one dedicated thread, so it costs the
+event loop one wake-up instead of one per driver call (aiosqlite makes each
+cursor, execute, fetch and close its own hop to its thread, and every hop
+waits for a turn of a busy loop: a batch of 15 hops took 15 turns). Given an
+``AsyncEngine`` (PostgreSQL, asyncpg), the same code runs on the loop through
+``run_sync``.
 """
 
 from __future__ import annotations
@@ -38,17 +47,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Executable
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import Connection, Engine, Executable
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Job = Callable[[AsyncConnection], Awaitable[Any]]
+Job = Callable[[Connection], Any]
 MAX_BATCH = 256
 
 
@@ -68,8 +78,11 @@ class _BodyFailed(Exception):
 class GroupWriter:
     """The single writer of one engine (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, engine: AsyncEngine | Engine, *, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
+        # One thread, so the sync engine's one connection stays on it.
+        self._thread = (ThreadPoolExecutor(1, thread_name_prefix="sql-writer")
+                        if isinstance(engine, Engine) else None)
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -90,8 +103,14 @@ class GroupWriter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        if self._thread is not None:
+            engine = self._engine
+            assert isinstance(engine, Engine)
+            # Closed on the thread that opened its connection.
+            await asyncio.get_running_loop().run_in_executor(self._thread, engine.dispose)
+            self._thread.shutdown()
 
-    async def write(self, job: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def write(self, job: Callable[[Connection], T]) -> T:
         """Run ``job`` in the next group transaction; its result once committed."""
         result: T = await self._submit(_Write(self._future(), job=job))
         return result
@@ -160,16 +179,31 @@ class GroupWriter:
 
     async def _transaction(self, batch: Sequence[_Write]) -> list[Any]:
         """Run ``batch`` in one transaction; each write's result, in order."""
-        async with self._engine.begin() as connection:
-            try:
-                results = await self._run(connection, batch)
-            except Exception as exc:
-                raise _BodyFailed(type(exc).__name__) from exc
+        engine = self._engine
+        if isinstance(engine, Engine):
+            assert self._thread is not None
+            results, statements = await asyncio.get_running_loop().run_in_executor(
+                self._thread, _in_transaction, engine, batch)
+        else:
+            async with engine.begin() as connection:
+                results, statements = await connection.run_sync(_run, batch)
         self.batches += 1
         self.jobs += len(batch)
+        self.statements += statements
         return results
 
-    async def _run(self, connection: AsyncConnection, batch: Sequence[_Write]) -> list[Any]:
+
+def _in_transaction(engine: Engine, batch: Sequence[_Write]) -> tuple[list[Any], int]:
+    with engine.begin() as connection:
+        return _run(connection, batch)
+
+
+def _run(connection: Connection, batch: Sequence[_Write]) -> tuple[list[Any], int]:
+    """Each write's result, in order, and how many statements ran.
+
+    Raises ``_BodyFailed`` (the transaction is then rolled back) if one failed.
+    """
+    try:
         results: dict[int, Any] = {}
         groups: dict[int, list[int]] = {}  # id(statement) -> positions, first seen first
         order: list[int | Executable] = []
@@ -185,35 +219,34 @@ class GroupWriter:
             if isinstance(step, int):
                 job = batch[step].job
                 assert job is not None
-                results[step] = await job(connection)
-                self.statements += 1
+                results[step] = job(connection)
             else:
-                await self._group(connection, step, batch, groups[id(step)], results)
-        return [results[position] for position in range(len(batch))]
+                _group(connection, step, batch, groups[id(step)], results)
+    except Exception as exc:
+        raise _BodyFailed(type(exc).__name__) from exc
+    return [results[position] for position in range(len(batch))], len(order)
 
-    async def _group(self, connection: AsyncConnection, statement: Executable,
-                     batch: Sequence[_Write], positions: list[int],
-                     results: dict[int, Any]) -> None:
-        # The last write of each key stands for the earlier ones.
-        last: dict[Hashable, int] = {}
-        for position in positions:
-            if (key := batch[position].key) is not None:
-                last[key] = position
-        run = [p for p in positions if batch[p].key is None or last[batch[p].key] == p]
-        params = [dict(batch[p].params or {}) for p in run]
-        result = await connection.execute(statement, params)
-        self.statements += 1
-        # Only an explicit RETURNING answers the callers (PostgreSQL may return
-        # the key of a single-row INSERT on its own).
-        returning = bool(getattr(statement, "exported_columns", ()))
-        rows = result.all() if returning else [None] * len(run)
-        if len(rows) != len(run):
-            raise RuntimeError(f"{len(rows)} rows returned for {len(run)} writes")
-        for position, row in zip(run, rows, strict=True):
-            results[position] = row
-        for position in positions:
-            if position not in results:
-                results[position] = results[last[batch[position].key]]
+
+def _group(connection: Connection, statement: Executable, batch: Sequence[_Write],
+           positions: list[int], results: dict[int, Any]) -> None:
+    # The last write of each key stands for the earlier ones.
+    last: dict[Hashable, int] = {}
+    for position in positions:
+        if (key := batch[position].key) is not None:
+            last[key] = position
+    run = [p for p in positions if batch[p].key is None or last[batch[p].key] == p]
+    result = connection.execute(statement, [dict(batch[p].params or {}) for p in run])
+    # Only an explicit RETURNING answers the callers (PostgreSQL may return
+    # the key of a single-row INSERT on its own).
+    returning = bool(getattr(statement, "exported_columns", ()))
+    rows = result.all() if returning else [None] * len(run)
+    if len(rows) != len(run):
+        raise RuntimeError(f"{len(rows)} rows returned for {len(run)} writes")
+    for position, row in zip(run, rows, strict=True):
+        results[position] = row
+    for position in positions:
+        if position not in results:
+            results[position] = results[last[batch[position].key]]
 
 
 def _answer(done: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
