@@ -189,3 +189,22 @@ async def test_on_sqlite_a_batch_runs_whole_on_the_writer_thread(tmp_path: Path)
                 at=datetime.now(UTC), bot="demo", provider="p", prompt_tokens=1,
                 completion_tokens=1, estimated=False, cost_usd=0.0)))
         assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+async def test_concurrent_reads_reuse_pooled_connections(database_url: str) -> None:
+    """A burst of history reads opens no connection once the pool is warm (the default
+    pool's overflow opened and closed one per read past five: a login each)."""
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        await store.add(bot="demo", chat="c", role="user", content="x")
+        opened: list[object] = []
+        event.listen(db.engine.sync_engine, "connect", lambda *_: opened.append(1))
+
+        async def burst() -> None:
+            await asyncio.gather(*(store.history("demo", "c") for _ in range(32)))
+
+        await burst()
+        warm = len(opened)
+        await burst()
+        await burst()
+        assert len(opened) == warm

@@ -50,6 +50,11 @@ SQLITE_BUSY_TIMEOUT_MS = 15_000
 # Readers on SQLite: WAL lets them run beside the writer; each aiosqlite
 # connection is a thread, so the pool is bounded (it grew to 57 under load).
 SQLITE_READERS = 4
+# PostgreSQL: a fixed pool, no overflow. With the default (5 + 10 overflow)
+# eight concurrent replies opened and closed an overflow connection per read
+# (59 new connections in 480 replies, each a login and SQLAlchemy's set-up
+# queries); waiting a moment for a pooled one costs far less.
+POSTGRES_POOL = 16
 WAL_SWITCH_ATTEMPTS = 100  # x 50 ms: 5 s for a rival start to finish its switch
 MIGRATION_LOCK = 0x626F7465  # any fixed key; "bote"
 
@@ -320,7 +325,8 @@ class Database:
             event.listen(self._writer_engine, "connect", _sqlite_driver_autocommit)
             event.listen(self._writer_engine, "begin", _sqlite_begin_immediate)
         else:
-            self._engine = create_engine(self.url, echo=self._echo)
+            self._engine = create_engine(self.url, echo=self._echo, pool_size=POSTGRES_POOL,
+                                         max_overflow=0)
             # A view of the same pool: the mode is set on checkout, reset on return.
             self._reads = self._engine.execution_options(isolation_level="AUTOCOMMIT")
         self._writer = GroupWriter(self._writer_engine or self._engine)
