@@ -14,6 +14,11 @@ and the event loop's lag p99 (a 5 ms ticker's overshoot):
     memory off   build_app, no long-term memory
     memory on    build_app, recall over 2,000 facts (extraction off: the
                  fake provider does not write facts)
+    path         (``--modes path``) the reply path alone: ``Conversation`` with
+                 an in-process chain that answers at once, the database and
+                 the usage row, no SDK, no memory
+
+"cpu ms" is the CPU time of the event loop's thread per reply.
 
 ``--before PATH`` runs the same scenarios on another checkout's code (e.g.
 ``git worktree add /tmp/before <commit>``) in the same run, so before and
@@ -72,13 +77,15 @@ async def _drive(send: Any, concurrency: int, replies: int) -> dict[str, float]:
             latencies.append(time.perf_counter() - started)
 
     ticker = asyncio.create_task(_ticker(lags, stop))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     await asyncio.gather(*(chat(n) for n in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu
     stop.set()
     await ticker
     return {"replies_s": len(latencies) / elapsed, "p50_ms": _pct(latencies, 0.5) * 1000,
-            "p95_ms": _pct(latencies, 0.95) * 1000, "lag_p99_ms": _pct(lags, 0.99) * 1000}
+            "p95_ms": _pct(latencies, 0.95) * 1000, "lag_p99_ms": _pct(lags, 0.99) * 1000,
+            # CPU of the event loop's thread per reply (the ticker's share included)
+            "cpu_ms": cpu / max(1, len(latencies)) * 1000}
 
 
 async def _floor(base_url: str, concurrency: int, replies: int) -> dict[str, float]:
@@ -93,6 +100,52 @@ async def _floor(base_url: str, concurrency: int, replies: int) -> dict[str, flo
 
         await send(0, 0)  # warm the connection pool
         return await _drive(send, concurrency, replies)
+
+
+async def _path(concurrency: int, replies: int, db_url: str | None) -> dict[str, float]:
+    """The reply path alone: an in-process chain that answers at once, the real
+    database, history and usage row, no SDK and no memory."""
+    from engine.conversation import Conversation
+    from engine.types import Capabilities, Chunk, IncomingMessage, Reply, Usage
+    from engine.usage import UsageAccounting
+    from persistence.sql.conversations import SqlConversationStore
+    from persistence.sql.database import Database
+    from persistence.sql.usage import SqlUsageStore
+
+    class Run:
+        served_by, model, failures, looped = "fast", "m", (), False
+        usage, text = Usage(20, 4), "The answer is 42."
+
+        async def __aiter__(self) -> Any:
+            for text in ("The", " answer", " is", " 42."):
+                await asyncio.sleep(0)
+                yield Chunk(text=text)
+            yield Chunk(usage=self.usage)
+
+    class Chain:
+        capabilities, providers = Capabilities(), ()
+
+        def run(self, request: Any, *, skip: Any = None) -> Run:
+            return Run()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        async with Database(db_url or f"sqlite+aiosqlite:///{tmp}/b.db") as db:
+            conversation = Conversation(
+                bot="b", persona="You help.", chain=Chain(), store=SqlConversationStore(db),
+                observers=[UsageAccounting(SqlUsageStore(db), prices={})])
+
+            async def send(n: int, i: int) -> None:
+                message = IncomingMessage(platform="telegram", bot="b", chat=str(1000 + n),
+                                          user=str(n), text=_question(n, i),
+                                          message_id=f"{n}-{i}")
+                async for item in conversation.reply(message):
+                    if isinstance(item, Reply) and item.error:
+                        raise RuntimeError(item.error)
+
+            for n in range(concurrency):  # some history in every chat
+                for i in range(10):
+                    await send(n, -1 - i)
+            return await _drive(send, concurrency, replies)
 
 
 def _config(data: Path, base_url: str, db_url: str | None, memory: bool) -> Path:
@@ -156,6 +209,8 @@ def child(args: argparse.Namespace) -> None:
     args.concurrency = args.concurrency[0]
     if args.mode == "floor":
         run = _floor(args.base_url, args.concurrency, args.replies)
+    elif args.mode == "path":
+        run = _path(args.concurrency, args.replies, args.db_url)
     else:
         run = _app(args.base_url, args.concurrency, args.replies, args.mode == "on", args.db_url)
     if args.profile:
@@ -258,7 +313,7 @@ def main() -> None:
     server, base_url = _fake_server()
     # The load average is printed per row: the machine may be shared.
     print(f"{'db':<11}{'mode':<7}{'C':>3}  {'code':<7}{'replies/s':>10}{'p50 ms':>9}"
-          f"{'p95 ms':>9}{'lag p99':>9}{'load':>6}")
+          f"{'p95 ms':>9}{'lag p99':>9}{'cpu ms':>8}{'load':>6}")
     try:
         for db in args.db:
             for mode in args.modes:
@@ -277,7 +332,8 @@ def main() -> None:
                         print(f"{db if mode != 'floor' else '-':<11}{mode:<7}{concurrency:>3}  "
                               f"{label:<7}{r['replies_s']:>10.1f}{r['p50_ms']:>9.1f}"
                               f"{r['p95_ms']:>9.1f}{r['lag_p99_ms']:>9.1f}"
-                              f"{os.getloadavg()[0]:>6.1f}", flush=True)
+                              f"{r.get('cpu_ms', 0.0):>8.2f}{os.getloadavg()[0]:>6.1f}",
+                              flush=True)
     finally:
         server.terminate()
 
