@@ -241,8 +241,17 @@ class Database:
             assert driver is not None  # a checked-out connection always has one
             rows = await driver.execute_fetchall(
                 sql, tuple(params.get(name, default) for name, default in names))
-        return [tuple(f(v) if f else v for f, v in zip(convert, row, strict=True))
-                for row in rows]
+        # Only the columns whose type converts (a date) are touched.
+        changes = [(i, f) for i, f in enumerate(convert) if f is not None]
+        if not changes:
+            return [tuple(row) for row in rows]
+        converted: list[tuple[Any, ...]] = []
+        for row in rows:
+            values = list(row)
+            for i, f in changes:
+                values[i] = f(values[i])
+            converted.append(tuple(values))
+        return converted
 
     def _driver_sql(self, statement: Select[Any], dialect: Dialect) -> _DriverSql:
         compiled = self._compiled.get(id(statement))
