@@ -196,6 +196,8 @@ async def upgrade_stored_memories(app: App, uri: str, options: dict[str, str] | 
     """
     # lancedb and pyarrow take about a second to import: not on the event loop.
     await imported("persistence.vectors.rekey")
+    if app.redis is None:
+        await imported("filelock")  # the writer lock below is a file lock
     from persistence.vectors.rekey import upgrade_memory
     from persistence.vectors.tables import connect
 

@@ -29,21 +29,25 @@ by it is not lost: the chain continues it on the next provider. Raise it for
 models that write long answers slowly. All three limits wrap each ``anext``
 of the stream only, never the consumer's work between chunks (a timeout
 around a ``yield`` would cancel the consumer).
+
+Importing ``openai`` takes 0.5-1 s, so constructing a provider imports
+nothing: ``boternity providers`` lists it without the SDK. The client is
+built by ``prepare()``, which imports the SDK in a worker thread (the
+composition root awaits it before a service serves, or starts it when a
+chat starts), else at the first request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import importlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx2
-import openai
-from openai import AsyncOpenAI
 from pydantic import SecretStr
 
 from engine.errors import (
@@ -59,6 +63,11 @@ from engine.errors import (
 )
 from engine.providers.closing import ClosesOnExit
 from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage, output_cap
+
+if TYPE_CHECKING:  # imported when the client is built (see the module docstring)
+    import httpx2
+    import openai
+    from openai import AsyncOpenAI
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +115,39 @@ class OpenAICompatProvider(ClosesOnExit):
         self._health_url = health_url
         self._healthy_until = 0.0
         self._secret = api_key.get_secret_value() if api_key else ""
-        self._client = AsyncOpenAI(
-            base_url=base_url,
-            api_key=self._secret or NO_KEY,
-            max_retries=0,
-            timeout=httpx2.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-        )
+        self._sdk: AsyncOpenAI | None = None  # built by prepare() or at first use
 
     def __repr__(self) -> str:  # no key, ever
         return f"OpenAICompatProvider(name={self.name!r}, model={self.model!r})"
 
+    async def prepare(self) -> None:
+        """Import the SDK in a worker thread and build the client; idempotent.
+
+        Awaited before the first request, the request does not import the
+        SDK on the event loop (``_client`` would, as a last resort).
+        """
+        if self._sdk is None:
+            await asyncio.to_thread(importlib.import_module, "openai")
+            self._client  # noqa: B018 (builds it; with the SDK imported that is quick)
+
+    @property
+    def _client(self) -> AsyncOpenAI:
+        """The SDK client, built at first use."""
+        if self._sdk is None:
+            import httpx2  # the SDK's transport
+            from openai import AsyncOpenAI
+
+            self._sdk = AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=self._secret or NO_KEY,
+                max_retries=0,
+                timeout=httpx2.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)),
+            )
+        return self._sdk
+
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._sdk is not None:
+            await self._sdk.close()
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         if self._health_url:
@@ -214,6 +244,8 @@ class OpenAICompatProvider(ClosesOnExit):
         if time.monotonic() < self._healthy_until:
             return
         assert self._health_url is not None
+        import httpx2  # the SDK's transport: imported with it
+
         try:
             async with httpx2.AsyncClient(timeout=min(self.first_token_timeout_s, 3.0)) as http:
                 response = await http.get(self._health_url)
@@ -224,6 +256,8 @@ class OpenAICompatProvider(ClosesOnExit):
         self._healthy_until = time.monotonic() + HEALTH_TTL_S
 
     def _map_error(self, exc: Exception, *, started: bool) -> ProviderError:
+        import openai  # loaded already: the error came from the client
+
         name = self.name
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
