@@ -1,6 +1,6 @@
 """Start-up of each one-shot command and of ``boternity chat``, before and after, in one run.
 
-    git worktree add /tmp/before 8285c29          # the code to compare against
+    git worktree add --detach /tmp/before COMMIT   # the code to compare against
     .venv/bin/python benchmarks/bench_startup.py --before /tmp/before [--rounds 3] [--facts 300]
 
 Each command runs as a fresh ``python -m adapters.cli`` process of each
@@ -18,8 +18,9 @@ configuration and data (shaped like deploy/boternity.example.toml, memory on,
 - ``chat`` on the demo (the embedded config, the local SmolLM2 model): the
   same, generation included, once per round with a fresh data directory.
 
-Medians are printed with the after/before ratio. Wall-clock numbers depend on
-the machine and its load; the ratios in one run are the point.
+Medians are printed with the after/before ratio, and the load average at the
+start and the end. Wall-clock numbers depend on the machine and its load;
+the ratios in one run are the point.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ async def main() -> None:
     parser.add_argument("--no-demo", action="store_true", help="skip the local-model chat")
     opts = parser.parse_args()
     sides = {"before": opts.before.resolve(), "after": opts.after.resolve()}
+    load_at_start = os.getloadavg()
     times: dict[str, dict[str, list[float]]] = {}
 
     async with start_openai_fake() as fake:
@@ -160,6 +162,9 @@ async def main() -> None:
                             side, []).append(seconds)
                 print(f"round {round_no + 1}/{opts.rounds} done", file=sys.stderr)
 
+    loads = " -> ".join(", ".join(f"{x:.2f}" for x in avg)
+                        for avg in (load_at_start, os.getloadavg()))
+    print(f"load average (1, 5, 15 min) at start -> end: {loads}")
     print(f"{'command':<32} {'before s':>9} {'after s':>9} {'after/before':>13}")
     for name, by_side in times.items():
         before, after = (statistics.median(by_side[s]) for s in ("before", "after"))

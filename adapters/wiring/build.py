@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from adapters.wiring import scaleout
@@ -32,9 +32,9 @@ from adapters.wiring.providers import configure_breakers, used_configs
 from adapters.wiring.settings import Settings
 from engine.conversation import Conversation
 from engine.ports import MemoryPolicy
-from engine.providers.config import ProviderConfig
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.local import LocalProvider
+from engine.providers.openai_compat import OpenAICompatProvider
 from engine.providers.registry import build_provider, sdk_module
 from engine.usage import Budget, Price, UsageAccounting
 from persistence.sql.conversations import SqlConversationStore
@@ -80,15 +80,14 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool 
         await scaleout.start(stack, app, serve=serve)
         if with_bots and configs:
             await imported("pybreaker")  # imports redis: 0.1-0.2 s, not on the loop
-            if not lazy:  # the SDKs the chains use (openai, aioboto3), not on the loop either
-                for module in sdk_modules(configs.values()):
-                    await imported(module)
             for name, config in configs.items():
                 provider = build_provider(config)
                 if hasattr(provider, "__aenter__"):
                     provider = await stack.enter_async_context(provider)  # type: ignore[arg-type]
                 app.providers[name] = provider
             configure_breakers(app.breakers, configs)
+            if not lazy:  # the SDKs the chains use (openai, aioboto3): not on the loop either
+                await _prepare(app, list(configs))
         app.usage = UsageAccounting(
             SqlUsageStore(database),
             prices={n: Price(p.price_input_per_mtok, p.price_output_per_mtok)
@@ -138,9 +137,16 @@ async def _not_yet() -> bool:
     return False
 
 
-def sdk_modules(configs: Iterable[ProviderConfig]) -> list[str]:
-    """The provider SDKs ``configs`` need, each once, in order."""
-    return list(dict.fromkeys(sdk_module(config.kind) for config in configs))
+async def _prepare(app: App, names: list[str]) -> None:
+    """Import the SDKs of these providers in worker threads, one at a time
+    (``imported``), and build their clients."""
+    configs = used_configs(app.settings)
+    for module in dict.fromkeys(sdk_module(configs[name].kind) for name in names):
+        await imported(module)
+    for name in names:
+        provider = app.providers[name]
+        if isinstance(provider, OpenAICompatProvider):
+            await provider.prepare()
 
 
 async def warm_up(app: App, bot: str) -> None:
@@ -151,14 +157,11 @@ async def warm_up(app: App, bot: str) -> None:
 
     ``boternity chat`` starts it beside the prompt, so the loads overlap the
     wait for the first line, and awaits it before the first reply. Built
-    with ``lazy=False`` there is nothing left to load.
+    with ``lazy=False``, only the local model is left to load.
     """
-    settings = app.settings
-    names = settings.bots[bot].chain
-    configs = used_configs(settings)
-    for module in sdk_modules(configs[name] for name in names):
-        await imported(module)
-    first = app.providers.get(names[0])
+    names = app.settings.bots[bot].chain
+    await _prepare(app, names)
+    first = app.providers[names[0]]
     if isinstance(first, LocalProvider):
         await first.start()  # it answers the first line: its model is needed anyway
     parts = app.memory_parts

@@ -136,10 +136,12 @@ class LocalProvider(ClosesOnExit):
         async with self._lock:
             if self._client is None:
                 address = await asyncio.to_thread(self._start)
-                self._client = OpenAICompatProvider(
+                client = OpenAICompatProvider(
                     name=self.name, model=self.model, base_url=f"{address}/v1",
                     capabilities=self.capabilities, label=self.label, **self._client_options,
                 )
+                await client.prepare()  # the SDK, not on the event loop
+                self._client = client
                 log.info("local model %s serving on %s (%s)", self.model, address, self.label)
             return self._client
 

@@ -31,16 +31,17 @@ of the stream only, never the consumer's work between chunks (a timeout
 around a ``yield`` would cancel the consumer).
 
 Importing ``openai`` takes 0.5-1 s, so constructing a provider imports
-nothing: ``boternity providers`` lists it without the SDK. The client is
-built by ``prepare()``, which imports the SDK in a worker thread (the
-composition root awaits it before a service serves, or starts it when a
-chat starts), else at the first request.
+nothing: ``boternity providers`` lists it without the SDK. ``prepare()``
+imports what the first request needs in a worker thread and builds the
+client (the composition root awaits it before a service serves, and a chat
+while it waits for the first line); without it, the first request does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib
 import json
 import logging
@@ -121,14 +122,12 @@ class OpenAICompatProvider(ClosesOnExit):
         return f"OpenAICompatProvider(name={self.name!r}, model={self.model!r})"
 
     async def prepare(self) -> None:
-        """Import the SDK in a worker thread and build the client; idempotent.
-
-        Awaited before the first request, the request does not import the
-        SDK on the event loop (``_client`` would, as a last resort).
+        """Import what the first request needs in a worker thread, and build the
+        client; idempotent. Awaited before the first request, that request
+        imports nothing on the event loop (``_client`` would, as a last resort).
         """
-        if self._sdk is None:
-            await asyncio.to_thread(importlib.import_module, "openai")
-            self._client  # noqa: B018 (builds it; with the SDK imported that is quick)
+        await asyncio.to_thread(_import_sdk)
+        self._client.chat.completions  # noqa: B018 (binds the SDK's lazy resource: quick now)
 
     @property
     def _client(self) -> AsyncOpenAI:
@@ -299,6 +298,22 @@ class OpenAICompatProvider(ClosesOnExit):
         if self._secret:
             text = text.replace(self._secret, SCRUBBED)
         return scrub(text)
+
+
+# Beyond ``import openai``, the SDK imports these by the end of the first
+# request (its chat resource, loaded lazily by the client, and the HTTP
+# transport): ~80 ms on a quiet machine, measured, that ``prepare`` moves
+# off the event loop. Optional: a later SDK may lay them out differently.
+_FIRST_REQUEST_MODULES = ("openai.resources.chat.chat",
+                          "openai.resources.chat.completions.completions",
+                          "httpcore2", "h11", "anyio._backends._asyncio")
+
+
+def _import_sdk() -> None:
+    importlib.import_module("openai")
+    for module in _FIRST_REQUEST_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
 
 
 def _retry_after(response: httpx2.Response) -> float | None:
