@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from adapters.chat.outbound import RateBudget
     from adapters.ops.metrics import Metrics
     from adapters.ops.server import Check, OpsServer
-    from adapters.wiring.memory import MemoryParts
     from adapters.wiring.settings import Settings
     from engine.admin.memory import MemoryAdmin
     from engine.background import Background
@@ -74,7 +73,6 @@ class App:
     memories: dict[str, BotMemory] = field(default_factory=dict)  # per bot, if enabled
     memory_admin: MemoryAdmin | None = None  # `boternity memory ...`, /memory
     memory_jobs: Background | None = None  # background fact extraction
-    memory_parts: MemoryParts | None = None  # what memory opens (on demand when lazy)
     usage: UsageAccounting | None = None  # token/cost rows per reply, daily budgets
     # scale-out and ops (wiring/scaleout.py): None = one process, in-memory defaults
     metrics: Metrics | None = None

@@ -27,7 +27,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from adapters.wiring import scaleout
 from adapters.wiring.app import App, imported
-from adapters.wiring.memory import LazyRecall, bot_memory, start_memory
+from adapters.wiring.memory import LazyRecall, MemoryParts, bot_memory, start_memory
 from adapters.wiring.providers import configure_breakers, used_configs
 from adapters.wiring.settings import Settings
 from engine.conversation import Conversation
@@ -98,7 +98,7 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool 
         app.observers.append(app.usage)
         memory_parts = (await start_memory(stack, settings, app, lazy=lazy)
                         if with_memory else None)
-        app.memory_parts = memory_parts
+        app.extras["memory_parts"] = memory_parts  # what warm_up opens
         for bot_name, bot in settings.bots.items() if with_bots else ():
             chain = FallbackChain([app.providers[n] for n in bot.chain], app.breakers,
                                   name=bot_name, skip=app.usage.skip_for(bot_name))
@@ -164,7 +164,7 @@ async def warm_up(app: App, bot: str) -> None:
     first = app.providers[names[0]]
     if isinstance(first, LocalProvider):
         await first.start()  # it answers the first line: its model is needed anyway
-    parts = app.memory_parts
+    parts: MemoryParts | None = app.extras.get("memory_parts")
     if parts is not None and bot in app.memories and \
             await asyncio.to_thread(parts.may_have_tables):
         await parts.open_all()
