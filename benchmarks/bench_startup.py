@@ -2,6 +2,7 @@
 
     git worktree add --detach /tmp/before COMMIT   # the code to compare against
     .venv/bin/python benchmarks/bench_startup.py --before /tmp/before [--rounds 3] [--facts 300]
+        [--typed-after 3] [--no-demo]
 
 Each command runs as a fresh ``python -m adapters.cli`` process of each
 checkout (``PYTHONPATH`` points at it), alternating before/after, on the same
@@ -16,7 +17,10 @@ configuration and data (shaped like deploy/boternity.example.toml, memory on,
   the seeded memories (recall opens the model and LanceDB) and with a fresh
   data directory (no memory yet: what a new user's first chat pays);
 - ``chat`` on the demo (the embedded config, the local SmolLM2 model): the
-  same, generation included, once per round with a fresh data directory.
+  same, generation included, once per round with a fresh data directory;
+- with ``--typed-after S``: both chats again, the line written S seconds
+  after the start as a person would type it, timed from the line to the
+  answer (what start-up work is left once the prompt has waited).
 
 Medians are printed with the after/before ratio, and the load average at the
 start and the end. Wall-clock numbers depend on the machine and its load;
@@ -79,8 +83,11 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
-async def timed(root: Path, args: list[str], cwd: Path, *, stdin: str | None = None) -> float:
-    """Seconds from spawn to exit; with ``stdin``, to the first line on stdout."""
+async def timed(root: Path, args: list[str], cwd: Path, *, stdin: str | None = None,
+                typed_after: float = 0.0) -> float:
+    """Seconds from spawn to exit; with ``stdin``, to the first line on stdout;
+    with ``typed_after``, ``stdin`` is written that many seconds after the
+    spawn (a person typing) and the time from then to the answer is returned."""
     start = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "adapters.cli", *args, cwd=cwd, env=_env(root),
@@ -91,6 +98,9 @@ async def timed(root: Path, args: list[str], cwd: Path, *, stdin: str | None = N
         proc.stdin.close()
         await proc.wait()
         return time.perf_counter() - start
+    if typed_after:
+        await asyncio.sleep(typed_after)
+        start = time.perf_counter()
     proc.stdin.write(stdin.encode())
     await proc.stdin.drain()
     line = await proc.stdout.readline()
@@ -117,6 +127,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--facts", type=int, default=300)
     parser.add_argument("--no-demo", action="store_true", help="skip the local-model chat")
+    parser.add_argument("--typed-after", type=float, default=0.0, metavar="S",
+                        help="also time the chats' answer to a line written S seconds after "
+                             "the start (a person typing), from the line to the answer")
     opts = parser.parse_args()
     sides = {"before": opts.before.resolve(), "after": opts.after.resolve()}
     load_at_start = os.getloadavg()
@@ -159,6 +172,18 @@ async def main() -> None:
                         demo.mkdir()
                         seconds = await timed(root, ["chat"], demo, stdin="hello\n")
                         times.setdefault("chat, first answer (demo)", {}).setdefault(
+                            side, []).append(seconds)
+                    if opts.typed_after:
+                        seconds = await timed(root, ["--config", str(config), "chat"], work,
+                                              stdin="hello\n", typed_after=opts.typed_after)
+                        times.setdefault("typed: chat (fake), line to answer", {}).setdefault(
+                            side, []).append(seconds)
+                    if opts.typed_after and not opts.no_demo:
+                        demo = work / f"demo-typed-{side}-{round_no}"
+                        demo.mkdir()
+                        seconds = await timed(root, ["chat"], demo, stdin="hello\n",
+                                              typed_after=opts.typed_after)
+                        times.setdefault("typed: chat (demo), line to answer", {}).setdefault(
                             side, []).append(seconds)
                 print(f"round {round_no + 1}/{opts.rounds} done", file=sys.stderr)
 

@@ -95,9 +95,11 @@ async def cmd_chat(args: argparse.Namespace, app: App) -> int:
         return await terminal.chat(AfterWarmUp(conversation, warming), bot=bot,
                                    chat_id=args.chat, user=args.user, reset=reset)
     finally:
-        warming.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await warming
+        # Not cancelled: a load in a worker thread would go on regardless, and
+        # what it opens (the local model's server) must be there to be closed.
+        await asyncio.wait([warming])
+        if not warming.cancelled() and (failed := warming.exception()) is not None:
+            log.debug("warm-up failed (a reply that needed it said so): %r", failed)
 
 
 class AfterWarmUp:
