@@ -1,23 +1,33 @@
 """Memory store benchmark: embedding throughput, recall latency, peak RSS.
 
-    python benchmarks/bench_memory.py [--sizes 10000 100000] [--queries 200]
+    python benchmarks/bench_memory.py [--sizes 2000 10000 100000] [--queries 200]
 
 Prints one table. What it measures, and how:
 
 - Embedding: the real all-MiniLM-L6-v2 (int8) through ``FastEmbedder``: one
   sentence at a time (latency) and 1,024 at once (throughput; the embedder batches by 16).
-- Recall latency: ``LanceMemoryStore.search`` for one bot with N memories,
-  filtered to the speaker and general facts (60 users), top 5, with the
-  query vector given (search only) and with the query embedded (what a reply
-  waits for). Flat scan vs ANN index (IvfPq, refine) side by side, hybrid
-  (vector + full text) and vector only.
+- Embedding queries that arrive together: 64 distinct one-line queries one
+  after another vs 8 at a time (the embedder batches those waiting into one
+  model call), queries per second.
+- Recall latency and CPU: ``LanceMemoryStore.search`` for one bot with N
+  memories, filtered to the speaker and general facts (60 users), top 5,
+  with the query vector given, interleaved per query (each variant in turn,
+  so machine load hits them alike): LanceDB as it serves that size (flat
+  under 10k rows, IvfPq + refine from 10k) and the in-memory exact scan
+  (persistence/vectors/scan.py), each vector only and hybrid (vector + full
+  text), the full-text leg alone, and the exact scan with the query embedded
+  through the embedder (its LRU serves repeated questions). ``cpu ms`` is
+  process CPU time (every thread) per search. ``recall@5`` is the share of
+  the exact top 5 (a numpy scan of the filtered rows, computed here) that a
+  vector-only variant returns. LanceDB's filtered flat scan is shown for
+  the sizes where it is not what serves (40 queries: it is slow).
   Synthetic memories: 2,000 distinct template sentences are embedded for
   real once, then each stored row gets one of those vectors plus Gaussian
   noise (cosine ~0.9 to its source) so 100k rows do not take 5 minutes to
   embed; its text is the source sentence plus a row number. Rows go through
   the store's own ``add_many`` (an embedder that serves those vectors).
-- Peak RSS: a fresh process loads the model, opens the 100k-row store and
-  runs the queries; its ``ru_maxrss`` is reported.
+- Peak RSS: a fresh process loads the model, opens the 100k-row store, loads
+  its exact-scan snapshot and runs the queries; its peak RSS is reported.
 """
 
 from __future__ import annotations
@@ -30,16 +40,19 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.types import Fact
 from persistence.vectors.embeddings import FastEmbedder
 from persistence.vectors.memory import LanceMemoryStore
+from persistence.vectors.tables import ANN_THRESHOLD
 
 NAMES = ["Alice", "Bob", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun"]
 VERBS = ["loves", "is learning", "gave up", "teaches", "collects things about",
@@ -108,19 +121,62 @@ async def fill(uri: str, base_texts: list[str], base: np.ndarray, rows: int,
             await store.add_many(facts)
 
 
-async def time_search(store: LanceMemoryStore, embedder: FastEmbedder,
-                      queries: list[str], qvecs: list[list[float]],
-                      embed: bool) -> list[float]:
-    ms = []
-    for i, (q, v) in enumerate(zip(queries, qvecs, strict=True)):
+Variant = Callable[[int], Awaitable[list[str]]]
+
+
+def exact_top5(data: pa.Table, qvecs: list[list[float]]) -> list[list[str]]:
+    """The truth: for each query, the 5 nearest of the rows its speaker may see."""
+    ids = data.column("id").to_numpy(zero_copy_only=False)
+    users = data.column("user").to_numpy(zero_copy_only=False)
+    vectors = data.column("vector").combine_chunks()
+    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), -1)
+    truth = []
+    for i, v in enumerate(qvecs):
+        rows = np.flatnonzero((users == f"user{i % USERS}") | (users == ""))
+        scores = matrix[rows] @ np.asarray(v, dtype=np.float32)
+        truth.append(list(ids[rows[np.argsort(-scores)[:5]]]))
+    return truth
+
+
+def searcher(store: LanceMemoryStore, queries: list[str], qvecs: list[list[float]], *,
+             hybrid: bool, embed: bool = False) -> Variant:
+    async def run(i: int) -> list[str]:
+        store._hybrid = hybrid
         users = [f"user{i % USERS}", ""]
-        start = time.perf_counter()
-        if embed:
-            await store.search(BOT, q, users=users, limit=5)
-        else:
-            await store.search(BOT, q, users=users, limit=5, vector=v)
-        ms.append((time.perf_counter() - start) * 1000)
-    return ms
+        vector = None if embed else qvecs[i]
+        found = await store.search(BOT, queries[i], users=users, limit=5, vector=vector)
+        return [f.id for f in found]
+    return run
+
+
+def text_leg(table: Any, queries: list[str]) -> Variant:
+    async def run(i: int) -> list[str]:
+        where = f"user IN ('user{i % USERS}', '') AND superseded_by = ''"
+        found = await (table.query().nearest_to_text(queries[i]).where(where)
+                       .select(["id", "_score"]).limit(20).to_arrow())
+        ids: list[str] = found.column("id").to_pylist()
+        return ids
+    return run
+
+
+async def measure(variants: dict[str, Variant], queries: int, truth: list[list[str]],
+                  size: int) -> None:
+    """Each query through every variant in turn; one line per variant."""
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu = dict.fromkeys(variants, 0.0)
+    hits = dict.fromkeys(variants, 0)
+    for i in range(queries):
+        for name, run in variants.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            found = await run(i)
+            wall[name].append((time.perf_counter() - start) * 1000)
+            cpu[name] += time.process_time() - start_cpu
+            hits[name] += len(set(found) & set(truth[i]))
+    for name in variants:
+        p50, p95 = percentiles(wall[name])
+        recall = f"{hits[name] / (5 * queries):>8.3f}" if "vector" in name else f"{'':>8}"
+        print(f"{name:<44} {size:>8} {p50:>8.1f} {p95:>8.1f} "
+              f"{cpu[name] * 1000 / queries:>8.2f} {recall}", flush=True)
 
 
 async def bench_embedding(embedder: FastEmbedder, texts: list[str]) -> list[str]:
@@ -133,13 +189,25 @@ async def bench_embedding(embedder: FastEmbedder, texts: list[str]) -> list[str]
     await embedder.embed(texts[:1024])
     rate = 1024 / (time.perf_counter() - start)
     p50, p95 = percentiles(single)
+    # Distinct texts never seen (the LRU must not help): one at a time, then 8 at once.
+    fresh = [f"{t} Why?" for t in texts[:128]]
+    start = time.perf_counter()
+    for t in fresh[:64]:
+        await embedder.embed([t])
+    one_by_one = 64 / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for k in range(64, 128, 8):
+        await asyncio.gather(*(embedder.embed([t]) for t in fresh[k:k + 8]))
+    together = 64 / (time.perf_counter() - start)
     return [f"{'embed 1 sentence':<44} {'':>8} {p50:>8.1f} {p95:>8.1f}",
-            f"{'embed 1024 sentences, one call (sentences/s)':<44} {rate:>8.0f}"]
+            f"{'embed 1024 sentences, one call (sentences/s)':<44} {rate:>8.0f}",
+            f"{'64 queries one by one (queries/s)':<44} {one_by_one:>8.0f}",
+            f"{'64 queries, 8 concurrent, batched (q/s)':<44} {together:>8.0f}"]
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description="memory store benchmark")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2_000, 10_000, 100_000])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, help="keep the databases here (default: a temp dir)")
@@ -154,7 +222,10 @@ async def main() -> int:
     qvecs = await embedder.embed(queries)
     if args.rss_child:  # the serving process: model + store + queries, nothing else
         async with await LanceMemoryStore.open(args.rss_child, embedder) as store:
-            await time_search(store, embedder, queries, qvecs, embed=True)
+            await store.warm(BOT)
+            run = searcher(store, queries, qvecs, hybrid=True, embed=True)
+            for i in range(len(queries)):
+                await run(i)
         print(peak_rss_mb())
         return 0
 
@@ -162,8 +233,8 @@ async def main() -> int:
     start = time.perf_counter()
     base = np.asarray(await embedder.embed(base_texts), dtype=np.float32)
     print(f"embedded {len(base_texts)} source sentences in {time.perf_counter() - start:.1f} s")
-    print(f"{'what':<44} {'rows':>8} {'p50 ms':>8} {'p95 ms':>8}")
-    print("-" * 71)
+    print(f"{'what':<44} {'rows':>8} {'p50 ms':>8} {'p95 ms':>8} {'cpu ms':>8} {'recall@5':>8}")
+    print("-" * 89)
     for line in await bench_embedding(embedder, base_texts):
         print(line, flush=True)
     for size in sorted(args.sizes):
@@ -172,28 +243,41 @@ async def main() -> int:
         await fill(uri, base_texts, base, size)
         print(f"{'load (add_many, vectors precomputed) s':<44} {size:>8} "
               f"{time.perf_counter() - start:>8.1f}", flush=True)
-        async with await LanceMemoryStore.open(uri, embedder, ann_threshold=10**9) as store:
-            await store.maintain(BOT)  # full-text index only
-            for hybrid in (False, True):
-                store._hybrid = hybrid
-                label = "hybrid" if hybrid else "vector"
-                p50, p95 = percentiles(await time_search(store, embedder, queries, qvecs, False))
-                print(f"{'search, flat scan, ' + label:<44} {size:>8} {p50:>8.1f} {p95:>8.1f}",
-                      flush=True)
-        async with await LanceMemoryStore.open(uri, embedder, ann_threshold=1) as store:
+        async with await LanceMemoryStore.open(uri, embedder, cache_mb=0) as plain:
+            table = await plain._table(BOT)
+            assert table is not None
+            truth = exact_top5(await table.query().select(["id", "user", "vector"]).to_arrow(),
+                               qvecs)
+            if size >= ANN_THRESHOLD:  # LanceDB's flat scan, for the record (not what serves)
+                plain._ann_threshold = plain._maintainers[BOT]._ann_threshold = 10**9
+                await plain.maintain(BOT)
+                await measure({"LanceDB flat scan, vector": searcher(
+                    plain, queries, qvecs, hybrid=False)}, min(40, args.queries), truth, size)
+                plain._maintainers[BOT]._ann_threshold = ANN_THRESHOLD
             start = time.perf_counter()
-            await store.maintain(BOT)  # builds the IvfPq index
-            print(f"{'build ANN index + optimize s':<44} {size:>8} "
+            await plain.maintain(BOT)  # what serves this size: IvfPq from 10k rows
+            print(f"{'build indexes + optimize s':<44} {size:>8} "
                   f"{time.perf_counter() - start:>8.1f}", flush=True)
-            for hybrid in (False, True):
-                store._hybrid = hybrid
-                label = "hybrid" if hybrid else "vector"
-                p50, p95 = percentiles(await time_search(store, embedder, queries, qvecs, False))
-                print(f"{'search, IvfPq refine 10, ' + label:<44} {size:>8} {p50:>8.1f} "
-                      f"{p95:>8.1f}", flush=True)
-            p50, p95 = percentiles(await time_search(store, embedder, queries, qvecs, True))
-            print(f"{'embed query + search (IvfPq, hybrid)':<44} {size:>8} {p50:>8.1f} "
-                  f"{p95:>8.1f}", flush=True)
+            async with await LanceMemoryStore.open(uri, embedder) as fast:
+                start = time.perf_counter()
+                assert await fast.warm(BOT)
+                snap = await fast.cache.current(BOT, await fast._table(BOT))
+                assert snap is not None
+                print(f"{'exact scan: load snapshot s / its MB':<44} {size:>8} "
+                      f"{time.perf_counter() - start:>8.2f} {snap.nbytes / 2**20:>8.0f}",
+                      flush=True)
+                served = "IvfPq" if size >= ANN_THRESHOLD else "flat"
+                print(f"{'variant (queries interleaved)':<44} {'rows':>8} {'p50 ms':>8} "
+                      f"{'p95 ms':>8} {'cpu ms':>8} {'recall@5':>8}")
+                await measure({
+                    f"LanceDB {served}, vector": searcher(plain, queries, qvecs, hybrid=False),
+                    "exact scan, vector": searcher(fast, queries, qvecs, hybrid=False),
+                    f"LanceDB {served}, hybrid": searcher(plain, queries, qvecs, hybrid=True),
+                    "exact scan, hybrid": searcher(fast, queries, qvecs, hybrid=True),
+                    "full-text leg alone (LanceDB)": text_leg(table, queries),
+                    "exact scan, hybrid, query embedded (LRU)": searcher(
+                        fast, queries, qvecs, hybrid=True, embed=True),
+                }, args.queries, truth, size)
     biggest = str(root / f"db{max(args.sizes)}")
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--rss-child", biggest, "--queries", str(args.queries),

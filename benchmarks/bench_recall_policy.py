@@ -13,7 +13,8 @@ interleaved round-robin so machine load hits every variant alike:
 5. the same with the SQL recall log (the production wiring: one embedding,
    two searches, one upsert per reply).
 
-Prints p50 / p95 in ms and each median as a ratio to (2). Real model, real
+Prints p50 / p95 in ms, process CPU ms per call (every thread: the model's,
+LanceDB's) and each median as a ratio to (2). Real model, real
 LanceDB and SQLite in a temp dir; nothing leaves the machine.
 """
 
@@ -92,6 +93,7 @@ async def main() -> int:
             vectors = await embedder.embed(questions)
             timings: dict[str, list[float]] = {
                 k: [] for k in ("vector", "search", "own", "both", "full")}
+            cpu = dict.fromkeys(timings, 0.0)
             for i, (q, v) in enumerate(zip(questions, vectors, strict=True)):
                 users = [f"user{i % USERS}", ""]
                 message = IncomingMessage(platform="terminal", bot=BOT, chat=f"c{i % 20}",
@@ -107,9 +109,10 @@ async def main() -> int:
                 order = list(variants)
                 order = order[i % 5:] + order[:i % 5]  # rotate who goes first
                 for name in order:
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     await variants[name]()
                     timings[name].append((time.perf_counter() - start) * 1000)
+                    cpu[name] += time.process_time() - start_cpu
 
     reference = statistics.median(timings["search"])
     labels = {
@@ -119,10 +122,11 @@ async def main() -> int:
         "both": "BotMemory.recall, own + shared",
         "full": "BotMemory.recall, own + shared + recall log",
     }
-    print(f"{'':<46} {'p50 ms':>8} {'p95 ms':>8} {'x search':>9}")
+    print(f"{'':<46} {'p50 ms':>8} {'p95 ms':>8} {'cpu ms':>8} {'x search':>9}")
     for name, label in labels.items():
         p50, p95 = p50_p95(timings[name])
-        print(f"{label:<46} {p50:>8.1f} {p95:>8.1f} {p50 / reference:>9.2f}")
+        print(f"{label:<46} {p50:>8.1f} {p95:>8.1f} {cpu[name] * 1000 / args.queries:>8.2f} "
+              f"{p50 / reference:>9.2f}")
     return 0
 
 

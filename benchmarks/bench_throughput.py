@@ -1,7 +1,8 @@
 """Replies per second of one process, with the production wiring.
 
     .venv/bin/python benchmarks/bench_throughput.py [--replies 400] [--concurrency 1 8 32]
-        [--db sqlite postgresql] [--before PATH]
+        [--db sqlite postgresql] [--modes floor off on] [--rounds 3] [--before PATH]
+        [--profile DIR]
 
 A zero-latency provider (the fake OpenAI server) runs in another process. For
 each database and concurrency C, C chats each send messages one after the
@@ -13,10 +14,19 @@ and the event loop's lag p99 (a 5 ms ticker's overshoot):
     memory off   build_app, no long-term memory
     memory on    build_app, recall over 2,000 facts (extraction off: the
                  fake provider does not write facts)
+    path         (``--modes path``) the reply path alone: ``Conversation`` with
+                 an in-process chain that answers at once, the database and
+                 the usage row, no SDK, no memory
+
+"cpu ms" is the CPU time of the event loop's thread per reply.
 
 ``--before PATH`` runs the same scenarios on another checkout's code (e.g.
 ``git worktree add /tmp/before <commit>``) in the same run, so before and
-after are side by side. Each scenario runs in its own process. PostgreSQL
+after are side by side (``--rounds N``: N runs of each, alternating which
+goes first, medians printed, with the load average). Each scenario runs in
+its own process; ``--profile DIR`` writes a cProfile of each.
+Each chat's messages are unique per (chat, turn), so a cache of query
+embeddings cannot make recall look cheaper than it is. PostgreSQL
 needs a server on 127.0.0.1:5432 (user postgres; a database is created and
 dropped). Absolute numbers depend on the machine; compare ratios.
 """
@@ -26,6 +36,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,13 +77,15 @@ async def _drive(send: Any, concurrency: int, replies: int) -> dict[str, float]:
             latencies.append(time.perf_counter() - started)
 
     ticker = asyncio.create_task(_ticker(lags, stop))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     await asyncio.gather(*(chat(n) for n in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu
     stop.set()
     await ticker
     return {"replies_s": len(latencies) / elapsed, "p50_ms": _pct(latencies, 0.5) * 1000,
-            "p95_ms": _pct(latencies, 0.95) * 1000, "lag_p99_ms": _pct(lags, 0.99) * 1000}
+            "p95_ms": _pct(latencies, 0.95) * 1000, "lag_p99_ms": _pct(lags, 0.99) * 1000,
+            # CPU of the event loop's thread per reply (the ticker's share included)
+            "cpu_ms": cpu / max(1, len(latencies)) * 1000}
 
 
 async def _floor(base_url: str, concurrency: int, replies: int) -> dict[str, float]:
@@ -86,6 +100,52 @@ async def _floor(base_url: str, concurrency: int, replies: int) -> dict[str, flo
 
         await send(0, 0)  # warm the connection pool
         return await _drive(send, concurrency, replies)
+
+
+async def _path(concurrency: int, replies: int, db_url: str | None) -> dict[str, float]:
+    """The reply path alone: an in-process chain that answers at once, the real
+    database, history and usage row, no SDK and no memory."""
+    from engine.conversation import Conversation
+    from engine.types import Capabilities, Chunk, IncomingMessage, Reply, Usage
+    from engine.usage import UsageAccounting
+    from persistence.sql.conversations import SqlConversationStore
+    from persistence.sql.database import Database
+    from persistence.sql.usage import SqlUsageStore
+
+    class Run:
+        served_by, model, failures, looped = "fast", "m", (), False
+        usage, text = Usage(20, 4), "The answer is 42."
+
+        async def __aiter__(self) -> Any:
+            for text in ("The", " answer", " is", " 42."):
+                await asyncio.sleep(0)
+                yield Chunk(text=text)
+            yield Chunk(usage=self.usage)
+
+    class Chain:
+        capabilities, providers = Capabilities(), ()
+
+        def run(self, request: Any, *, skip: Any = None) -> Run:
+            return Run()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        async with Database(db_url or f"sqlite+aiosqlite:///{tmp}/b.db") as db:
+            conversation = Conversation(
+                bot="b", persona="You help.", chain=Chain(), store=SqlConversationStore(db),
+                observers=[UsageAccounting(SqlUsageStore(db), prices={})])
+
+            async def send(n: int, i: int) -> None:
+                message = IncomingMessage(platform="telegram", bot="b", chat=str(1000 + n),
+                                          user=str(n), text=_question(n, i),
+                                          message_id=f"{n}-{i}")
+                async for item in conversation.reply(message):
+                    if isinstance(item, Reply) and item.error:
+                        raise RuntimeError(item.error)
+
+            for n in range(concurrency):  # some history in every chat
+                for i in range(10):
+                    await send(n, -1 - i)
+            return await _drive(send, concurrency, replies)
 
 
 def _config(data: Path, base_url: str, db_url: str | None, memory: bool) -> Path:
@@ -118,8 +178,9 @@ async def _app(base_url: str, concurrency: int, replies: int, memory: bool,
             conversation = app.conversations["b"]
 
             async def send(n: int, i: int) -> None:
+                # Unique per (chat, i): a query-embedding cache cannot flatter recall.
                 message = IncomingMessage(platform="telegram", bot="b", chat=str(1000 + n),
-                                          user=str(n), text=f"what do you know about {i}?",
+                                          user=str(n), text=_question(n, i),
                                           message_id=f"{n}-{i}")
                 async for item in conversation.reply(message):
                     if isinstance(item, Reply) and item.error:
@@ -127,6 +188,10 @@ async def _app(base_url: str, concurrency: int, replies: int, memory: bool,
 
             await send(0, -1)
             return await _drive(send, concurrency, replies)
+
+
+def _question(chat: int, i: int) -> str:
+    return f"chat {chat}, turn {i}: what do you know about topic {(chat * 7919 + i) % FACTS}?"
 
 
 async def _seed(app: Any, users: int) -> None:
@@ -143,10 +208,19 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, args.root)
     args.concurrency = args.concurrency[0]
     if args.mode == "floor":
-        result = asyncio.run(_floor(args.base_url, args.concurrency, args.replies))
+        run = _floor(args.base_url, args.concurrency, args.replies)
+    elif args.mode == "path":
+        run = _path(args.concurrency, args.replies, args.db_url)
     else:
-        result = asyncio.run(_app(args.base_url, args.concurrency, args.replies,
-                                  args.mode == "on", args.db_url))
+        run = _app(args.base_url, args.concurrency, args.replies, args.mode == "on", args.db_url)
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(asyncio.run, run)
+        profiler.dump_stats(args.profile)
+    else:
+        result = asyncio.run(run)
     print(json.dumps(result))
 
 
@@ -191,13 +265,39 @@ def _drop(name: str) -> None:
     asyncio.run(drop())
 
 
+def _run(args: argparse.Namespace, base_url: str, db: str, mode: str, concurrency: int,
+         label: str, root: str, round_: int) -> dict[str, float]:
+    """One scenario in a fresh child process (and, on PostgreSQL, a fresh database)."""
+    name, db_url = _pg_database() if db == "postgresql" else ("", "")
+    prof = f"{db}-{mode}-c{concurrency}-{label}-{round_}.prof"
+    profile = ["--profile", str(Path(args.profile).resolve() / prof)] if args.profile else []
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", "--mode", mode, "--root", root,
+             "--base-url", base_url, "--concurrency", str(concurrency),
+             "--replies", str(args.replies)]
+            + (["--db-url", db_url] if db_url else []) + profile,
+            capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
+    finally:
+        if name:
+            _drop(name)
+    if out.returncode != 0:
+        sys.exit(f"{db} {mode} C={concurrency} {label} failed:\n{out.stderr}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replies", type=int, default=400)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--db", nargs="+", default=["sqlite", "postgresql"])
     parser.add_argument("--modes", nargs="+", default=["floor", "off", "on"])
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs per row, before and after alternating; medians are printed")
     parser.add_argument("--before", help="another checkout to run side by side")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="write a cProfile of each run's child to DIR (view with pstats)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--root", default=str(ROOT), help=argparse.SUPPRESS)
@@ -207,35 +307,33 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     roots = [("after", str(ROOT))] + ([("before", args.before)] if args.before else [])
     server, base_url = _fake_server()
+    # The load average is printed per row: the machine may be shared.
     print(f"{'db':<11}{'mode':<7}{'C':>3}  {'code':<7}{'replies/s':>10}{'p50 ms':>9}"
-          f"{'p95 ms':>9}{'lag p99':>9}")
+          f"{'p95 ms':>9}{'lag p99':>9}{'cpu ms':>8}{'load':>6}")
     try:
         for db in args.db:
             for mode in args.modes:
                 if mode == "floor" and db != args.db[0]:
                     continue  # the floor has no database
                 for concurrency in args.concurrency:
-                    for label, root in roots:
-                        name, db_url = _pg_database() if db == "postgresql" else ("", "")
-                        try:
-                            out = subprocess.run(
-                                [sys.executable, __file__, "--child", "--mode", mode,
-                                 "--root", root, "--base-url", base_url,
-                                 "--concurrency", str(concurrency), "--replies",
-                                 str(args.replies)] + (["--db-url", db_url] if db_url else []),
-                                capture_output=True, text=True, check=False,
-                                cwd=tempfile.gettempdir())
-                        finally:
-                            if name:
-                                _drop(name)
-                        if out.returncode != 0:
-                            sys.exit(f"{db} {mode} C={concurrency} {label} failed:\n{out.stderr}")
-                        r = json.loads(out.stdout.strip().splitlines()[-1])
+                    runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in roots}
+                    for round_ in range(args.rounds):
+                        # Alternate which code goes first, so neither always runs warmer.
+                        for label, root in roots[::1 if round_ % 2 == 0 else -1]:
+                            runs[label].append(_run(args, base_url, db, mode, concurrency,
+                                                    label, root, round_))
+                    for label, _ in roots:
+                        r = {k: statistics.median(run[k] for run in runs[label])
+                             for k in runs[label][0]}
                         print(f"{db if mode != 'floor' else '-':<11}{mode:<7}{concurrency:>3}  "
                               f"{label:<7}{r['replies_s']:>10.1f}{r['p50_ms']:>9.1f}"
-                              f"{r['p95_ms']:>9.1f}{r['lag_p99_ms']:>9.1f}", flush=True)
+                              f"{r['p95_ms']:>9.1f}{r['lag_p99_ms']:>9.1f}"
+                              f"{r.get('cpu_ms', 0.0):>8.2f}{os.getloadavg()[0]:>6.1f}",
+                              flush=True)
     finally:
         server.terminate()
 

@@ -85,3 +85,26 @@ async def test_a_query_is_not_stuck_behind_a_big_import(embedder: FastEmbedder) 
     await run("query", ["what does Alice like?"])
     await importing
     assert order == ["query", "import"]
+
+
+async def test_a_repeated_query_is_served_from_the_cache(embedder: FastEmbedder) -> None:
+    """One-text calls are cached by their exact text: a repeated question costs no model call."""
+    [first] = await embedder.embed(["what is Alice allergic to? (cache test)"])
+    calls = embedder.calls
+    [again] = await embedder.embed(["what is Alice allergic to? (cache test)"])
+    assert again == first and embedder.calls == calls
+    [other] = await embedder.embed(["what is Bob allergic to? (cache test)"])
+    assert embedder.calls == calls + 1 and other != first
+
+
+async def test_queries_waiting_together_go_to_the_model_as_one_batch(
+        embedder: FastEmbedder) -> None:
+    """Concurrent replies each embed one query: those waiting share one model call,
+    and each still gets its own text's vector."""
+    texts = [f"where does person {i} live? (batch test)" for i in range(8)]
+    alone = [embedder.embed_sync([t])[0] for t in texts]  # one at a time, not cached
+    calls = embedder.calls
+    together = await asyncio.gather(*(embedder.embed([t]) for t in texts))
+    assert embedder.calls == calls + 1
+    for [got], want in zip(together, alone, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)

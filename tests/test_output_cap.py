@@ -7,6 +7,7 @@ real SQLite; the local kind with the real demo model (one 8-token answer).
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -18,7 +19,14 @@ from engine.conversation import LOOP_NOTICE, Conversation
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.local import LocalProvider
 from engine.providers.registry import ProviderConfig, build_provider
-from engine.providers.repetition import RepetitionGuard, cut_loop, loop_period
+from engine.providers.repetition import (
+    MAX_PERIOD,
+    MIN_REPEATS,
+    MIN_SPAN,
+    RepetitionGuard,
+    cut_loop,
+    loop_period,
+)
 from engine.types import Capabilities, CompletionRequest, IncomingMessage, Message, Reply
 from persistence.sql.conversations import SqlConversationStore
 from persistence.sql.database import Database
@@ -155,6 +163,32 @@ def test_a_loop_is_cut_back_to_its_first_turn() -> None:
     assert cut_loop(text, period) == "Intro. the same line again\n"
     word = "Hi " + "the " * 200
     assert cut_loop(word, loop_period(word) or 0) == "Hi the"
+
+
+def _shortest_loop(text: str) -> int | None:
+    """The definition, tried period by period: the reference for ``loop_period``."""
+    tail = text[-(MAX_PERIOD * MIN_REPEATS):]
+    for period in range(1, MAX_PERIOD + 1):
+        span = max(MIN_SPAN, (MIN_REPEATS - 1) * period)
+        if span + period <= len(tail) and tail[-span:] == tail[-span - period:-period]:
+            return period
+    return None
+
+
+def test_loop_period_finds_exactly_the_shortest_loop() -> None:
+    # Small alphabets make near-loops and false starts common; every length of
+    # unit, repeat count and ragged end, against the definition.
+    rng = random.Random(10)
+    found = 0
+    for _ in range(3000):
+        alphabet = rng.choice(["ab", "abc", "abcdefgh ", "the quick brown fox ."])
+        unit = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 520)))
+        noise = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 900)))
+        text = noise + unit * rng.randint(0, 12) + unit[:rng.randint(0, len(unit))]
+        text = text[:len(text) - rng.randint(0, 3)]
+        assert loop_period(text) == _shortest_loop(text)
+        found += loop_period(text) is not None
+    assert 500 < found < 2500  # both kinds were tried
 
 
 async def test_the_local_model_sends_its_cap() -> None:

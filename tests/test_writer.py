@@ -8,18 +8,18 @@ On SQLite and PostgreSQL (the ``database_url`` fixture).
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.errors import StorageError
 from engine.types import RecallRecord
 from engine.usage import UsageRecord
-from persistence.sql.conversations import SqlConversationStore
+from persistence.sql.conversations import _HISTORY, _INSERT, SqlConversationStore
 from persistence.sql.database import Database
 from persistence.sql.recall_log import SqlRecallLog
 from persistence.sql.usage import SqlUsageStore
@@ -45,8 +45,8 @@ async def test_a_failing_job_fails_alone(database_url: str) -> None:
     async with Database(database_url) as db:
         store = SqlConversationStore(db)
 
-        async def broken(connection: AsyncConnection) -> None:
-            await connection.execute(text("INSERT INTO no_such_table VALUES (1)"))
+        def broken(connection: Connection) -> None:
+            connection.execute(text("INSERT INTO no_such_table VALUES (1)"))
 
         results = await asyncio.gather(
             store.add(bot="demo", chat="c", role="user", content="before"),
@@ -97,11 +97,114 @@ async def test_writes_after_close_are_refused_clearly(tmp_path: Path) -> None:
 
 async def test_a_unique_violation_reaches_its_caller(database_url: str) -> None:
     async with Database(database_url) as db:
-        async def insert(connection: AsyncConnection) -> None:
-            await connection.execute(text(
+        def insert(connection: Connection) -> None:
+            connection.execute(text(
                 "INSERT INTO recall_log (bot, chat, message_id, query, facts, created_at) "
                 "VALUES ('b', 'c', '', '', '[]', CURRENT_TIMESTAMP)"))
 
         await db.write(insert)
         with pytest.raises(IntegrityError):
             await db.write(insert)
+
+
+async def test_writes_of_one_statement_run_as_one_statement(database_url: str) -> None:
+    """40 message inserts queued together: a handful of executemany, not 40 statements."""
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        await store.add(bot="demo", chat="warm", role="user", content="w")
+        before = db.writer.statements
+        ids = await asyncio.gather(*(
+            store.add(bot="demo", chat="c", role="user", content=f"m{n}") for n in range(40)))
+        assert db.writer.statements - before < 10
+        # Each caller got its own row's id, in the order the writes were queued.
+        assert ids == sorted(ids) and len(set(ids)) == 40
+        rows = await store.history("demo", "c", limit=100)
+        assert [(m.id, m.content) for m in rows] == [(i, f"m{n}") for n, i in enumerate(ids)]
+
+
+async def test_a_failing_write_in_a_grouped_statement_fails_alone(database_url: str) -> None:
+    """One bad row in an executemany: the batch is retried one by one, only it fails."""
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        good = [dict(bot="demo", chat="c", role="user", content=f"m{n}", user="", user_name="",
+                     platform="", served_by=None, created_at=datetime.now(UTC))
+                for n in range(3)]
+        bad = {**good[0], "content": None}  # NOT NULL
+        results = await asyncio.gather(
+            db.execute(_INSERT, good[0]), db.execute(_INSERT, bad),
+            db.execute(_INSERT, good[1]), db.execute(_INSERT, good[2]),
+            return_exceptions=True)
+        assert isinstance(results[1], IntegrityError)
+        assert all(not isinstance(r, BaseException) for r in (results[0], *results[2:]))
+        assert [m.content for m in await store.history("demo", "c")] == ["m0", "m1", "m2"]
+
+
+async def test_keyed_writes_in_one_batch_keep_the_last(database_url: str) -> None:
+    """Two recall records of one chat in a batch: both callers answered, the later kept."""
+    async with Database(database_url) as db:
+        log = SqlRecallLog(db)
+        before = db.writer.statements
+        await asyncio.gather(*(
+            log.record(RecallRecord(bot="demo", chat="c", message_id=str(n), query=f"q{n}",
+                                    facts=()))
+            for n in range(5)))
+        assert db.writer.statements - before <= 2
+        last = await log.last("demo", "c")
+        assert last is not None and last.message_id == "4"
+
+
+async def test_the_hot_read_gives_what_sqlalchemy_gives(database_url: str) -> None:
+    """``Database.read`` (one driver call on SQLite) converts values like SQLAlchemy."""
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        for n in range(4):
+            await store.add(bot="demo", chat="c", role="user" if n % 2 else "assistant",
+                            content=f"m{n}", platform="telegram", user_name="Ann" * (n % 2),
+                            served_by=None if n % 2 else "p")
+        params = {"bot": "demo", "chat": "c", "platform": "telegram", "limit": 3}
+        async with db.engine.connect() as connection:
+            expected = [tuple(r) for r in await connection.execute(_HISTORY[True], params)]
+        rows = await db.read(_HISTORY[True], params)
+        assert rows == expected and len(rows) == 3
+        assert all(isinstance(r[6], datetime) for r in rows)  # created_at parsed
+        assert [m.created_at is not None and m.created_at.tzinfo is not None
+                for m in await store.history("demo", "c", platform="telegram")] == [True] * 4
+
+
+async def test_on_sqlite_a_batch_runs_whole_on_the_writer_thread(tmp_path: Path) -> None:
+    """Structural: every statement of a SQLite write runs off the event loop's thread,
+    in the writer's one thread (a batch costs the loop one wake-up, not one per call)."""
+    async with Database(f"sqlite+aiosqlite:///{tmp_path}/t.db") as db:
+        threads: set[int] = set()
+        engine = db._writer_engine
+        assert engine is not None
+
+        def seen(*_: object) -> None:
+            threads.add(threading.get_ident())
+
+        event.listen(engine, "before_cursor_execute", seen)
+        await asyncio.gather(
+            SqlConversationStore(db).add(bot="demo", chat="c", role="user", content="x"),
+            SqlUsageStore(db).add(UsageRecord(
+                at=datetime.now(UTC), bot="demo", provider="p", prompt_tokens=1,
+                completion_tokens=1, estimated=False, cost_usd=0.0)))
+        assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+async def test_concurrent_reads_reuse_pooled_connections(database_url: str) -> None:
+    """A burst of history reads opens no connection once the pool is warm (the default
+    pool's overflow opened and closed one per read past five: a login each)."""
+    async with Database(database_url) as db:
+        store = SqlConversationStore(db)
+        await store.add(bot="demo", chat="c", role="user", content="x")
+        opened: list[object] = []
+        event.listen(db.engine.sync_engine, "connect", lambda *_: opened.append(1))
+
+        async def burst() -> None:
+            await asyncio.gather(*(store.history("demo", "c") for _ in range(32)))
+
+        await burst()
+        warm = len(opened)
+        await burst()
+        await burst()
+        assert len(opened) == warm

@@ -170,7 +170,7 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App, *,
     upgraded: Once[bool] = Once(functools.partial(upgrade_stored_memories, app, uri, options))
     own: Once[Any] = Once(functools.partial(
         _enter, upgraded, stores, "persistence.vectors.memory", "LanceMemoryStore", uri,
-        embedder, storage_options=options))
+        embedder, storage_options=options, cache_mb=storage.memory_cache_mb))
     shared: Once[Any] = Once(functools.partial(
         _enter, upgraded, stores, "persistence.vectors.shared", "SharedMemory", uri, embedder,
         storage_options=options, writer_lock=scaleout.writer_lock(app, "shared-memory"),

@@ -60,6 +60,7 @@ class StorageSettings(_Strict):
     database_url: str | None = None  # default: sqlite+aiosqlite in data_dir
     memory_uri: str | None = None  # default: data_dir/lancedb; "s3://bucket/prefix" allowed
     memory_storage_options: dict[str, str] = Field(default_factory=dict)
+    memory_cache_mb: float = Field(default=512, ge=0)  # recall cache (docs/memory.md); 0: off
     redis_url: str | None = None
     # Scale-out: URLs that carry a password can come from the environment
     # instead (``database_url_env = "BOTERNITY_DATABASE_URL"``); the value wins
@@ -150,7 +151,9 @@ class MemorySettings(_Strict):
     extract_with_local: bool = False  # the demo model's "facts" are unreliable
     # groups also recall what was learned in DMs and other groups (trusted groups only)
     recall_across_chats: bool = False
-    embedding_threads: int = Field(default=2, ge=1)
+    # One: onnxruntime's second intra-op thread spins while it waits, which on a
+    # busy host costs ~2x the CPU per text for no faster answer (docs/benchmarks.md).
+    embedding_threads: int = Field(default=1, ge=1)
 
 
 class PlatformSettings(_Strict):

@@ -55,6 +55,7 @@ from engine.errors import (
 )
 from engine.providers.closing import ClosesOnExit
 from engine.providers.config import ProviderConfig
+from engine.providers.deadline import Deadline
 from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage, output_cap
 
 log = logging.getLogger(__name__)
@@ -280,34 +281,38 @@ class BedrockProvider(ClosesOnExit):
         self, client: Any, params: dict[str, Any]
     ) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
-        first_deadline = loop.time() + self.first_token_timeout_s
-        response = await _within(self.first_token_timeout_s, client.converse_stream(**params))
-        events = response["stream"]
-        iterator = aiter(events)
-        seen_text = finished = False
+        # Until the first text, the first-token deadline holds; then idle gaps
+        # (one timer for the answer, moved per event: no timeout context per chunk).
+        timer = Deadline(loop, loop.time() + self.first_token_timeout_s)
         try:
-            while True:
-                # Until the first text, the first-token deadline holds; then idle gaps.
-                budget = self.idle_timeout_s if seen_text \
-                    else max(0.0, first_deadline - loop.time())
-                try:
-                    event = await _within(budget, anext(iterator))
-                except StopAsyncIteration:
-                    finished = True
-                    break
-                delta = event.get("contentBlockDelta", {}).get("delta", {})
-                if text := delta.get("text"):
-                    seen_text = True
-                    yield Chunk(text=text)
-                elif "metadata" in event:
-                    usage = _usage(event["metadata"].get("usage"))
-                    if usage is not None:
-                        yield Chunk(usage=usage)
+            response = await timer.wait(client.converse_stream(**params))
+            events = response["stream"]
+            iterator = aiter(events)
+            seen_text = finished = False
+            try:
+                while True:
+                    try:
+                        event = await timer.wait(anext(iterator))
+                    except StopAsyncIteration:
+                        finished = True
+                        break
+                    delta = event.get("contentBlockDelta", {}).get("delta", {})
+                    if text := delta.get("text"):
+                        seen_text = True
+                        yield Chunk(text=text)
+                    elif "metadata" in event:
+                        usage = _usage(event["metadata"].get("usage"))
+                        if usage is not None:
+                            yield Chunk(usage=usage)
+                    if seen_text:
+                        timer.at = loop.time() + self.idle_timeout_s
+            finally:
+                # Stopped early (error, timeout, consumer gone): drop the connection, it
+                # holds an unread body. A finished stream already went back to the pool.
+                if not finished:
+                    events.close()
         finally:
-            # Stopped early (error, timeout, consumer gone): drop the connection, it
-            # holds an unread body. A finished stream already went back to the pool.
-            if not finished:
-                events.close()
+            timer.cancel()
 
 
 def _reveal(secret: SecretStr | None) -> str | None:

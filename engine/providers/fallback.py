@@ -213,9 +213,10 @@ class ChainRun:
     def __aiter__(self) -> ChainRun:
         return self
 
-    async def __anext__(self) -> Chunk:
+    def __anext__(self) -> Awaitable[Chunk]:
+        # The chain's own awaitable, not a coroutine wrapping it: one frame less per chunk.
         assert self._gen is not None
-        return await anext(self._gen)
+        return self._gen.__anext__()
 
     @property
     def looped(self) -> bool:
@@ -325,7 +326,8 @@ class FallbackChain:
                             if chunk.text:
                                 own_text += chunk.text
                                 run.text += chunk.text
-                                yield Chunk(text=chunk.text)
+                                # Text only, always: the usage goes out once, at the end.
+                                yield chunk if chunk.usage is None else Chunk(text=chunk.text)
                                 if run.guard.feed(chunk.text):
                                     run.text = run.guard.text
                                     log.warning("chain %s: provider %s repeats itself; answer "

@@ -29,6 +29,7 @@ MIN_REPEATS = 4
 # to stop a looping demo model well before its 512-token cap.
 MIN_SPAN = 600
 CHECK_EVERY = 16  # new characters between two checks
+PROBE = 32  # the end of the text that a loop's earlier turn must repeat (< MIN_SPAN)
 
 
 class RepetitionGuard:
@@ -64,14 +65,22 @@ def loop_period(text: str) -> int | None:
     """The shortest period with which the end of ``text`` loops, or None."""
     tail = text[-(MAX_PERIOD * MIN_REPEATS):]
     size = len(tail)
-    for period in range(1, MAX_PERIOD + 1):
+    # A loop of period p repeats (at least) its last PROBE characters p earlier,
+    # so only where ``str.rfind`` (C speed) finds them again can p be a period:
+    # in prose that is nowhere, instead of trying all MAX_PERIOD periods.
+    probe = tail[-PROBE:]
+    end = size - 1  # an earlier copy ends at least one character before the end
+    while True:
+        start = tail.rfind(probe, 0, end)
+        if start < 0:
+            return None
+        period = size - start - PROBE  # copies nearest the end first: shortest period
         span = max(MIN_SPAN, (MIN_REPEATS - 1) * period)
-        if span + period > size:
+        if period > MAX_PERIOD or span + period > size:
             return None  # longer periods need even more text
-        # The last character first: most periods fail there, without a copy.
-        if tail[-1] == tail[-1 - period] and tail[-span:] == tail[-span - period:-period]:
+        if tail[-span:] == tail[-span - period:-period]:
             return period
-    return None
+        end = start + PROBE - 1
 
 
 def cut_loop(text: str, period: int) -> str:

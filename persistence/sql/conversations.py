@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Select, Table, bindparam, delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from engine.admin.conversations import ChatSummary
 from engine.errors import StorageError
@@ -15,21 +15,34 @@ from engine.types import Role, StoredMessage
 from persistence.sql.database import Database, storable
 from persistence.sql.tables import MessageRow, utcnow
 
-_HISTORY_COLUMNS = (MessageRow.id, MessageRow.bot, MessageRow.chat, MessageRow.role,
-                    MessageRow.content, MessageRow.user, MessageRow.created_at,
-                    MessageRow.served_by, MessageRow.user_name)
+_MESSAGES = cast(Table, MessageRow.__table__)
+# Built once: each reply runs these, and building a statement (ORM insert,
+# select with new literals) cost more of the loop than running it. One
+# statement object per kind also lets the group writer batch the inserts.
+_INSERT = insert(_MESSAGES).returning(_MESSAGES.c.id, sort_by_parameter_order=True)
+_COLUMNS = [_MESSAGES.c[name] for name in ("id", "bot", "chat", "role", "content", "user",
+                                          "created_at", "served_by", "user_name")]
 
 
-def _stored(row: Any) -> StoredMessage:
-    """A Core row (or ORM object) of ``messages`` as the engine's ``StoredMessage``."""
-    role: Role = row.role  # only ever written from Role
-    created = row.created_at
+def _history_query(by_platform: bool) -> Select[Any]:
+    where = [_MESSAGES.c.bot == bindparam("bot"), _MESSAGES.c.chat == bindparam("chat")]
+    if by_platform:
+        where.append(_MESSAGES.c.platform == bindparam("platform"))
+    return (select(*_COLUMNS).where(*where).order_by(_MESSAGES.c.id.desc())
+            .limit(bindparam("limit")))
+
+
+_HISTORY = {True: _history_query(True), False: _history_query(False)}
+
+
+def _stored(row: tuple[Any, ...]) -> StoredMessage:
+    """A row of ``_COLUMNS`` as the engine's ``StoredMessage``."""
+    key, bot, chat, role, content, user, created, served_by, user_name = row
     if created is not None and created.tzinfo is None:
         created = created.replace(tzinfo=UTC)  # SQLite drops the zone; we store UTC
     return StoredMessage(
-        id=row.id, bot=row.bot, chat=row.chat, role=role, content=row.content,
-        user=row.user, created_at=created, served_by=row.served_by,
-        user_name=row.user_name or "",
+        id=key, bot=bot, chat=chat, role=cast(Role, role), content=content, user=user,
+        created_at=created, served_by=served_by, user_name=user_name or "",
     )
 
 
@@ -61,15 +74,10 @@ class SqlConversationStore:
             served_by=served_by,
             created_at=utcnow(),
         )
-
-        async def write(connection: AsyncConnection) -> int:
-            result = await connection.execute(
-                insert(MessageRow).values(**values).returning(MessageRow.id))
-            key: int = result.scalar_one()
-            return key
-
         try:
-            return await self._db.write(write)
+            row = await self._db.execute(_INSERT, values)
+            key: int = row.id
+            return key
         except SQLAlchemyError as exc:
             raise StorageError(f"could not store a message: {type(exc).__name__}") from exc
 
@@ -77,19 +85,12 @@ class SqlConversationStore:
                       platform: str | None = None) -> list[StoredMessage]:
         if limit <= 0:
             return []
-        where = [MessageRow.bot == bot, MessageRow.chat == chat]
+        params: dict[str, Any] = {"bot": bot, "chat": chat, "limit": limit}
         if platform is not None:
-            where.append(MessageRow.platform == platform)
-        query = (
-            select(*_HISTORY_COLUMNS)
-            .where(*where)
-            .order_by(MessageRow.id.desc())
-            .limit(limit)
-        )
+            params["platform"] = platform
         try:
-            async with self._db.engine.connect() as connection:
-                rows = (await connection.execute(query)).all()
-        except SQLAlchemyError as exc:
+            rows = await self._db.read(_HISTORY[platform is not None], params)
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             raise StorageError(f"could not read history: {type(exc).__name__}") from exc
         return [_stored(row) for row in reversed(rows)]
 

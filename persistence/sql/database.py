@@ -18,16 +18,16 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import event, make_url, pool, text
-from sqlalchemy.engine import URL, Connection
+import sqlalchemy
+from sqlalchemy import Executable, Select, event, make_url, pool, text
+from sqlalchemy.engine import URL, Connection, Dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -42,12 +42,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# SQL, (parameter, default) in position order, a converter per column (None: as is)
+_DriverSql = tuple[str, tuple[tuple[str, Any], ...], tuple[Callable[[Any], Any] | None, ...]]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 # Readers on SQLite: WAL lets them run beside the writer; each aiosqlite
 # connection is a thread, so the pool is bounded (it grew to 57 under load).
 SQLITE_READERS = 4
+# PostgreSQL: a fixed pool, no overflow. With the default (5 + 10 overflow)
+# eight concurrent replies opened and closed an overflow connection per read
+# (59 new connections in 480 replies, each a login and SQLAlchemy's set-up
+# queries); waiting a moment for a pooled one costs far less.
+POSTGRES_POOL = 16
 WAL_SWITCH_ATTEMPTS = 100  # x 50 ms: 5 s for a rival start to finish its switch
 MIGRATION_LOCK = 0x626F7465  # any fixed key; "bote"
 
@@ -181,14 +188,19 @@ class Database:
     The hot-path writes (messages, usage rows, the recall log) go through
     ``write``: one writer per database commits what arrives together in one
     transaction (``persistence.sql.writer``). On SQLite the writer has its own
-    connection, which takes the lock with ``BEGIN IMMEDIATE``.
+    thread and stdlib ``sqlite3`` connection, which takes the lock with
+    ``BEGIN IMMEDIATE``; readers use the aiosqlite pool (``read`` for the hot
+    one-statement reads).
     """
 
     def __init__(self, url: str | URL, *, echo: bool = False) -> None:
         self.url = make_url(url)
         self._echo = echo
         self._engine: AsyncEngine | None = None
-        self._writer_engine: AsyncEngine | None = None
+        self._reads: AsyncEngine | None = None
+        self._compiled: dict[int, tuple[str, tuple[tuple[str, Any], ...],
+                                        tuple[Callable[[Any], Any] | None, ...], Any]] = {}
+        self._writer_engine: sqlalchemy.Engine | None = None
         self._writer: GroupWriter | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
 
@@ -197,6 +209,62 @@ class Database:
         if self._engine is None:
             raise StorageError("database is not started (use 'async with Database(...)')")
         return self._engine
+
+    @property
+    def reads(self) -> AsyncEngine:
+        """The engine for one-statement reads on the hot path (a reply's history).
+
+        On PostgreSQL its connections run in autocommit: no BEGIN before the
+        SELECT and no ROLLBACK when it goes back to the pool, two round trips
+        fewer per read. On SQLite it is ``engine`` (switching a pooled aiosqlite
+        connection's mode costs a thread hop each way, more than it saves).
+        """
+        return self._reads or self.engine
+
+    async def read(
+        self, statement: Select[Any], params: Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """The rows of one prepared SELECT, as tuples, on the ``reads`` engine.
+
+        On SQLite the statement runs as ONE call of the aiosqlite driver
+        (``execute_fetchall``): through SQLAlchemy's adapter a query is four
+        thread hops (cursor, execute, fetch, close), each a wake-up of the
+        event loop. It is compiled by SQLAlchemy once, and each column's
+        result type converts the raw values as SQLAlchemy would have.
+        Raises ``SQLAlchemyError`` or, on SQLite, ``sqlite3.Error``.
+        """
+        async with self.reads.connect() as connection:
+            if self.dialect != "sqlite":
+                return [tuple(row) for row in await connection.execute(statement, params)]
+            sql, names, convert = self._driver_sql(statement, connection.dialect)
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert driver is not None  # a checked-out connection always has one
+            rows = await driver.execute_fetchall(
+                sql, tuple(params.get(name, default) for name, default in names))
+        # Only the columns whose type converts (a date) are touched.
+        changes = [(i, f) for i, f in enumerate(convert) if f is not None]
+        if not changes:
+            return [tuple(row) for row in rows]
+        converted: list[tuple[Any, ...]] = []
+        for row in rows:
+            values = list(row)
+            for i, f in changes:
+                values[i] = f(values[i])
+            converted.append(tuple(values))
+        return converted
+
+    def _driver_sql(self, statement: Select[Any], dialect: Dialect) -> _DriverSql:
+        compiled = self._compiled.get(id(statement))
+        if compiled is None:
+            plan = statement.compile(dialect=dialect)
+            # The binds' own values (e.g. the OFFSET 0 SQLite adds after LIMIT).
+            names = tuple((name, plan.binds[name].effective_value)
+                          for name in plan.positiontup or ())
+            convert = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None)
+                            for column in statement.selected_columns)
+            # Keep the statement alive with its plan: the key is its id().
+            compiled = self._compiled[id(statement)] = (str(plan), names, convert, statement)
+        return compiled[:3]
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
@@ -238,9 +306,15 @@ class Database:
             raise StorageError("database is not started (use 'async with Database(...)')")
         return self._writer
 
-    async def write(self, job: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``job`` in the next group transaction; return once it committed."""
+    async def write(self, job: Callable[[Connection], T]) -> T:
+        """Run ``job`` (a sync function of a connection) in the next group
+        transaction; return once it committed."""
         return await self.writer.write(job)
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any], *,
+                      key: Hashable | None = None) -> Any:
+        """One prepared statement in the next group transaction (``GroupWriter.execute``)."""
+        return await self.writer.execute(statement, params, key=key)
 
     async def start(self) -> None:
         await self.migrate()
@@ -248,15 +322,22 @@ class Database:
             self._engine = create_engine(self.url, echo=self._echo,
                                          poolclass=pool.AsyncAdaptedQueuePool,
                                          pool_size=SQLITE_READERS, max_overflow=0)
-            self._writer_engine = create_engine(self.url, echo=self._echo,
-                                                poolclass=pool.AsyncAdaptedQueuePool,
-                                                pool_size=1, max_overflow=0)
+            # The writer's one connection is the stdlib driver's, used by the
+            # writer's own thread only: a batch runs there whole (one wake-up
+            # of the loop; see persistence.sql.writer).
+            self._writer_engine = sqlalchemy.create_engine(
+                self.url.set(drivername="sqlite"), echo=self._echo, poolclass=pool.QueuePool,
+                pool_size=1, max_overflow=0)
+            event.listen(self._writer_engine, "connect", _sqlite_pragmas)
             # We say BEGIN IMMEDIATE ourselves: the lock is taken up front, and
-            # the driver's own transaction handling would break savepoints.
-            event.listen(self._writer_engine.sync_engine, "connect", _sqlite_driver_autocommit)
-            event.listen(self._writer_engine.sync_engine, "begin", _sqlite_begin_immediate)
+            # the driver's own transaction handling would start it deferred.
+            event.listen(self._writer_engine, "connect", _sqlite_driver_autocommit)
+            event.listen(self._writer_engine, "begin", _sqlite_begin_immediate)
         else:
-            self._engine = create_engine(self.url, echo=self._echo)
+            self._engine = create_engine(self.url, echo=self._echo, pool_size=POSTGRES_POOL,
+                                         max_overflow=0)
+            # A view of the same pool: the mode is set on checkout, reset on return.
+            self._reads = self._engine.execution_options(isolation_level="AUTOCOMMIT")
         self._writer = GroupWriter(self._writer_engine or self._engine)
         self._writer.start()
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
@@ -266,12 +347,11 @@ class Database:
         if self._writer is not None:
             await self._writer.close()
         self._writer = None
-        if self._writer_engine is not None:
-            await self._writer_engine.dispose()
-        self._writer_engine = None
+        self._writer_engine = None  # the writer disposed of it on its thread
         if self._engine is not None:
             await self._engine.dispose()
         self._engine = None
+        self._reads = None
         self._sessions = None
 
     async def __aenter__(self) -> Database:

@@ -13,12 +13,11 @@ import json
 from collections.abc import Collection
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import DateTime, Index, String, Text, select
+from sqlalchemy import DateTime, Index, String, Table, Text, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import StorageError
@@ -38,6 +37,19 @@ class RecallRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (Index("ix_recall_log_bot_created", "bot", "created_at"),)
+
+
+def _upsert(postgres: bool) -> Any:
+    """The one-row-per-chat upsert, built once per dialect (the writer batches by it)."""
+    table = cast(Table, RecallRow.__table__)
+    statement = (postgresql.insert if postgres else sqlite.insert)(table)
+    return statement.on_conflict_do_update(
+        index_elements=["bot", "chat"],
+        set_={k: statement.excluded[k] for k in ("message_id", "query", "facts", "created_at")},
+    )
+
+
+_UPSERT = {False: _upsert(False), True: _upsert(True)}
 
 
 def _record(row: RecallRow) -> RecallRecord:
@@ -63,18 +75,11 @@ class SqlRecallLog:
             "query": record.query, "created_at": record.created_at or utcnow(),
             "facts": json.dumps([asdict(fact) for fact in record.facts], ensure_ascii=False),
         }
-        insert = postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert
-        statement = insert(RecallRow).values(**values)
-        statement = statement.on_conflict_do_update(
-            index_elements=["bot", "chat"],
-            set_={k: statement.excluded[k] for k in ("message_id", "query", "facts",
-                                                     "created_at")},
-        )
-        async def write(connection: AsyncConnection) -> None:
-            await connection.execute(statement)
-
         try:
-            await self._db.write(write)
+            # Keyed by the row it overwrites: of two records of one chat in a
+            # batch, only the later runs (one statement can't update a row twice).
+            await self._db.execute(_UPSERT[self._db.dialect == "postgresql"], values,
+                                   key=(record.bot, record.chat))
         except SQLAlchemyError as exc:
             raise StorageError(f"could not record recall: {type(exc).__name__}") from exc
 

@@ -8,10 +8,21 @@ One row per served reply or background extraction call (revision
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from typing import cast
 
-from sqlalchemy import Boolean, DateTime, Float, Index, Integer, String, func, insert, select
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Table,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from engine.errors import StorageError
@@ -46,6 +57,10 @@ class UsageRow(Base):
     )
 
 
+# Built once: the group writer batches the writes of one statement object.
+_INSERT = insert(cast(Table, UsageRow.__table__))
+
+
 def _day(moment: datetime) -> str:
     return moment.astimezone(UTC).date().isoformat()
 
@@ -65,11 +80,8 @@ class SqlUsageStore:
             cost_usd=record.cost_usd, kind=record.kind,
         )
 
-        async def write(connection: AsyncConnection) -> None:
-            await connection.execute(insert(UsageRow).values(**values))
-
         try:
-            await self._db.write(write)
+            await self._db.execute(_INSERT, values)
         except SQLAlchemyError as exc:
             raise StorageError(f"could not store usage: {type(exc).__name__}") from exc
 

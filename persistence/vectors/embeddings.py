@@ -8,6 +8,9 @@ loads ``fastembed.TextEmbedding`` from it once, shared by every bot.
 
 Contract: ``FastEmbedder.embed`` never runs the model on the event loop (a
 worker thread does), embeds in batches and returns unit-length vectors.
+One-text calls (a reply's query, a fact being reconciled) are served from a
+small LRU cache keyed by the exact text when it was embedded lately, and
+one-text calls that wait for the model together go to it as one batch.
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ import hashlib
 import shutil
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from engine.errors import StorageError
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DIMENSION = 384
+QUERY_CACHE = 1024  # one-text embeddings kept (1.5 KB each at 384 dims)
 TOKENIZER_FILES = ("tokenizer.json", "config.json", "special_tokens_map.json",
                    "tokenizer_config.json")
 
@@ -70,6 +78,15 @@ def prepare_model_dir(data_dir: Path) -> Path:
     return target
 
 
+@dataclass
+class _Turns:
+    """Per event loop: FIFO turns at the model, and one-text calls waiting for one."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: list[tuple[str, asyncio.Future[list[float]]]] = field(default_factory=list)
+    drain: asyncio.Task[None] | None = None
+
+
 class FastEmbedder:
     """The shared embedder. Build with ``await FastEmbedder.load(data_dir, threads)``.
 
@@ -90,11 +107,13 @@ class FastEmbedder:
         # Fair turns between concurrent callers on one loop: asyncio.Lock wakes
         # waiters in FIFO order, a threading.Lock does not (a bulk import's
         # thread could re-take it batch after batch while a reply's query waits).
-        self._turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+        self._turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turns] = (
             weakref.WeakKeyDictionary())
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> vector (LRU)
+        self.calls = 0  # model calls (batches) so far: tests, benchmarks
 
     @classmethod
-    async def load(cls, data_dir: Path, *, threads: int = 2,
+    async def load(cls, data_dir: Path, *, threads: int = 1,
                    batch_size: int = 16) -> FastEmbedder:
         """Prepare the model directory and load the model, both off the loop."""
 
@@ -124,18 +143,63 @@ class FastEmbedder:
             # The lock is held per batch, not per call: a reply's one-line query
             # gets its turn between the batches of a 10,000-fact import.
             with self._lock:
+                self.calls += 1
                 vectors = self._model.embed(list(texts[start:start + size]), batch_size=size)
                 result.extend(v.astype("float32").tolist() for v in vectors)
         return result
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embed off the loop, one batch per turn, so callers interleave fairly."""
-        loop = asyncio.get_running_loop()
-        turns = self._turns.setdefault(loop, asyncio.Lock())
         items = list(texts)
+        turns = self._turns.setdefault(asyncio.get_running_loop(), _Turns())
+        if len(items) == 1:
+            return [await self._one(items[0], turns)]
         result: list[list[float]] = []
         for start in range(0, len(items), self._batch_size):
-            async with turns:
+            async with turns.lock:
                 result.extend(await asyncio.to_thread(
                     self.embed_sync, items[start:start + self._batch_size]))
         return result
+
+    async def _one(self, text: str, turns: _Turns) -> list[float]:
+        """One text: from the cache, or in one model call with whatever else waits.
+
+        Replies arriving together each need one query embedded; while the
+        model is busy they queue, and the next turn embeds all that queued as
+        one batch (one call of N texts costs far less than N calls).
+        """
+        cached = self._recent.get(text)
+        if cached is not None:
+            self._recent.move_to_end(text)
+            return cached.tolist()  # type: ignore[no-any-return]
+        done: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
+        turns.waiting.append((text, done))
+        if turns.drain is None or turns.drain.done():
+            turns.drain = asyncio.create_task(self._drain(turns), name="embed queries")
+        return await done
+
+    async def _drain(self, turns: _Turns) -> None:
+        """Embed what waits, a batch per turn at the model, until nothing waits."""
+        while turns.waiting:
+            async with turns.lock:
+                batch = [(t, w) for t, w in turns.waiting[:self._batch_size] if not w.done()]
+                del turns.waiting[:self._batch_size]
+                if not batch:
+                    continue
+                try:
+                    vectors = await asyncio.to_thread(self.embed_sync, [t for t, _ in batch])
+                except Exception as exc:
+                    for _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    continue
+                for (text, waiter), vector in zip(batch, vectors, strict=True):
+                    self._remember(text, vector)
+                    if not waiter.done():  # its caller may have given up
+                        waiter.set_result(vector)
+
+    def _remember(self, text: str, vector: list[float]) -> None:
+        self._recent[text] = np.asarray(vector, dtype=np.float32)
+        self._recent.move_to_end(text)
+        while len(self._recent) > QUERY_CACHE:
+            self._recent.popitem(last=False)

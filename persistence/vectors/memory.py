@@ -16,10 +16,11 @@ before ``chat`` existed get it from ``persistence/vectors/rekey.py`` at start-up
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -29,6 +30,8 @@ import pyarrow as pa
 from engine.errors import StorageError
 from engine.ports import Embedder, Progress
 from engine.types import Fact
+from persistence.vectors.recall_cache import GENERATION_KEY, RecallCache
+from persistence.vectors.scan import Snapshot, scan_search
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
     EMBED_BATCH,
@@ -57,6 +60,7 @@ FIELDS = [
     pa.field("chat", pa.string(), nullable=False),
 ]
 COLUMNS = [f.name for f in FIELDS]
+CACHE_MB = 512  # default recall-cache budget: ~300k memories of 384 dims in all
 SCALAR_INDEXES: dict[str, ScalarIndex] = {"id": "btree", "user": "btree",
                                           "superseded_by": "bitmap", "chat": "btree"}
 
@@ -100,8 +104,11 @@ class LanceMemoryStore:
     """Per-bot memory tables in one LanceDB database (a directory or object store URI)."""
 
     def __init__(self, db: Any, embedder: Embedder, *, ann_threshold: int,
-                 maintain_delay_s: float, hybrid: bool = True) -> None:
+                 maintain_delay_s: float, hybrid: bool = True, cache_mb: float = CACHE_MB) -> None:
         self._db = db
+        # The fast recall path (persistence/vectors/scan.py); 0 MB: LanceDB only.
+        self.cache = RecallCache(embedder.dimension, budget_bytes=int(cache_mb * 2**20),
+                                 columns=COLUMNS)
         self._hybrid = hybrid
         self._embedder = embedder
         self._ann_threshold = ann_threshold
@@ -116,11 +123,13 @@ class LanceMemoryStore:
     async def open(
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
         ann_threshold: int = ANN_THRESHOLD, maintain_delay_s: float = 2.0, hybrid: bool = True,
+        cache_mb: float = CACHE_MB,
     ) -> LanceMemoryStore:
-        """Connect; ``hybrid=False`` ranks by vector similarity only (the baseline)."""
+        """Connect; ``hybrid=False`` ranks by vector similarity only (the baseline);
+        ``cache_mb``: the recall cache's budget (tables past it are searched in LanceDB)."""
         db = await connect(uri, storage_options)
         return cls(db, embedder, ann_threshold=ann_threshold, maintain_delay_s=maintain_delay_s,
-                   hybrid=hybrid)
+                   hybrid=hybrid, cache_mb=cache_mb)
 
     async def __aenter__(self) -> LanceMemoryStore:
         return self
@@ -129,11 +138,17 @@ class LanceMemoryStore:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         for maintainer in self._maintainers.values():
             await maintainer.close()
+        await self.cache.close()
 
     # -- tables ---------------------------------------------------------
 
-    def _schema(self, bot: str) -> pa.Schema:
-        return with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, bot)
+    def _schema(self, bot: str, *, new: bool = False) -> pa.Schema:
+        """``new``: for a table being created or rewritten (a fresh generation)."""
+        schema = with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, bot)
+        if new:
+            generation = uuid.uuid4().hex.encode()
+            schema = schema.with_metadata({**schema.metadata, GENERATION_KEY: generation})
+        return schema
 
     async def _table(self, bot: str, *, create: bool = False, check: bool = True) -> Any | None:
         if bot in self._tables:
@@ -148,7 +163,8 @@ class LanceMemoryStore:
         if name in await self._names():
             table = await self._db.open_table(name)
         elif create:
-            table = await self._db.create_table(name, schema=self._schema(bot), exist_ok=True)
+            table = await self._db.create_table(name, schema=self._schema(bot, new=True),
+                                                exist_ok=True)
         else:
             return None
         if check:
@@ -179,6 +195,15 @@ class LanceMemoryStore:
         if await self._table(bot) is not None:
             await self._maintainers[bot].run_now()
 
+    async def warm(self, bot: str) -> bool:
+        """Load the bot's recall cache now (tests, benchmarks); whether searches use it."""
+        table = await self._table(bot)
+        if table is None:
+            return False
+        self.cache.reload(bot, table)
+        await self.cache.wait(bot)
+        return await self.cache.current(bot, table) is not None
+
     # -- writes ---------------------------------------------------------
 
     @storage_errors
@@ -203,14 +228,18 @@ class LanceMemoryStore:
             batch = [replace(f, id=f.id or uuid.uuid4().hex, created_at=f.created_at or now())
                      for f in facts[start:start + EMBED_BATCH]]
             vectors = await self._embedder.embed([f.text for f in batch])
-            await table.add(pa.Table.from_pylist(
+            data = pa.Table.from_pylist(
                 [self._row(f, v) for f, v in zip(batch, vectors, strict=True)],
-                schema=self._schema(bot)))
+                schema=self._schema(bot))
+            await self._add_rows(bot, table, data)
             stored.extend(batch)
             if progress is not None:
                 progress(len(stored), len(facts))
         self._maintainers[bot].poke()
         return stored
+
+    async def _add_rows(self, bot: str, table: Any, data: pa.Table) -> None:
+        await self.cache.write(bot, table, lambda: table.add(data), lambda s, _: s.add(data))
 
     @staticmethod
     def _row(fact: Fact, vector: Sequence[float]) -> dict[str, Any]:
@@ -224,7 +253,9 @@ class LanceMemoryStore:
         table = await self._table(bot)
         if table is None or await table.count_rows(f"id = {quote(old_id)}") == 0:
             raise StorageError(f"no memory {old_id!r} for bot {bot!r}")
-        await table.update(updates={"superseded_by": new_id}, where=f"id = {quote(old_id)}")
+        change, where = {"superseded_by": new_id}, f"id = {quote(old_id)}"
+        await self.cache.write(bot, table, lambda: table.update(change, where=where),
+                               lambda snap, _: snap.kill([old_id]))
         self._maintainers[bot].poke()  # an update rewrites the row: index it again
 
     @storage_errors
@@ -233,17 +264,19 @@ class LanceMemoryStore:
         where = f"id = {quote(fact_id)}"
         if table is None or await table.count_rows(where) == 0:
             return False
-        await table.update(updates={"chat": ""}, where=where)
+        await self.cache.write(bot, table, lambda: table.update(updates={"chat": ""}, where=where),
+                               lambda snap, _: snap.move(fact_id, ""))
         self._maintainers[bot].poke()
         return True
 
     @storage_errors
     async def delete(self, bot: str, fact_id: str) -> bool:
-        return await self._delete(bot, f"id = {quote(fact_id)}") > 0
+        return await self._delete(bot, f"id = {quote(fact_id)}",
+                                  lambda snap: snap.kill([fact_id])) > 0
 
     @storage_errors
     async def delete_user(self, bot: str, user: str) -> int:
-        return await self._delete(bot, f"user = {quote(user)}")
+        return await self._delete(bot, f"user = {quote(user)}", lambda snap: snap.kill_user(user))
 
     @storage_errors
     async def delete_ids(self, bot: str, fact_ids: Sequence[str]) -> int:
@@ -251,16 +284,19 @@ class LanceMemoryStore:
         ids = list(dict.fromkeys(fact_ids))
         done = 0
         for start in range(0, len(ids), EMBED_BATCH):  # bounded filter strings
-            done += await self._delete(bot, in_list("id", ids[start:start + EMBED_BATCH]))
+            batch = ids[start:start + EMBED_BATCH]
+            done += await self._delete(bot, in_list("id", batch), functools.partial(
+                Snapshot.kill, ids=batch))
         return done
 
-    async def _delete(self, bot: str, where: str) -> int:
+    async def _delete(self, bot: str, where: str, apply: Callable[[Snapshot], None]) -> int:
         table = await self._table(bot)
         if table is None:
             return 0
         count: int = await table.count_rows(where)
         if count:
-            await table.delete(where)
+            await self.cache.write(bot, table, lambda: table.delete(where),
+                                   lambda snap, _: apply(snap))
             # Indexes and compaction catch up with the deletion (see maintenance).
             self._maintainers[bot].poke()
         return count
@@ -271,6 +307,7 @@ class LanceMemoryStore:
         if maintainer is not None:
             await maintainer.close()
         self._tables.pop(bot, None)
+        self.cache.drop(bot)
         if table_name(bot) in await self._names():
             await self._db.drop_table(table_name(bot))
 
@@ -284,8 +321,10 @@ class LanceMemoryStore:
         if table is None:
             return 0
         data = await table.query().select(COLUMNS).to_arrow()
+        self.cache.drop(bot)
         rows = await rewrite_beside(self._db, table_name(bot), data, self._embedder,
-                                    self._schema(bot), progress)
+                                    self._schema(bot, new=True), progress)
+        self.cache.drop(bot)
         maintainer = self._maintainers.pop(bot, None)  # reopen: the new schema and version
         if maintainer is not None:
             await maintainer.close()
@@ -360,9 +399,14 @@ class LanceMemoryStore:
         if vector is None:
             vector = (await self._embedder.embed([query]))[0]
         where = f"{scope_sql(users, chats)} AND superseded_by = ''"
-        result = await hybrid_search(table, vector, query, where, limit,
-                                     fts=self._hybrid and self._maintainers[bot].fts,
-                                     min_score=min_score)
+        fts = self._hybrid and self._maintainers[bot].fts
+        snap = await self.cache.current(bot, table)
+        if snap is None:
+            result = await hybrid_search(table, vector, query, where, limit, fts=fts,
+                                         min_score=min_score)
+        else:
+            result = await scan_search(snap, table, vector, query, where, snap.keys(users, chats),
+                                       limit, fts=fts, min_score=min_score)
         facts = []
         for row in result:
             fact = _fact(bot, row, row["score"])
@@ -373,3 +417,4 @@ class LanceMemoryStore:
                 continue
             facts.append(fact)
         return facts
+

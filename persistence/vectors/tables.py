@@ -250,7 +250,7 @@ async def hybrid_search(
     Without a full-text index (a new table) or query text: vector search only.
     """
     query = np.asarray(vector, dtype=np.float32)
-    pool = max(4 * limit, 20)  # candidates per leg: a keyword hit outside the vector top-k
+    pool = pool_size(limit)
     vector_leg = (table.query().nearest_to(query).distance_type("cosine").where(where)
                   .nprobes(NPROBES).refine_factor(REFINE_FACTOR).limit(pool).to_arrow())
     if fts and text.strip():
@@ -276,16 +276,28 @@ async def hybrid_search(
                 cosine[row["id"]] = float(score)
             if leg is by_text:
                 bm25[row["id"]] = float(row["_score"])
+    return [rows[i] | {"score": cosine[i]} for i in fuse(cosine, bm25, limit, min_score)]
+
+
+def pool_size(limit: int) -> int:
+    """Candidates per leg: a keyword hit outside the vector top-k still gets in."""
+    return max(4 * limit, 20)
+
+
+def fuse(cosine: dict[str, float], bm25: dict[str, float], limit: int,
+         min_score: float | None) -> list[str]:
+    """The ids of the best ``limit`` candidates, best first (the one fusion both paths use).
+
+    ``cosine`` holds every candidate (vector leg first, in its order; ties keep
+    it), ``bm25`` the text leg's scores. Rank: ``cosine + FTS_WEIGHT * bm25 /
+    max bm25``; candidates under ``min_score`` (cosine) are dropped first.
+    """
     top_bm25 = max(bm25.values(), default=0.0) or 1.0
-    fused = []
-    for fact_id, row in rows.items():
-        score = cosine[fact_id]
-        if min_score is not None and score < min_score:
-            continue
-        row["score"] = score
-        fused.append((score + FTS_WEIGHT * bm25.get(fact_id, 0.0) / top_bm25, row))
+    fused = [(score + FTS_WEIGHT * bm25.get(fact_id, 0.0) / top_bm25, fact_id)
+             for fact_id, score in cosine.items()
+             if min_score is None or score >= min_score]
     fused.sort(key=lambda pair: pair[0], reverse=True)
-    return [row for _, row in fused[:limit]]
+    return [fact_id for _, fact_id in fused[:limit]]
 
 
 class Maintainer:
