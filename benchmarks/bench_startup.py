@@ -1,7 +1,8 @@
 """Start-up of each one-shot command and of ``boternity chat``, before and after, in one run.
 
-    git worktree add /tmp/before 8285c29          # the code to compare against
+    git worktree add --detach /tmp/before COMMIT   # the code to compare against
     .venv/bin/python benchmarks/bench_startup.py --before /tmp/before [--rounds 3] [--facts 300]
+        [--typed-after 3] [--no-demo]
 
 Each command runs as a fresh ``python -m adapters.cli`` process of each
 checkout (``PYTHONPATH`` points at it), alternating before/after, on the same
@@ -16,10 +17,14 @@ configuration and data (shaped like deploy/boternity.example.toml, memory on,
   the seeded memories (recall opens the model and LanceDB) and with a fresh
   data directory (no memory yet: what a new user's first chat pays);
 - ``chat`` on the demo (the embedded config, the local SmolLM2 model): the
-  same, generation included, once per round with a fresh data directory.
+  same, generation included, once per round with a fresh data directory;
+- with ``--typed-after S``: both chats again, the line written S seconds
+  after the start as a person would type it, timed from the line to the
+  answer (what start-up work is left once the prompt has waited).
 
-Medians are printed with the after/before ratio. Wall-clock numbers depend on
-the machine and its load; the ratios in one run are the point.
+Medians are printed with the after/before ratio, and the load average at the
+start and the end. Wall-clock numbers depend on the machine and its load;
+the ratios in one run are the point.
 """
 
 from __future__ import annotations
@@ -78,8 +83,11 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
-async def timed(root: Path, args: list[str], cwd: Path, *, stdin: str | None = None) -> float:
-    """Seconds from spawn to exit; with ``stdin``, to the first line on stdout."""
+async def timed(root: Path, args: list[str], cwd: Path, *, stdin: str | None = None,
+                typed_after: float = 0.0) -> float:
+    """Seconds from spawn to exit; with ``stdin``, to the first line on stdout;
+    with ``typed_after``, ``stdin`` is written that many seconds after the
+    spawn (a person typing) and the time from then to the answer is returned."""
     start = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "adapters.cli", *args, cwd=cwd, env=_env(root),
@@ -90,6 +98,9 @@ async def timed(root: Path, args: list[str], cwd: Path, *, stdin: str | None = N
         proc.stdin.close()
         await proc.wait()
         return time.perf_counter() - start
+    if typed_after:
+        await asyncio.sleep(typed_after)
+        start = time.perf_counter()
     proc.stdin.write(stdin.encode())
     await proc.stdin.drain()
     line = await proc.stdout.readline()
@@ -116,8 +127,12 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--facts", type=int, default=300)
     parser.add_argument("--no-demo", action="store_true", help="skip the local-model chat")
+    parser.add_argument("--typed-after", type=float, default=0.0, metavar="S",
+                        help="also time the chats' answer to a line written S seconds after "
+                             "the start (a person typing), from the line to the answer")
     opts = parser.parse_args()
     sides = {"before": opts.before.resolve(), "after": opts.after.resolve()}
+    load_at_start = os.getloadavg()
     times: dict[str, dict[str, list[float]]] = {}
 
     async with start_openai_fake() as fake:
@@ -158,8 +173,23 @@ async def main() -> None:
                         seconds = await timed(root, ["chat"], demo, stdin="hello\n")
                         times.setdefault("chat, first answer (demo)", {}).setdefault(
                             side, []).append(seconds)
+                    if opts.typed_after:
+                        seconds = await timed(root, ["--config", str(config), "chat"], work,
+                                              stdin="hello\n", typed_after=opts.typed_after)
+                        times.setdefault("typed: chat (fake), line to answer", {}).setdefault(
+                            side, []).append(seconds)
+                    if opts.typed_after and not opts.no_demo:
+                        demo = work / f"demo-typed-{side}-{round_no}"
+                        demo.mkdir()
+                        seconds = await timed(root, ["chat"], demo, stdin="hello\n",
+                                              typed_after=opts.typed_after)
+                        times.setdefault("typed: chat (demo), line to answer", {}).setdefault(
+                            side, []).append(seconds)
                 print(f"round {round_no + 1}/{opts.rounds} done", file=sys.stderr)
 
+    loads = " -> ".join(", ".join(f"{x:.2f}" for x in avg)
+                        for avg in (load_at_start, os.getloadavg()))
+    print(f"load average (1, 5, 15 min) at start -> end: {loads}")
     print(f"{'command':<32} {'before s':>9} {'after s':>9} {'after/before':>13}")
     for name, by_side in times.items():
         before, after = (statistics.median(by_side[s]) for s in ("before", "after"))

@@ -141,7 +141,9 @@ def test_embedded_demo_config_when_no_default_file(
     assert "using the embedded demo config" in captured.err
     assert captured.out.splitlines()[1].startswith("local ")  # after "THIS process only"
     assert "demo model" in captured.out
-    assert (tmp_path / "data" / "boternity.db").exists()
+    assert not (tmp_path / "data").exists()  # `providers` opens no database
+    assert main(["usage"]) == 0
+    assert (tmp_path / "data" / "boternity.db").exists()  # the demo's data_dir: ./data
 
 
 def test_embedded_config_is_the_deploy_example() -> None:

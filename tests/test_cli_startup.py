@@ -9,7 +9,9 @@ a fact about the process, not a stopwatch reading.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -93,7 +95,7 @@ async def test_global_options_work_after_the_command_and_version(tmp_path: Path)
     run = await cli("providers", "-v", "--config", str(config), cwd=tmp_path)
     assert run.code == 0, run.err
     assert "primary" in run.out and "fake-model" in run.out
-    assert "INFO" in run.err  # -v given after the command counted
+    assert "DEBUG" in run.err  # -v given after the command counted (asyncio says so)
     # Before the command still works, and the subcommand does not reset it.
     run = await cli("--config", str(config), "memory", "list", "--bot", "demo", cwd=tmp_path)
     assert run.code == 0, run.err
@@ -203,6 +205,71 @@ async def test_admin_commands_load_no_embedding_model(tmp_path: Path) -> None:
     for args in (["memory", "why"], ["usage"]):  # SQL only
         run = await cli("--config", str(config), *args, cwd=tmp_path)
         assert loaded(run) == [], args
+
+
+async def test_providers_starts_no_database_no_sdk_and_no_redis(tmp_path: Path) -> None:
+    """No service to ask and no Redis: what ``providers`` shows needs neither the
+    database nor a provider SDK, and a breaker no call went through is closed
+    without pybreaker (which imports redis) being imported at all."""
+    config = write_config(tmp_path, extra='[bots.other]\nchain = ["aws"]\n'
+                          '[providers.aws]\nkind = "bedrock"\nmodel = "amazon.nova-micro-v1:0"\n'
+                          'region = "us-east-1"\n')
+    run = await cli("--config", str(config), "providers", cwd=tmp_path)
+    assert run.code == 0, run.err
+    assert run.out.startswith("THIS process only")
+    assert re.search(r"^primary +openai_compatible +fake-model +breaker: closed", run.out, re.M)
+    assert re.search(r"^aws +bedrock +amazon.nova-micro-v1:0 +breaker: closed", run.out, re.M)
+    unwanted = ("openai", "httpx2", "aioboto3", "botocore.config", "aiohttp", "pybreaker",
+                "redis", "sqlalchemy", "alembic", "lancedb", "fastembed", "rich")
+    assert [m for m in unwanted if m in run.modules] == []
+    assert not (tmp_path / "data").exists()  # no database opened, nor created
+
+
+# Which thread first imports each watched module: an observer on the import
+# path (it finds nothing itself), the real CLI after it.
+_WHERE = """
+import json, sys, threading
+WATCHED = ("openai", "pybreaker", "redis", "lancedb", "fastembed")
+where = {}
+class Where:
+    def find_spec(self, name, path=None, target=None):
+        if name in WATCHED:
+            where.setdefault(name, threading.current_thread().name)
+        return None
+sys.meta_path.insert(0, Where())
+from adapters.cli.main import main
+code = main(sys.argv[1:])
+print("imported in: " + json.dumps(where))
+sys.exit(code)
+"""
+
+
+async def test_chat_imports_the_sdk_breakers_and_memory_off_the_loop(
+    tmp_path: Path, openai_fake: FakeOpenAI,
+) -> None:
+    """``chat`` loads what its first reply needs in worker threads (the warm-up
+    beside the prompt), never on the event loop's thread: the SDK, pybreaker
+    with redis, and LanceDB with the embedding model when there is a memory."""
+    config = write_config(tmp_path, openai_fake.base_url,
+                          extra="[bots.demo.memory]\nextract = false\n")
+    run = await cli("--config", str(config), "memory", "add", "local is allergic to peanuts",
+                    "--user", "terminal:local", cwd=tmp_path)
+    assert run.code == 0, run.err
+    openai_fake.script(Text(["Avoid", " peanuts."]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_PRIMARY_KEY": "sk-test",
+           "HF_HUB_OFFLINE": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WHERE, "--config", str(config), "chat", cwd=tmp_path, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(b"am I allergic to anything?\n"),
+                                      timeout=300)
+    assert proc.returncode == 0, err.decode()
+    answer, where = out.decode().rsplit("imported in: ", 1)
+    assert "Avoid peanuts." in answer
+    threads = json.loads(where)
+    assert sorted(threads) == ["fastembed", "lancedb", "openai", "pybreaker", "redis"], threads
+    assert "MainThread" not in threads.values(), threads  # the loop runs on the main thread
 
 
 async def test_demo_chat_opens_memory_only_when_there_is_a_table(

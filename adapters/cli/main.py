@@ -17,15 +17,21 @@ no INFO log lines (``run`` excepted) unless ``-v``.
 
 Start-up pays only for what the command uses: arguments and the bot name are
 checked before anything starts, the heavy modules are imported when a
-command needs them, memory opens on first use (``build_app(lazy_memory=True)``)
-and only ``run`` starts the ``[http]`` server and the platform adapters.
+command needs them (in a worker thread once the loop runs), memory opens
+on first use and provider SDKs are imported at the first request
+(``build_app(lazy=True)``), ``providers`` opens no database at all, and
+only ``run`` starts the ``[http]`` server and the platform adapters.
+``chat`` loads what its first reply needs (the provider SDK, and the
+embedding model and LanceDB when there are memories to recall) in worker
+threads while it waits for the first line (``adapters.wiring.build.warm_up``).
 
 Other command groups live in their own module exposing
 ``add_commands(subparsers)``; each handler is ``async def handler(args, app) -> int``
 and is registered below with one line in ``COMMAND_MODULES``. A subcommand may
 ``set_defaults(needs_memory=False)`` (no memory at all), ``needs_bots=False``
-(no provider, chain nor conversation: admin commands reading the stores) and
-``quiet_logs=False`` (INFO lines on stderr).
+(no provider, chain nor conversation: admin commands reading the stores),
+``quiet_logs=False`` (INFO lines on stderr) and ``needs_app=False`` (the
+handler gets the ``Settings`` instead of an ``App`` and starts what it needs).
 
 Shell completion (argcomplete): ``eval "$(register-python-argcomplete boternity)"``.
 """
@@ -41,7 +47,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +57,8 @@ from adapters.ops.logs import Redactor, configure_logging
 from adapters.wiring.settings import Settings, load_settings, secret_values
 from engine.conversation import reset_chat
 from engine.errors import BoternityError, ConfigError, StartupError
+from engine.ports import Replier
+from engine.types import IncomingMessage, Reply
 
 if TYPE_CHECKING:
     from adapters.wiring.app import App
@@ -69,6 +77,7 @@ COMMAND_MODULES: list[str] = ["adapters.cli.usage", "adapters.cli.memory",
 
 async def cmd_chat(args: argparse.Namespace, app: App) -> int:
     from adapters.platforms import terminal
+    from adapters.wiring.build import warm_up
 
     bot = args.bot or _default_bot(app)
     if bot not in app.conversations:
@@ -79,8 +88,31 @@ async def cmd_chat(args: argparse.Namespace, app: App) -> int:
     async def reset() -> str:
         return await reset_chat(conversation.store, bot=bot, chat=args.chat, platform="terminal")
 
-    return await terminal.chat(conversation, bot=bot, chat_id=args.chat, user=args.user,
-                               reset=reset)
+    # The loads run while the prompt waits for the first line; a load that
+    # fails is retried by the reply that needs it, which reports it as usual.
+    warming = asyncio.create_task(warm_up(app, bot), name="warm-up")
+    try:
+        return await terminal.chat(AfterWarmUp(conversation, warming), bot=bot,
+                                   chat_id=args.chat, user=args.user, reset=reset)
+    finally:
+        # Not cancelled: a load in a worker thread would go on regardless, and
+        # what it opens (the local model's server) must be there to be closed.
+        await asyncio.wait([warming])
+        if not warming.cancelled() and (failed := warming.exception()) is not None:
+            log.debug("warm-up failed (a reply that needed it said so): %r", failed)
+
+
+class AfterWarmUp:
+    """A bot's replies, each started once ``warming`` has ended (however it ended)."""
+
+    def __init__(self, conversation: Replier, warming: asyncio.Task[None]) -> None:
+        self._conversation = conversation
+        self._warming = warming
+
+    async def reply(self, message: IncomingMessage) -> AsyncIterator[str | Reply]:
+        await asyncio.wait([self._warming])  # neither raises its error nor cancels it
+        async for item in self._conversation.reply(message):
+            yield item
 
 
 def _default_bot(app: App) -> str:
@@ -178,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(handler=cmd_chat)
 
     providers = sub.add_parser("providers", help="list providers with their breaker state")
-    # needs_memory=False: no embedding model, no LanceDB (build_app(with_memory=False))
-    # serve=False: no [http] server beside the running service (it asks that one)
-    providers.set_defaults(handler=cmd_providers, needs_memory=False, serve=False)
+    # needs_app=False: no database, memory nor provider SDK; no [http] server
+    # beside the running service (it asks that one)
+    providers.set_defaults(handler=cmd_providers, needs_app=False)
 
     run = sub.add_parser("run", help="start every configured platform adapter")
     run.set_defaults(handler=cmd_run, quiet_logs=False, serve=True)
@@ -249,6 +281,8 @@ def _quiet_lancedb(args: argparse.Namespace) -> None:
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    if not getattr(args, "needs_app", True):
+        return int(await args.handler(args, settings))  # it starts what it needs
     from adapters.wiring.build import build_app  # after the arguments were checked
 
     handler: Handler = args.handler
@@ -271,7 +305,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
         serve = getattr(args, "serve", False)  # only `run` serves [http] and platforms
         async with build_app(settings, with_memory=getattr(args, "needs_memory", True),
                              with_bots=getattr(args, "needs_bots", True),
-                             lazy_memory=not serve, serve=serve) as app:
+                             lazy=not serve, serve=serve) as app:
             return await handler(args, app)
     except asyncio.CancelledError:
         if terminated:
@@ -294,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_bots(args, settings)
         _configure_logging(settings, args)
         _quiet_lancedb(args)
-        importlib.import_module("adapters.wiring.build")  # before the loop runs, not on it
+        # Before the loop runs, not on it: the wiring the command starts from.
+        importlib.import_module("adapters.wiring.build" if getattr(args, "needs_app", True)
+                                else "adapters.wiring.providers")
         return asyncio.run(_serve(args, settings))
     except ConfigError as exc:
         return _fail(args, exc, 2, redact)

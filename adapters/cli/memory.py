@@ -25,16 +25,15 @@ import asyncio
 import functools
 import json
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from adapters.cli.args import at_least, confirm, fraction, json_object
+from adapters.cli.render import err as _err
+from adapters.cli.render import out as _out
+from adapters.cli.render import progress as _progress
+from adapters.cli.render import table as _table
 from engine.admin.memory import MemoryAdmin, fact_record
 from engine.errors import AdminError, BoternityError
 from engine.types import Fact
@@ -42,16 +41,6 @@ from engine.types import Fact
 LEVELS = ("public", "trusted", "private")
 EXPORT_CHUNK = 1000
 Handler = Callable[[argparse.Namespace, Any], Awaitable[int]]
-
-
-def _out() -> Console:
-    # Built per call (tests swap sys.stdout). Piped output gets a wide page so
-    # ids are never folded: `... | grep` must find them whole.
-    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
-
-
-def _err() -> Console:
-    return Console(file=sys.stderr, soft_wrap=True)
 
 
 def _admin(app: Any) -> MemoryAdmin:
@@ -71,22 +60,8 @@ def _bot(args: argparse.Namespace, app: Any) -> str:
     raise AdminError(f"several bots are configured ({', '.join(bots) or 'none'}): pass --bot")
 
 
-@contextmanager
-def _progress(label: str) -> Iterator[Any]:
-    with Progress(
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=_err(), transient=False,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield advance
-
-
-def _facts_table(facts: list[Fact], *, shared: bool = False) -> Table:
-    table = Table(show_lines=False)
+def _facts_table(facts: list[Fact], *, shared: bool = False) -> Any:
+    table = _table(show_lines=False)
     table.add_column("id", no_wrap=True)
     for column in ("score", "user", "chat", "category", "text"):
         table.add_column(column, overflow="fold")
@@ -208,7 +183,7 @@ async def memory_why(args: argparse.Namespace, app: Any) -> int:
     if not record.facts:
         out.print("nothing was recalled (no memory above the similarity floor)")
         return 0
-    table = Table()
+    table = _table()
     for column in ("score", "source", "id", "user", "text"):
         table.add_column(column, overflow="fold", no_wrap=column == "id")
     for fact in record.facts:

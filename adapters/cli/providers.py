@@ -10,6 +10,10 @@ Where the truth is, in order:
    (a separate process cannot see the service's in-memory breakers).
 When the API is configured but does not answer (the service is not
 running), the command says so and falls back to 2 or 3.
+
+It starts only what it shows: no database, no memory, no provider SDK
+(``adapters.wiring.providers.provider_view``); aiohttp only to ask the API,
+Redis only when configured.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from adapters.wiring.app import imported
+
 if TYPE_CHECKING:
-    from adapters.wiring.app import App
     from adapters.wiring.settings import Settings
 
 API_TIMEOUT_S = 5.0
@@ -26,7 +31,7 @@ API_TIMEOUT_S = 5.0
 
 async def ask_service(settings: Settings) -> tuple[str, list[dict[str, Any]]] | str:
     """(worker, rows) from the running service, or why it could not be asked."""
-    import aiohttp  # only when asking
+    aiohttp = await imported("aiohttp")  # only when asking; 0.3-0.5 s: not on the loop
 
     token = settings.secret(settings.admin.token_env, key="admin.token_env")
     host = settings.http.host
@@ -59,8 +64,9 @@ def _print(rows: list[dict[str, Any]]) -> None:
         print(line)
 
 
-async def cmd_providers(args: argparse.Namespace, app: App) -> int:
-    settings = app.settings
+async def cmd_providers(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.wiring.providers import provider_view
+
     token = settings.secret(settings.admin.token_env, key="admin.token_env")
     if settings.http.enabled and token is not None:
         answer = await ask_service(settings)
@@ -70,23 +76,23 @@ async def cmd_providers(args: argparse.Namespace, app: App) -> int:
             _print(rows)
             return 0
         print(f"{answer}; showing ", end="")
-    shared = app.extras.get("shared_breakers")
-    if shared is not None:
-        await shared.flush()  # the loads of every breaker's shared state, awaited
-        print("the breaker states shared in Redis (last errors are per worker):")
-    else:
-        print("THIS process only (not the running service: enable [http] and set the "
-              f"admin token {settings.admin.token_env}, or share state with Redis):")
-    rows = []
-    for name, p in settings.providers.items():
-        provider = app.providers.get(name)
-        record = app.breakers.record(name) if provider is not None else None
-        rows.append({
-            "name": name, "kind": p.kind,
-            "model": provider.model if provider is not None else (p.model or "-"),
-            "state": app.breakers.state(name) if provider is not None else "not in any chain",
-            "last_error": record.last_error if record is not None else None,
-            "label": getattr(provider, "label", "") if provider is not None else ""})
+    async with provider_view(settings) as view:
+        if view.shared:
+            print("the breaker states shared in Redis (last errors are per worker):")
+        else:
+            print("THIS process only (not the running service: enable [http] and set the "
+                  f"admin token {settings.admin.token_env}, or share state with Redis):")
+        rows = []
+        for name, p in settings.providers.items():
+            provider = view.providers.get(name)
+            record = view.breakers.record(name) if provider is not None else None
+            rows.append({
+                "name": name, "kind": p.kind,
+                "model": provider.model if provider is not None else (p.model or "-"),
+                "state": view.breakers.state(name) if provider is not None
+                else "not in any chain",
+                "last_error": record.last_error if record is not None else None,
+                "label": getattr(provider, "label", "") if provider is not None else ""})
     if not rows:
         print("no providers configured")
     _print(rows)

@@ -13,12 +13,14 @@ import argparse
 from typing import Any
 
 from adapters.cli.args import at_least
-from engine.usage import usage_report
 
 MAX_DAYS = 366
 
 
 async def cmd_usage(args: argparse.Namespace, app: Any) -> int:
+    # Imported here: every command builds this parser, `usage` alone reports.
+    from engine.usage import usage_report
+
     # An unknown --bot was refused before start-up (adapters/cli/main.py).
     print(await usage_report(app.usage.store, bot=args.bot, days=args.days))
     return 0

@@ -20,18 +20,22 @@ server) and ``platforms.py`` (each bot's chat-platform adapters, for
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from adapters.wiring import scaleout
 from adapters.wiring.app import App, imported
-from adapters.wiring.memory import LazyRecall, bot_memory, start_memory
-from adapters.wiring.providers import provider_config
+from adapters.wiring.memory import LazyRecall, MemoryParts, bot_memory, start_memory
+from adapters.wiring.providers import configure_breakers, used_configs
 from adapters.wiring.settings import Settings
 from engine.conversation import Conversation
 from engine.ports import MemoryPolicy
 from engine.providers.fallback import Breakers, FallbackChain
+from engine.providers.local import LocalProvider
+from engine.providers.openai_compat import OpenAICompatProvider
+from engine.providers.registry import build_provider, sdk_module
 from engine.usage import Budget, Price, UsageAccounting
 from persistence.sql.conversations import SqlConversationStore
 from persistence.sql.database import Database
@@ -41,22 +45,23 @@ log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory: bool = False,
+async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool = False,
                     serve: bool = True, with_bots: bool = True) -> AsyncIterator[App]:
     """Start everything the settings describe; stop it all on exit.
 
     ``with_memory=False`` starts no long-term memory at all (no embedding model,
     no LanceDB, no extraction queue; ``app.memories`` stays empty), for
     commands that only read providers or usage. Replies still work, without
-    recall. ``lazy_memory=True`` opens each memory piece on its first use
-    (``adapters/wiring/memory.py``): what the one-shot commands and the
+    recall. ``lazy=True`` opens each memory piece on its first use
+    (``adapters/wiring/memory.py``) and imports no provider SDK at start
+    (a provider imports its own at its first request; ``warm_up`` loads both
+    beforehand, in worker threads): what the one-shot commands and the
     terminal chat use. ``serve=False`` starts no ``[http]`` server and no
     metrics: a command run beside the service must not take its port.
     ``with_bots=False`` starts no provider, chain nor conversation (nor imports
     a provider SDK): for admin commands that read the stores only.
     """
-    configs = {n: provider_config(n, p, settings) for n, p in settings.providers.items()}
-    used = {name for bot in settings.bots.values() for name in bot.chain}
+    configs = used_configs(settings)
     async with AsyncExitStack() as stack:
         database = await stack.enter_async_context(
             Database(settings.storage.resolved_database_url())
@@ -73,19 +78,16 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory
         app.ready_checks["starting"] = _not_yet
         # Redis-shared state, metrics, ops endpoint
         await scaleout.start(stack, app, serve=serve)
-        for name, config in configs.items():
-            if name not in used or not with_bots:
-                continue  # configured but in no chain: do not start it (a local model is heavy)
-            # The provider SDKs (openai, aioboto3): imported only when used, off the loop.
-            await imported("engine.providers.registry")
-            from engine.providers.registry import build_provider
-
-            provider = build_provider(config)
-            if hasattr(provider, "__aenter__"):
-                provider = await stack.enter_async_context(provider)  # type: ignore[arg-type]
-            app.providers[name] = provider
-            app.breakers.configure(name, fail_max=config.fail_max,
-                                   reset_timeout_s=config.reset_timeout_s)
+        if with_bots and configs:
+            await imported("pybreaker")  # imports redis: 0.1-0.2 s, not on the loop
+            for name, config in configs.items():
+                provider = build_provider(config)
+                if hasattr(provider, "__aenter__"):
+                    provider = await stack.enter_async_context(provider)  # type: ignore[arg-type]
+                app.providers[name] = provider
+            configure_breakers(app.breakers, configs)
+            if not lazy:  # the SDKs the chains use (openai, aioboto3): not on the loop either
+                await _prepare(app, list(configs))
         app.usage = UsageAccounting(
             SqlUsageStore(database),
             prices={n: Price(p.price_input_per_mtok, p.price_output_per_mtok)
@@ -94,8 +96,9 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory
                      for n, b in settings.bots.items()},
         )
         app.observers.append(app.usage)
-        memory_parts = (await start_memory(stack, settings, app, lazy=lazy_memory)
+        memory_parts = (await start_memory(stack, settings, app, lazy=lazy)
                         if with_memory else None)
+        app.extras["memory_parts"] = memory_parts  # what warm_up opens
         for bot_name, bot in settings.bots.items() if with_bots else ():
             chain = FallbackChain([app.providers[n] for n in bot.chain], app.breakers,
                                   name=bot_name, skip=app.usage.skip_for(bot_name))
@@ -105,7 +108,7 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory
             policy: MemoryPolicy | None = memory
             if memory is not None and memory_parts is not None:
                 app.memories[bot_name] = memory
-                policy = LazyRecall(memory, memory_parts) if lazy_memory else memory
+                policy = LazyRecall(memory, memory_parts) if lazy else memory
             if policy is not None and app.metrics is not None:
                 from adapters.ops.metrics import TimedMemory
 
@@ -132,3 +135,36 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy_memory
 
 async def _not_yet() -> bool:
     return False
+
+
+async def _prepare(app: App, names: list[str]) -> None:
+    """Import the SDKs of these providers in worker threads, one at a time
+    (``imported``), and build their clients."""
+    configs = used_configs(app.settings)
+    for module in dict.fromkeys(sdk_module(configs[name].kind) for name in names):
+        await imported(module)
+    for name in names:
+        provider = app.providers[name]
+        if isinstance(provider, OpenAICompatProvider):
+            await provider.prepare()
+
+
+async def warm_up(app: App, bot: str) -> None:
+    """Load now, in worker threads, what the first reply of ``bot`` needs: the
+    SDKs of its chain's providers, the local model when it comes first in the
+    chain (the demo) and, when there are memories to recall
+    (``MemoryParts.may_have_tables``), the embedding model and LanceDB.
+
+    ``boternity chat`` starts it beside the prompt, so the loads overlap the
+    wait for the first line, and awaits it before the first reply. Built
+    with ``lazy=False``, only the local model is left to load.
+    """
+    names = app.settings.bots[bot].chain
+    await _prepare(app, names)
+    first = app.providers[names[0]]
+    if isinstance(first, LocalProvider):
+        await first.start()  # it answers the first line: its model is needed anyway
+    parts: MemoryParts | None = app.extras.get("memory_parts")
+    if parts is not None and bot in app.memories and \
+            await asyncio.to_thread(parts.may_have_tables):
+        await parts.open_all()

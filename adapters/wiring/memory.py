@@ -8,6 +8,7 @@ import and load, so each piece opens on its first use, in a worker thread:
   and verifying memories never embed);
 - each LanceDB store at its first call (``memory why`` reads only the SQL
   recall log, so it never opens LanceDB);
+- the SQL recall log at its first call (``LazyRecallLog``);
 - and a bot's recall opens nothing while the memory directory holds no table
   (the demo, whose local model never extracts facts, never pays for memory).
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,12 +34,11 @@ from adapters.wiring.settings import Settings
 from engine.admin.memory import BotInfo, MemoryAdmin
 from engine.background import Background
 from engine.memory.policy import BotMemory, MemoryConfig
-from engine.ports import MemoryStore, ReplyObserver, SharedMemoryStore
+from engine.ports import MemoryStore, RecallLog, ReplyObserver, SharedMemoryStore
 from engine.providers.fallback import FallbackChain
-from engine.types import Fact, IncomingMessage, Reply
+from engine.types import Fact, IncomingMessage, RecallRecord, Reply
 from persistence.sql.chain_heads import SqlChainHeads
 from persistence.sql.provenance import learned_in
-from persistence.sql.recall_log import SqlRecallLog
 from persistence.vectors.embeddings import DIMENSION, MODEL_NAME, FastEmbedder
 
 T = TypeVar("T")
@@ -114,7 +114,7 @@ class MemoryParts:
     embedder: LazyEmbedder
     store: MemoryStore
     shared: SharedMemoryStore
-    recall_log: SqlRecallLog
+    recall_log: RecallLog
     jobs: Background
     stores: tuple[Once[Any], Once[Any]]  # own and shared LanceDB stores
     local_dir: Path | None  # the LanceDB directory; None for an object store URI
@@ -127,6 +127,8 @@ class MemoryParts:
         await self.embedder.once.get()
         for once in self.stores:
             await once.get()
+        if isinstance(self.recall_log, LazyRecallLog):
+            await self.recall_log.once.get()  # a recall is recorded: needed too
 
     def may_have_tables(self) -> bool:
         """False only when the local memory directory surely holds no table yet."""
@@ -175,7 +177,8 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App, *,
         heads=SqlChainHeads(app.database)))  # the chain head outside LanceDB
     parts = MemoryParts(
         embedder, cast(MemoryStore, Deferred(own)), cast(SharedMemoryStore, Deferred(shared)),
-        SqlRecallLog(app.database), await stack.enter_async_context(Background(name="memory")),
+        LazyRecallLog(app.database) if lazy else await _open_recall_log(app.database),
+        await stack.enter_async_context(Background(name="memory")),
         (own, shared), None if "://" in uri else Path(uri))
     if not lazy:
         await parts.open_all()
@@ -188,6 +191,31 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App, *,
     return parts
 
 
+class LazyRecallLog:
+    """The SQL recall log, imported at its first call: it loads SQLAlchemy's
+    PostgreSQL dialect, which a chat that recalls nothing never needs."""
+
+    def __init__(self, database: Any) -> None:
+        self.once: Once[RecallLog] = Once(functools.partial(_open_recall_log, database))
+
+    async def record(self, record: RecallRecord) -> None:
+        await (await self.once.get()).record(record)
+
+    async def last(self, bot: str, chat: str) -> RecallRecord | None:
+        return await (await self.once.get()).last(bot, chat)
+
+    async def chats(self, bot: str, *, limit: int = 20) -> list[RecallRecord]:
+        return await (await self.once.get()).chats(bot, limit=limit)
+
+    async def scrub(self, bot: str, fact_ids: Collection[str]) -> int:
+        return await (await self.once.get()).scrub(bot, fact_ids)
+
+
+async def _open_recall_log(database: Any) -> RecallLog:
+    module = await imported("persistence.sql.recall_log")
+    return cast(RecallLog, module.SqlRecallLog(database))
+
+
 async def upgrade_stored_memories(app: App, uri: str, options: dict[str, str] | None) -> bool:
     """Rewrite old user keys and place pre-scope facts (``persistence/vectors/rekey.py``).
 
@@ -196,6 +224,8 @@ async def upgrade_stored_memories(app: App, uri: str, options: dict[str, str] | 
     """
     # lancedb and pyarrow take about a second to import: not on the event loop.
     await imported("persistence.vectors.rekey")
+    if app.redis is None:
+        await imported("filelock")  # the writer lock below is a file lock
     from persistence.vectors.rekey import upgrade_memory
     from persistence.vectors.tables import connect
 

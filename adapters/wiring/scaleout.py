@@ -34,9 +34,6 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from filelock import AsyncFileLock
-from sqlalchemy import make_url
-
 from adapters.wiring.app import App, imported
 from adapters.wiring.settings import Settings
 from engine.errors import StorageError
@@ -44,6 +41,7 @@ from engine.providers.fallback import Breakers
 
 if TYPE_CHECKING:
     from adapters.ops.server import Check
+    from persistence.redis.breakers import SharedBreakers
 
     # Types only: importing it loads lancedb and pyarrow (seconds), which
     # commands without memory (`providers`, `usage`) never need.
@@ -86,7 +84,15 @@ def writer_lock(app: App, name: str) -> LockFactory:
     data_dir = app.settings.storage.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     path = str(data_dir / f"{name}.lock")
-    return lambda: AsyncFileLock(path)
+
+    def file_lock() -> contextlib.AbstractAsyncContextManager[Any]:
+        # Imported at the first lock (memory opening, in a worker thread, imports
+        # it first: adapters/wiring/memory.py), not by every command at start.
+        from filelock import AsyncFileLock
+
+        return AsyncFileLock(path)
+
+    return file_lock
 
 
 def lancedb_check(store: LanceMemoryStore) -> Check:
@@ -110,10 +116,7 @@ async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
         try:
             await _start_redis(stack, app, storage.redis_url)
         except (RedisError, OSError) as exc:
-            safe = make_url(storage.redis_url).render_as_string(hide_password=True) \
-                if "://" in storage.redis_url else "(unparsable url)"
-            raise StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
-                               "check [storage] redis_url") from exc
+            raise _unreachable(storage.redis_url, exc) from exc
 
     if not serve:
         return  # a one-shot command beside the service must not take (or fail on) its port
@@ -139,20 +142,49 @@ async def start(stack: AsyncExitStack, app: App, *, serve: bool = True) -> None:
         app.ops = ops
 
 
+def _unreachable(url: str, exc: BaseException) -> StorageError:
+    from sqlalchemy import make_url  # parses the URL to hide its password
+
+    safe = make_url(url).render_as_string(hide_password=True) if "://" in url \
+        else "(unparsable url)"
+    return StorageError(f"redis {safe}: cannot connect ({type(exc).__name__}); "
+                        "check [storage] redis_url")
+
+
+async def shared_breakers(stack: AsyncExitStack, settings: Settings) -> tuple[SharedBreakers,
+                                                                             Breakers]:
+    """Breakers whose state every worker shares through Redis (``[storage] redis_url``).
+
+    Started alone by ``boternity providers``; ``start`` starts them with the
+    rest of the Redis-shared state.
+    """
+    url = settings.storage.redis_url
+    assert url is not None
+    await imported("persistence.redis.breakers")  # redis, pybreaker: off the loop
+    from redis.exceptions import RedisError
+
+    from persistence.redis.breakers import SharedBreakers
+
+    try:
+        shared = await stack.enter_async_context(
+            SharedBreakers(url, namespace=settings.storage.redis_namespace))
+    except (RedisError, OSError) as exc:
+        raise _unreachable(url, exc) from exc
+    return shared, Breakers(fail_max=settings.chain.fail_max,
+                            reset_timeout_s=settings.chain.reset_timeout_s,
+                            storage=shared.storage)
+
+
 async def _start_redis(stack: AsyncExitStack, app: App, url: str) -> None:
     await imported("persistence.redis.state")
-    from persistence.redis.breakers import SharedBreakers
     from persistence.redis.inflight import OnceStore, RedisInflight
     from persistence.redis.state import RedisState
 
     settings, storage = app.settings, app.settings.storage
     namespace = storage.redis_namespace
-    shared = await stack.enter_async_context(SharedBreakers(url, namespace=namespace))
+    shared, breakers = await shared_breakers(stack, settings)
     app.extras["shared_breakers"] = shared
-    # Replace the in-process breakers before any breaker exists.
-    app.breakers = Breakers(fail_max=settings.chain.fail_max,
-                            reset_timeout_s=settings.chain.reset_timeout_s,
-                            storage=shared.storage)
+    app.breakers = breakers  # replaces the in-process breakers before any breaker exists
     redis = await stack.enter_async_context(
         RedisState(url, namespace=namespace, lease_s=storage.redis_lease_s))
     app.redis = redis

@@ -11,7 +11,9 @@ raises only ``engine.errors.ProviderError`` subclasses, mid-stream included.
 - The SDK never retries (``total_max_attempts=1``): the fallback chain decides
   what happens next, and botocore's default 5 attempts cost ~8 s per failure.
 - One aioboto3 client is opened on ``__aenter__`` (or lazily on first use)
-  and kept for every request; ``__aexit__`` closes it.
+  and kept for every request; ``__aexit__`` closes it. aioboto3 (with
+  aiohttp) takes about a second to import: it is imported then, in a worker
+  thread, so building a provider (``boternity providers``) imports no SDK.
 - Timeouts: ``timeout_s`` bounds connect and each socket read (and a whole
   non-streaming call); ``first_token_timeout_s`` bounds the wait for the
   first text; ``idle_timeout_s`` bounds each later gap between events.
@@ -20,18 +22,13 @@ raises only ``engine.errors.ProviderError`` subclasses, mid-stream included.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Self, TypeVar
 
-import aioboto3
-
-# aiohttp is aiobotocore's transport: a dropped connection surfaces as a raw
-# aiohttp.ClientPayloadError that botocore does not wrap.
-import aiohttp
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -98,6 +95,10 @@ _TOO_LONG_HINTS = ("too long", "too many tokens", "too many input tokens", "cont
 
 def map_error(provider: str, exc: BaseException) -> ProviderError:
     """Translate an SDK / transport error into our error tree (never leaks keys)."""
+    # aiohttp is aiobotocore's transport (imported with it): a dropped connection
+    # surfaces as a raw aiohttp.ClientPayloadError that botocore does not wrap.
+    import aiohttp
+
     if isinstance(exc, ProviderError):
         return exc
     if isinstance(exc, ClientError):  # EventStreamError (in-stream) is a ClientError too
@@ -208,6 +209,9 @@ class BedrockProvider(ClosesOnExit):
     async def _open(self) -> Any:
         async with self._lock:
             if self._client is None:
+                aioboto3 = await asyncio.to_thread(importlib.import_module, "aioboto3")
+                from botocore.config import Config
+
                 session = aioboto3.Session(
                     profile_name=self.profile, region_name=self.region,
                     aws_access_key_id=self.aws_access_key_id,

@@ -59,8 +59,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-
-import pybreaker
+from typing import TYPE_CHECKING
 
 from engine.errors import (
     AllProvidersFailed,
@@ -77,13 +76,20 @@ from engine.ports import Provider
 from engine.providers.repetition import RepetitionGuard
 from engine.types import Capabilities, Chunk, CompletionRequest, Failure, Message, Usage
 
+if TYPE_CHECKING:
+    # Imported with the first breaker (``Breakers.get``): pybreaker imports
+    # redis (and tornado, when installed) at import, 0.1-0.2 s that commands
+    # creating no breaker (``boternity providers`` without Redis, ``memory``)
+    # never pay. The composition root imports it in a worker thread.
+    import pybreaker
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Breakers", "ChainRun", "FallbackChain", "NoProviderFits", "ProviderStatus",
            "SkipRule", "estimate_request_tokens", "estimate_tokens", "fit_reason"]
 
 SkipRule = Callable[[Provider, CompletionRequest], "str | Awaitable[str | None] | None"]
-StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
+StorageFactory = Callable[[str], "pybreaker.CircuitBreakerStorage"]
 
 CONTINUE_INSTRUCTION = (
     "Your previous answer (the assistant message above) was cut off. Continue it "
@@ -167,6 +173,8 @@ class Breakers:
     def get(self, name: str) -> pybreaker.CircuitBreaker:
         breaker = self._breakers.get(name)
         if breaker is None:
+            import pybreaker
+
             breaker = pybreaker.CircuitBreaker(
                 fail_max=self.fail_max,
                 reset_timeout=self.reset_timeout_s,
@@ -185,6 +193,8 @@ class Breakers:
     def state(self, name: str) -> str:
         if self.record(name).cooldown_until > time.monotonic():
             return "cooling down"
+        if name not in self._breakers and self._storage is None:
+            return "closed"  # no breaker yet, so no call went through it: as a new one starts
         return str(self.get(name).current_state)
 
 
@@ -293,6 +303,8 @@ class FallbackChain:
     async def _drive(
         self, request: CompletionRequest, run: ChainRun, extra_skip: SkipRule | None
     ) -> AsyncIterator[Chunk]:
+        import pybreaker  # loaded with the breakers (see the TYPE_CHECKING import)
+
         failures: list[Failure] = []
         for index, provider in enumerate(self.providers):
             attempt = _continuation(request, run.text) if run.text else request

@@ -17,7 +17,8 @@ its own dependencies are not installed). Its answers are weak, so it carries
 The server starts lazily, on the first ``stream``, not in ``__aenter__``: the
 local model is usually the last resort of a chain, and loading it (memory, a
 second of CPU) for every start, or for ``boternity providers``, would cost
-every user for a model most never reach. ``__aexit__`` stops it. Starting and
+every user for a model most never reach (``start()`` loads it earlier, for
+a chat whose first provider it is). ``__aexit__`` stops it. Starting and
 stopping block in C++, so both run in a worker thread.
 """
 
@@ -119,6 +120,13 @@ class LocalProvider(ClosesOnExit):
                 await asyncio.to_thread(self._stop)
                 log.info("local model %s stopped", self.model)
 
+    async def start(self) -> None:
+        """Load the model now rather than at the first ``stream``; idempotent.
+
+        For a chat whose first provider this is: it loads while the user types.
+        """
+        await self._started()
+
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         client = await self._started()
         async for chunk in client.stream(request):
@@ -128,10 +136,12 @@ class LocalProvider(ClosesOnExit):
         async with self._lock:
             if self._client is None:
                 address = await asyncio.to_thread(self._start)
-                self._client = OpenAICompatProvider(
+                client = OpenAICompatProvider(
                     name=self.name, model=self.model, base_url=f"{address}/v1",
                     capabilities=self.capabilities, label=self.label, **self._client_options,
                 )
+                await client.prepare()  # the SDK, not on the event loop
+                self._client = client
                 log.info("local model %s serving on %s (%s)", self.model, address, self.label)
             return self._client
 

@@ -11,6 +11,11 @@
 ``bedrock`` (``engine/providers/bedrock.py``, loaded only when used, so
 aioboto3 is not imported by users who do not need it).
 A bad combination raises ``ConfigError`` naming the provider.
+
+Building a provider imports no SDK: each provider imports its own at its
+first request (``openai`` 0.5-1 s, ``aioboto3`` about 1 s), so ``boternity
+providers`` lists them without. ``sdk_module(kind)`` names it, for the
+composition root to import beforehand in a worker thread.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from engine.providers.config import ProviderConfig, capabilities
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.providers.presets import PRESETS
 
-__all__ = ["ProviderConfig", "build_provider", "capabilities"]  # one import for callers
+# One import for callers.
+__all__ = ["ProviderConfig", "build_provider", "capabilities", "sdk_module"]
+
+
+def sdk_module(kind: str) -> str:
+    """The SDK a provider of ``kind`` imports at its first request."""
+    return "aioboto3" if kind == "bedrock" else "openai"  # local: llama.cpp's OpenAI API
 
 
 def build_provider(config: ProviderConfig) -> Provider:
