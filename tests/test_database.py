@@ -6,6 +6,8 @@ Real SQLite files in tmp dirs (tests/test_postgres.py runs the same on PostgreSQ
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,9 @@ from sqlalchemy import inspect, text
 from engine.errors import StorageError
 from persistence.sql.conversations import SqlConversationStore
 from persistence.sql.database import Database, head_revision
+from persistence.sql.migrations import HEAD
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def sqlite_url(path: Path) -> str:
@@ -47,6 +52,28 @@ async def test_restart_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
         history = await SqlConversationStore(db).history("b", "c")
         assert [m.content for m in history] == ["kept"]
         assert await db.revision() == head_revision()
+
+
+def test_head_constant_is_alembics_head() -> None:
+    # A new migration that forgets to move HEAD would be skipped on existing databases.
+    assert HEAD == head_revision()
+
+
+async def test_a_start_at_head_does_not_import_alembic(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "a.db")
+    async with Database(url):
+        pass  # the first start migrates (Alembic)
+    code = (
+        "import asyncio, sys\n"
+        "from persistence.sql.database import Database\n"
+        "async def main():\n"
+        f"    async with Database({url!r}) as db:\n"
+        "        print(await db.ping())\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split("\n")[:2] == ["True", "[]"], done.stdout + done.stderr
 
 
 async def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from engine.errors import StorageError
+from persistence.sql.migrations import HEAD
 from persistence.sql.writer import GroupWriter
 
 if TYPE_CHECKING:
@@ -147,10 +148,16 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
-def _current(connection: Connection) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+def _at_head(connection: Connection) -> bool:
+    """Whether the database is at ``HEAD`` already (then Alembic is not imported)."""
+    return _current(connection) == HEAD
 
-    return MigrationContext.configure(connection).get_current_revision()
+
+def _current(connection: Connection) -> str | None:
+    # Read as Alembic keeps it (one row in a linear history), without importing Alembic.
+    if not sqlalchemy.inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def _sqlite_driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
@@ -171,6 +178,8 @@ async def _migrate(url: URL) -> None:
         event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
     try:
         async with engine.begin() as connection:
+            if await connection.run_sync(_at_head):
+                return
             await connection.run_sync(_upgrade)
     finally:
         await engine.dispose()
