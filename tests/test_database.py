@@ -71,8 +71,8 @@ async def test_a_start_at_head_does_not_import_alembic(tmp_path: Path) -> None:
         "        print(await db.ping())\n"
         "asyncio.run(main())\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, check=True)
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT,
+                                   capture_output=True, text=True, check=True)
     assert done.stdout.split("\n")[:2] == ["True", "[]"], done.stdout + done.stderr
 
 

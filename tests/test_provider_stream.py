@@ -124,12 +124,28 @@ async def test_the_consumers_time_between_chunks_never_counts(openai_fake: FakeO
 
 async def test_a_stall_after_a_slow_consumer_still_times_out(openai_fake: FakeOpenAI) -> None:
     openai_fake.script(Hang(after=1, chunks=("a", "b")))
-    provider = _provider(openai_fake, first_token_timeout_s=0.3, idle_timeout_s=0.3)
+    # A first-token limit no busy machine reaches: only the idle limit may fire.
+    provider = _provider(openai_fake, first_token_timeout_s=600, idle_timeout_s=0.3)
     stream = provider.stream(REQUEST)
     assert (await anext(stream)).text == "a"
     await asyncio.sleep(0.5)  # the timer fires now, while nothing waits: it re-arms later
     with pytest.raises(ProviderTimeout, match="idle timeout"):
         await anext(stream)
+    await provider.aclose()
+
+
+async def test_an_idle_limit_shorter_than_the_first_token_limit_fires_first(
+    openai_fake: FakeOpenAI,
+) -> None:
+    # The timer was armed for the first-token deadline (600 s); after the first text
+    # the deadline moves earlier, and the timer must follow it, not wait 600 s.
+    openai_fake.script(Hang(after=1, chunks=("a", "b")))
+    provider = _provider(openai_fake, timeout_s=600, first_token_timeout_s=600,
+                         idle_timeout_s=0.2)
+    stream = provider.stream(REQUEST)
+    assert (await anext(stream)).text == "a"
+    with pytest.raises(ProviderTimeout, match="idle timeout"):
+        await asyncio.wait_for(anext(stream), 60)  # a bound, not a timing: 300x the limit
     await provider.aclose()
 
 

@@ -40,12 +40,26 @@ class Deadline:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
-        self.at = at
+        self._at = at
         self._loop = loop
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
         self._task: asyncio.Task[Any] | None = None  # set while a ``wait`` runs
         self._expired = False
+
+    @property
+    def at(self) -> float:
+        """The deadline (loop time)."""
+        return self._at
+
+    @at.setter
+    def at(self, value: float) -> None:
+        self._at = value
+        # Later: a float store (the timer re-arms when it fires). Earlier (an idle
+        # limit shorter than the first-token one): the armed timer would fire too late.
+        if self._handle is not None and value < self._armed_at:
+            self._handle.cancel()
+            self._arm()
 
     async def wait(self, awaitable: Awaitable[_T]) -> _T:
         task = asyncio.current_task()
