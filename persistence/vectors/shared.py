@@ -374,7 +374,7 @@ class SharedMemory:
             result = await hybrid_search(table, vector, query, rule.sql(), limit + 5, fts=fts,
                                          min_score=min_score, digests=True)
         elif not (keys := rule.partitions(snap.chats)):
-            return []  # nothing this reader may see (an empty table): no LanceDB at all
+            return []  # nothing this reader may see (an empty table): no LanceDB query
         else:
             result = await scan_search(snap, table, vector, query, rule.sql(), keys, limit + 5,
                                        fts=fts, min_score=min_score)
