@@ -174,7 +174,8 @@ async def start_memory(stack: AsyncExitStack, settings: Settings, app: App, *,
     shared: Once[Any] = Once(functools.partial(
         _enter, upgraded, stores, "persistence.vectors.shared", "SharedMemory", uri, embedder,
         storage_options=options, writer_lock=scaleout.writer_lock(app, "shared-memory"),
-        heads=SqlChainHeads(app.database)))  # the chain head outside LanceDB
+        heads=SqlChainHeads(app.database),  # the chain head outside LanceDB
+        cache_mb=storage.memory_cache_mb))
     parts = MemoryParts(
         embedder, cast(MemoryStore, Deferred(own)), cast(SharedMemoryStore, Deferred(shared)),
         LazyRecallLog(app.database) if lazy else await _open_recall_log(app.database),

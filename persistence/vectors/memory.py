@@ -30,7 +30,7 @@ import pyarrow as pa
 from engine.errors import StorageError
 from engine.ports import Embedder, Progress
 from engine.types import Fact
-from persistence.vectors.recall_cache import GENERATION_KEY, RecallCache
+from persistence.vectors.recall_cache import CACHE_MB, GENERATION_KEY, RecallCache
 from persistence.vectors.scan import Snapshot, scan_search
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
@@ -60,7 +60,6 @@ FIELDS = [
     pa.field("chat", pa.string(), nullable=False),
 ]
 COLUMNS = [f.name for f in FIELDS]
-CACHE_MB = 512  # default recall-cache budget: ~300k memories of 384 dims in all
 SCALAR_INDEXES: dict[str, ScalarIndex] = {"id": "btree", "user": "btree",
                                           "superseded_by": "bitmap", "chat": "btree"}
 

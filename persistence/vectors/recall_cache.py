@@ -11,6 +11,11 @@ full reload. So a row deleted by another process (CLI ``memory forget``,
 another worker) is never recalled after its delete committed. This
 process's own writes go through ``RecallCache.write``: when the write made
 exactly the next version, the change is applied to the snapshot at once.
+
+The shared table (``persistence/vectors/shared.py``) uses the same cache with
+``prepare`` (its rows in the snapshot's shape: partition key, vector digests)
+and ``delta=False``: a row edited in place outside the API keeps its id, so
+only a full reload lets the hash check see the edit.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ T = TypeVar("T")
 # process may drop a table and create it again, and its versions restart at 1: the
 # version alone could match a snapshot of the old table.
 GENERATION_KEY = b"boternity.generation"
+CACHE_MB = 512  # default budget of one cache: ~300k memories of 384 dims
 ROW_OVERHEAD = 160  # bytes per row besides the vector (ids, text, Arrow offsets): estimated
 
 
@@ -57,14 +63,22 @@ class RecallCache:
 
     ``budget_bytes`` caps the estimated memory of every snapshot together; a
     table that would pass it is not loaded (its searches use LanceDB).
+    ``prepare`` turns read rows (``columns`` and the vector) into what
+    ``Snapshot.add`` takes (``user``, ``chat``, ``superseded_by`` and the rest);
+    it runs in a worker thread. ``delta=False``: never catch up by the
+    difference in ids, reload instead.
     """
 
-    def __init__(self, dim: int, *, budget_bytes: int, columns: Sequence[str]) -> None:
+    def __init__(self, dim: int, *, budget_bytes: int, columns: Sequence[str],
+                 prepare: Callable[[pa.Table], pa.Table] | None = None,
+                 delta: bool = True) -> None:
         self.dim = dim
         self.budget = budget_bytes
         if budget_bytes > 0:
             one_blas_thread()
         self._columns = [*columns, "vector"]
+        self._prepare = prepare or (lambda data: data)
+        self._delta = delta
         self._snaps: dict[str, Snapshot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
@@ -106,7 +120,8 @@ class RecallCache:
                 version, schema = await asyncio.gather(table.version(), table.schema())
                 snap = self._snaps.get(bot)
                 if snap is not None and snap.generation == _generation(schema):
-                    if snap.version == version or await self._catch_up(snap, table, version):
+                    if snap.version == version or (
+                            self._delta and await self._catch_up(snap, table, version)):
                         return  # a write brought it up to date while this waited, or a delta
                 rows: int = await table.count_rows()
                 others = sum(s.nbytes for b, s in self._snaps.items() if b != bot)
@@ -119,10 +134,10 @@ class RecallCache:
                 # Batch by batch: the peak holds the snapshot and one batch, not the table twice.
                 reader = await table.query().select(self._columns).to_batches(
                     max_batch_length=8192)
-                snap = Snapshot.of(pa.Table.from_batches([], reader.schema), version,
-                                   _generation(schema), self.dim)
+                snap = Snapshot.of(self._prepare(pa.Table.from_batches([], reader.schema)),
+                                   version, _generation(schema), self.dim)
                 async for batch in reader:
-                    await asyncio.to_thread(snap.add, pa.Table.from_batches([batch]))
+                    await asyncio.to_thread(self._add, snap, pa.Table.from_batches([batch]))
                 if await table.version() != version:
                     return  # changed under the read: the next search asks again
                 await asyncio.to_thread(snap.trim)
@@ -154,9 +169,12 @@ class RecallCache:
             return False
         snap.kill(gone + moved)  # a moved row is added again at its new place
         if rows:
-            snap.add(pa.concat_tables(rows))
+            self._add(snap, pa.concat_tables(rows))
         snap.version = version
         return True
+
+    def _add(self, snap: Snapshot, data: pa.Table) -> None:
+        snap.add(self._prepare(data))
 
     async def write(self, bot: str, table: Any, op: Callable[[], Awaitable[T]],
                     apply: Callable[[Snapshot, T], None]) -> T:

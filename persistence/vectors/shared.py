@@ -27,6 +27,8 @@ Writes go through one writer task (an asyncio queue), so concurrent bots
 never lose a write; across processes the writer lock (Redis, or a file lock
 on one machine) serializes them and each re-reads the head under it.
 ``orphaned`` is the only mutable column and is outside the hash.
+Searches scan a snapshot (``recall_cache.py``; whole reloads: an edit keeps the id)
+over the partitions ``TrustRule`` admits, then run the same hash and chain checks.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from engine.errors import EmbeddingMismatch, StorageError
 from engine.ports import ChainHeadStore, Embedder, Progress
 from engine.types import Fact, IntegrityReport, TrustLevel
 from persistence.vectors.chain import Chain, LocalHeads
+from persistence.vectors.recall_cache import CACHE_MB, GENERATION_KEY, RecallCache
+from persistence.vectors.scan import scan_search
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
     FACT_FIELDS,
@@ -67,6 +71,7 @@ from persistence.vectors.trust import (
     TOMBSTONE,
     TrustRule,
     rows_of,
+    snapshot_shape,
     split_rows,
     tombstone_metadata,
 )
@@ -112,8 +117,10 @@ class SharedMemory:
 
     def __init__(self, db: Any, table: Any, embedder: Embedder, *, ann_threshold: int,
                  maintain_delay_s: float, writer_lock: WriterLock | None = None,
-                 heads: ChainHeadStore | None = None) -> None:
+                 heads: ChainHeadStore | None = None, cache_mb: float = CACHE_MB) -> None:
         self._db = db
+        self.cache = RecallCache(embedder.dimension, budget_bytes=int(cache_mb * 2**20),
+                                 columns=COLUMNS, prepare=snapshot_shape, delta=False)
         self._chain = Chain(TABLE, lambda: self._raw, heads or LocalHeads(), COLUMNS)
         # Several processes writing one table (scale-out): each append takes
         # this cross-process lock and re-reads the chain head under it.
@@ -121,14 +128,12 @@ class SharedMemory:
         self._raw = table
         self._embedder = embedder
         self._maintainer = Maintainer(TABLE, lambda: self._raw, scalar=SCALAR_INDEXES,
-                                      ann_threshold=ann_threshold,
-                                      delay_s=maintain_delay_s)
-        self._queue: asyncio.Queue[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = (
-            asyncio.Queue())
+                                      ann_threshold=ann_threshold, delay_s=maintain_delay_s)
+        self._queue: asyncio.Queue[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]]
+        self._queue = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self.tampered_reads = 0
-        # Set when the table was written with another embedding model: reads
-        # and publishes raise it until ``reembed`` (the app still starts).
+        # Another embedding model wrote the table: reads and publishes raise it until reembed.
         self._mismatch: EmbeddingMismatch | None = None
 
     @classmethod
@@ -137,17 +142,17 @@ class SharedMemory:
         cls, uri: str, embedder: Embedder, *, storage_options: dict[str, str] | None = None,
         ann_threshold: int = ANN_THRESHOLD, maintain_delay_s: float = 2.0,
         writer_lock: WriterLock | None = None, heads: ChainHeadStore | None = None,
+        cache_mb: float = CACHE_MB,
     ) -> SharedMemory:
         """``heads``: where the chain head lives (the app passes the SQL store; without
         one it lives in this process only). ``writer_lock``: serializes writers
-        across processes (Redis, or a file lock)."""
+        across processes (Redis, or a file lock). ``cache_mb``: the recall cache's budget."""
         db = await connect(uri, storage_options)
-        schema = with_model(FIELDS, embedder.model_name, embedder.dimension, "")
         if TABLE in await table_names(db):
             table = await db.open_table(TABLE)
         else:
-            table = await db.create_table(TABLE, schema=schema, exist_ok=True)
-        store = cls(db, table, embedder, ann_threshold=ann_threshold,
+            table = await db.create_table(TABLE, schema=_schema(embedder), exist_ok=True)
+        store = cls(db, table, embedder, ann_threshold=ann_threshold, cache_mb=cache_mb,
                     maintain_delay_s=maintain_delay_s, writer_lock=writer_lock, heads=heads)
         try:
             check_model(TABLE, await table.schema(), embedder.model_name, embedder.dimension)
@@ -183,6 +188,7 @@ class SharedMemory:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         await self._maintainer.close()
+        await self.cache.close()
 
     # -- the one writer -------------------------------------------------
 
@@ -244,7 +250,10 @@ class SharedMemory:
                 "author_name": shared.author_name, "metadata": shared.metadata,
                 "orphaned": False,
             }
-            await self._chain.append(row, vector, await self._raw.schema())
+            schema = await self._raw.schema()
+            await self.cache.write(  # mirrored into the snapshot (when it is the next version)
+                TABLE, self._raw, lambda: self._chain.append(row, vector, schema),
+                lambda snap, new: snap.add(snapshot_shape(pa.Table.from_pylist([new], schema))))
             self._maintainer.poke()
             return shared
 
@@ -302,8 +311,8 @@ class SharedMemory:
             await self._chain.settle()
             await self._chain.check_intact()  # new vectors mean new hashes: a new chain
             data = await self._raw.query().select(COLUMNS).to_arrow()
-            schema = with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, "")
-            rows = await rewrite_beside(self._db, TABLE, data, self._embedder, schema, progress,
+            rows = await rewrite_beside(self._db, TABLE, data, self._embedder,
+                                        _schema(self._embedder), progress,
                                         finish=self._chain.rehash)
             self._raw = await self._db.open_table(TABLE)
             await self._chain.commit()
@@ -316,6 +325,12 @@ class SharedMemory:
     async def maintain(self) -> None:
         """Run index maintenance now (tests, benchmarks, after an import)."""
         await self._maintainer.run_now()
+
+    async def warm(self) -> bool:
+        """Load the recall cache now (tests, benchmarks); whether searches use it."""
+        self.cache.reload(TABLE, self._raw)
+        await self.cache.wait(TABLE)
+        return await self.cache.current(TABLE, self._raw) is not None
 
     # -- reads (every one through TrustRule and the hash check) ---------
 
@@ -353,9 +368,16 @@ class SharedMemory:
         if vector is None:
             vector = (await self._embedder.embed([query]))[0]
         # A few extra rows so that excluded (tampered) ones do not shorten the answer.
-        result = await hybrid_search(self._raw, vector, query, rule.sql(), limit + 5,
-                                     fts=self._maintainer.fts, min_score=min_score,
-                                     digests=True)
+        table, fts = self._raw, self._maintainer.fts
+        snap = await self.cache.current(TABLE, table)
+        if snap is None:
+            result = await hybrid_search(table, vector, query, rule.sql(), limit + 5, fts=fts,
+                                         min_score=min_score, digests=True)
+        elif not (keys := rule.partitions(snap.chats)):
+            return []  # nothing this reader may see (an empty table): no LanceDB query
+        else:
+            result = await scan_search(snap, table, vector, query, rule.sql(), keys, limit + 5,
+                                       fts=fts, min_score=min_score)
         facts = [_fact(r, r["score"]) for r in await self._verified(result, rule)
                  if min_score is None or r["score"] >= min_score]
         return facts[:limit]
@@ -391,3 +413,8 @@ class SharedMemory:
             log.warning("shared memory integrity: %d tampered, %d gap(s)",
                         len(report.tampered), len(report.missing))
         return report
+
+
+def _schema(embedder: Embedder) -> pa.Schema:  # a new table: a new generation (recall cache)
+    schema = with_model(FIELDS, embedder.model_name, embedder.dimension, "")
+    return schema.with_metadata({**schema.metadata, GENERATION_KEY: uuid.uuid4().hex.encode()})

@@ -7,6 +7,12 @@ renders the predicate every query carries (values quoted); ``allows(row)``
 checks each returned row again in Python, so an escaping mistake can never
 widen what a reader sees.
 
+In the recall snapshot (``persistence/vectors/scan.py``, via
+``snapshot_shape``) a shared row sits in the partition (user, visibility):
+its level and the group (trusted) or author (private) that level looks at.
+``TrustRule.partitions`` picks the partitions ``allows`` admits, so the
+snapshot path and the SQL predicate answer the same rows.
+
 The chain (functions here, so every rewrite of the table uses the same ones):
 ``row_hash`` is the write hash of a row: its content, its vector, its place
 in the chain and the previous row's hash. The head (last seq and hash) lives
@@ -25,14 +31,16 @@ walk steps over a deleted row through the tombstone's record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.types import ChainHead, IntegrityReport
 from persistence.vectors.tables import in_list, micros, quote, vector_digests
@@ -69,6 +77,39 @@ class TrustRule:
                 or (level == "trusted" and row["trust_group"] in self.groups)
                 or (level == "private" and row["author_bot"] == self.reader))
         return seen and (self.users is None or row["user"] in self.users)
+
+    def partitions(self, chats: Mapping[str, set[str]]) -> list[tuple[str, str]]:
+        """The snapshot's (user, visibility) partitions (``Snapshot.chats``) this rule
+        admits, by ``allows`` on what each partition's key says."""
+        users = sorted(chats if self.users is None else self.users)
+        return [(user, key) for user in users for key in sorted(chats.get(user, ()))
+                if self.allows({"user": user, **_visibility(key)})]
+
+
+def visibility(level: str, group: str, author: str) -> str:
+    """A shared row's partition key: its level and the field that level looks at
+    (JSON: no value can make two keys alike)."""
+    looked_at = group if level == "trusted" else author if level == "private" else ""
+    return json.dumps([level, looked_at], ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _visibility(key: str) -> dict[str, str]:
+    level, looked_at = json.loads(key)
+    return {"trust_level": level, "trust_group": looked_at, "author_bot": looked_at}
+
+
+def snapshot_shape(data: pa.Table) -> pa.Table:
+    """Shared rows (with the vector) as ``Snapshot.add`` takes them: ``chat`` = the
+    visibility key, ``superseded_by`` = the level for tombstones (never recalled), ""
+    otherwise, and ``vector_sha`` (the hash check's digest, computed once here)."""
+    columns = [data.column(c).to_pylist() for c in ("trust_level", "trust_group", "author_bot")]
+    keys = [visibility(*row) for row in zip(*columns, strict=True)]
+    gone = pc.if_else(pc.equal(data.column("trust_level"), TOMBSTONE), TOMBSTONE, "")
+    return (data.append_column("chat", pa.array(keys, pa.string()))
+            .append_column("superseded_by", gone.cast(pa.string()))
+            .append_column("vector_sha", pa.array(vector_digests(data.column("vector")),
+                                                  pa.string())))
 
 
 def _content(row: dict[str, Any]) -> list[Any]:
