@@ -119,22 +119,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _fake_server(chunks: int) -> tuple[subprocess.Popen[str], str]:
+    sys.path.insert(0, str(ROOT))  # this script runs from benchmarks/
+    from tests.fakes.openai_server import spawn_openai_fake
+
     # Token-sized pieces of prose that never loop (the repetition guard scans it all).
     rng = random.Random(7)
     words = tuple(f" {rng.choice(VOCABULARY)}" for _ in range(chunks))
-    code = (
-        "import asyncio, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from tests.fakes.openai_server import start_openai_fake, Text\n"
-        "async def main():\n"
-        f"    answer = Text(chunks={words!r}, usage=(900, {chunks}))\n"
-        "    async with start_openai_fake(answer) as fake:\n"
-        "        print(fake.base_url, flush=True)\n"
-        "        await asyncio.Event().wait()\n"
-        "asyncio.run(main())\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
+    return spawn_openai_fake(words, (900, chunks))
 
 
 def _spawn(args: argparse.Namespace, variant: str, root: str, base_url: str,

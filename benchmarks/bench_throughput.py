@@ -106,7 +106,7 @@ async def _path(concurrency: int, replies: int, db_url: str | None) -> dict[str,
     """The reply path alone: an in-process chain that answers at once, the real
     database, history and usage row, no SDK and no memory."""
     from engine.conversation import Conversation
-    from engine.types import Capabilities, Chunk, IncomingMessage, Reply, Usage
+    from engine.types import Capabilities, Chunk, Usage
     from engine.usage import UsageAccounting
     from persistence.sql.conversations import SqlConversationStore
     from persistence.sql.database import Database
@@ -134,18 +134,27 @@ async def _path(concurrency: int, replies: int, db_url: str | None) -> dict[str,
                 bot="b", persona="You help.", chain=Chain(), store=SqlConversationStore(db),
                 observers=[UsageAccounting(SqlUsageStore(db), prices={})])
 
-            async def send(n: int, i: int) -> None:
-                message = IncomingMessage(platform="telegram", bot="b", chat=str(1000 + n),
-                                          user=f"telegram:{n}", text=_question(n, i),
-                                          message_id=f"{n}-{i}")
-                async for item in conversation.reply(message):
-                    if isinstance(item, Reply) and item.error:
-                        raise RuntimeError(item.error)
-
+            send = _sender(conversation)
             for n in range(concurrency):  # some history in every chat
                 for i in range(10):
                     await send(n, -1 - i)
             return await _drive(send, concurrency, replies)
+
+
+def _sender(conversation: Any) -> Any:
+    """``send(n, i)``: chat n's i-th message, as the Telegram adapter keys it, answered."""
+    from engine.types import IncomingMessage, Reply
+
+    async def send(n: int, i: int) -> None:
+        # Unique per (chat, i): a query-embedding cache cannot flatter recall.
+        message = IncomingMessage(platform="telegram", bot="b", chat=str(1000 + n),
+                                  user=f"telegram:{n}", text=_question(n, i),
+                                  message_id=f"{n}-{i}")
+        async for item in conversation.reply(message):
+            if isinstance(item, Reply) and item.error:
+                raise RuntimeError(item.error)
+
+    return send
 
 
 def _config(data: Path, base_url: str, db_url: str | None, memory: bool) -> Path:
@@ -166,7 +175,6 @@ async def _app(base_url: str, concurrency: int, replies: int, memory: bool,
 
     from adapters.wiring.build import build_app
     from adapters.wiring.settings import load_settings
-    from engine.types import IncomingMessage, Reply
 
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,17 +183,7 @@ async def _app(base_url: str, concurrency: int, replies: int, memory: bool,
         async with build_app(settings) as app:
             if memory:
                 await _seed(app, concurrency)
-            conversation = app.conversations["b"]
-
-            async def send(n: int, i: int) -> None:
-                # Unique per (chat, i): a query-embedding cache cannot flatter recall.
-                message = IncomingMessage(platform="telegram", bot="b", chat=str(1000 + n),
-                                          user=f"telegram:{n}", text=_question(n, i),
-                                          message_id=f"{n}-{i}")
-                async for item in conversation.reply(message):
-                    if isinstance(item, Reply) and item.error:
-                        raise RuntimeError(item.error)
-
+            send = _sender(app.conversations["b"])
             await send(0, -1)
             return await _drive(send, concurrency, replies)
 
@@ -232,19 +230,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _fake_server() -> tuple[subprocess.Popen[str], str]:
-    code = (
-        "import asyncio, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from tests.fakes.openai_server import start_openai_fake, Text\n"
-        "async def main():\n"
-        "    async with start_openai_fake(Text(chunks=('The', ' answer', ' is', ' 42.'),"
-        " usage=(20, 4))) as fake:\n"
-        "        print(fake.base_url, flush=True)\n"
-        "        await asyncio.Event().wait()\n"
-        "asyncio.run(main())\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
+    sys.path.insert(0, str(ROOT))  # this script runs from benchmarks/
+    from tests.fakes.openai_server import spawn_openai_fake
+
+    return spawn_openai_fake(("The", " answer", " is", " 42."), (20, 4))
 
 
 def _pg_database() -> tuple[str, str]:

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -301,3 +304,23 @@ async def start_openai_fake(default: Behaviour | None = None) -> AsyncIterator[F
         fake._release.set()  # wake hanging handlers so cleanup is quick
         with suppress(Exception):
             await runner.cleanup()
+
+
+def spawn_openai_fake(chunks: tuple[str, ...], usage: tuple[int, int]
+                      ) -> tuple[subprocess.Popen[str], str]:
+    """The fake in a process of its own, answering every request with ``Text(chunks,
+    usage)``: (the process, its base URL). For benchmarks, whose client must not share
+    a CPU-bound loop with its server; kill the process when done."""
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    code = (
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "from tests.fakes.openai_server import start_openai_fake, Text\n"
+        "async def main():\n"
+        f"    async with start_openai_fake(Text(chunks={chunks!r}, usage={usage!r})) as fake:\n"
+        "        print(fake.base_url, flush=True)\n"
+        "        await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
