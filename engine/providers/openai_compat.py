@@ -346,7 +346,6 @@ def _read_chunk(name: str, event: Any) -> tuple[str | None, Usage | None]:
 _FIRST_REQUEST_MODULES = ("httpcore2", "h11", "anyio._backends._asyncio")
 
 
-
 def _retry_after(response: httpx2.Response) -> float | None:
     value = response.headers.get("retry-after")
     try:

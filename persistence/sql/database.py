@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# SQL, (parameter, default) in position order, a converter per column (None: as is)
-_DriverSql = tuple[str, tuple[tuple[str, Any], ...], tuple[Callable[[Any], Any] | None, ...]]
+# SQL, (parameter, default) in position order, (column index, converter) for each
+# column whose type converts (a date); the others are used as the driver returns them
+_DriverSql = tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[int, Callable[[Any], Any]], ...]]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
@@ -207,8 +208,7 @@ class Database:
         self._echo = echo
         self._engine: AsyncEngine | None = None
         self._reads: AsyncEngine | None = None
-        self._compiled: dict[int, tuple[str, tuple[tuple[str, Any], ...],
-                                        tuple[Callable[[Any], Any] | None, ...], Any]] = {}
+        self._compiled: dict[int, tuple[_DriverSql, Select[Any]]] = {}
         self._writer_engine: sqlalchemy.Engine | None = None
         self._writer: GroupWriter | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
@@ -245,13 +245,12 @@ class Database:
         async with self.reads.connect() as connection:
             if self.dialect != "sqlite":
                 return [tuple(row) for row in await connection.execute(statement, params)]
-            sql, names, convert = self._driver_sql(statement, connection.dialect)
+            sql, names, changes = self._driver_sql(statement, connection.dialect)
             driver = (await connection.get_raw_connection()).driver_connection
             assert driver is not None  # a checked-out connection always has one
             rows = await driver.execute_fetchall(
                 sql, tuple(params.get(name, default) for name, default in names))
         # Only the columns whose type converts (a date) are touched.
-        changes = [(i, f) for i, f in enumerate(convert) if f is not None]
         if not changes:
             return [tuple(row) for row in rows]
         converted: list[tuple[Any, ...]] = []
@@ -269,11 +268,12 @@ class Database:
             # The binds' own values (e.g. the OFFSET 0 SQLite adds after LIMIT).
             names = tuple((name, plan.binds[name].effective_value)
                           for name in plan.positiontup or ())
-            convert = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None)
-                            for column in statement.selected_columns)
+            convert = (column.type.dialect_impl(dialect).result_processor(dialect, None)
+                       for column in statement.selected_columns)
+            changes = tuple((i, f) for i, f in enumerate(convert) if f is not None)
             # Keep the statement alive with its plan: the key is its id().
-            compiled = self._compiled[id(statement)] = (str(plan), names, convert, statement)
-        return compiled[:3]
+            compiled = self._compiled[id(statement)] = ((str(plan), names, changes), statement)
+        return compiled[0]
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:

@@ -30,7 +30,7 @@ import pyarrow as pa
 from engine.errors import StorageError
 from engine.ports import Embedder, Progress
 from engine.types import Fact
-from persistence.vectors.recall_cache import CACHE_MB, GENERATION_KEY, RecallCache
+from persistence.vectors.recall_cache import CACHE_MB, RecallCache, new_generation
 from persistence.vectors.scan import Snapshot, scan_search
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
@@ -144,10 +144,7 @@ class LanceMemoryStore:
     def _schema(self, bot: str, *, new: bool = False) -> pa.Schema:
         """``new``: for a table being created or rewritten (a fresh generation)."""
         schema = with_model(FIELDS, self._embedder.model_name, self._embedder.dimension, bot)
-        if new:
-            generation = uuid.uuid4().hex.encode()
-            schema = schema.with_metadata({**schema.metadata, GENERATION_KEY: generation})
-        return schema
+        return new_generation(schema) if new else schema
 
     async def _table(self, bot: str, *, create: bool = False, check: bool = True) -> Any | None:
         if bot in self._tables:
@@ -416,4 +413,3 @@ class LanceMemoryStore:
                 continue
             facts.append(fact)
         return facts
-

@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -216,6 +217,12 @@ def _give_back_memory() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def new_generation(schema: pa.Schema) -> pa.Schema:
+    """``schema`` for a table being created or rewritten: a fresh generation id."""
+    return schema.with_metadata({**(schema.metadata or {}),
+                                 GENERATION_KEY: uuid.uuid4().hex.encode()})
 
 
 def _generation(schema: pa.Schema) -> bytes:

@@ -49,7 +49,7 @@ from engine.errors import EmbeddingMismatch, StorageError
 from engine.ports import ChainHeadStore, Embedder, Progress
 from engine.types import Fact, IntegrityReport, TrustLevel
 from persistence.vectors.chain import Chain, LocalHeads
-from persistence.vectors.recall_cache import CACHE_MB, GENERATION_KEY, RecallCache
+from persistence.vectors.recall_cache import CACHE_MB, RecallCache, new_generation
 from persistence.vectors.scan import scan_search
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
@@ -416,5 +416,4 @@ class SharedMemory:
 
 
 def _schema(embedder: Embedder) -> pa.Schema:  # a new table: a new generation (recall cache)
-    schema = with_model(FIELDS, embedder.model_name, embedder.dimension, "")
-    return schema.with_metadata({**schema.metadata, GENERATION_KEY: uuid.uuid4().hex.encode()})
+    return new_generation(with_model(FIELDS, embedder.model_name, embedder.dimension, ""))
