@@ -408,7 +408,8 @@ class SharedMemory:
 
     @storage_errors
     async def verify(self) -> IntegrityReport:
-        report = await self._chain.verify()
+        # Under the writer and its lock: no write lands between the head and the rows.
+        report = await self._serialized(lambda: self._locked(self._chain.verify))
         if not report.ok:
             log.warning("shared memory integrity: %d tampered, %d gap(s)",
                         len(report.tampered), len(report.missing))
