@@ -18,7 +18,11 @@ and the event loop's lag p99 (a 5 ms ticker's overshoot):
                  an in-process chain that answers at once, the database and
                  the usage row, no SDK, no memory
 
-"cpu ms" is the CPU time of the event loop's thread per reply.
+"cpu ms" is the CPU time of the event loop's thread per reply, "all cpu"
+that of every thread of the process (workers, LanceDB's, onnxruntime's),
+"srv cpu" the fake provider's (Linux /proc), and "cpu r/s" the replies/s
+those two allow on this machine's cores: a closed loop of C chats cannot
+beat it, so their mean latency is at least C / "cpu r/s" (Little's law).
 
 ``--before PATH`` runs the same scenarios on another checkout's code (e.g.
 ``git worktree add /tmp/before <commit>``) in the same run, so before and
@@ -77,15 +81,19 @@ async def _drive(send: Any, concurrency: int, replies: int) -> dict[str, float]:
             latencies.append(time.perf_counter() - started)
 
     ticker = asyncio.create_task(_ticker(lags, stop))
-    started, cpu = time.perf_counter(), time.thread_time()
+    started, cpu, every = time.perf_counter(), time.thread_time(), time.process_time()
     await asyncio.gather(*(chat(n) for n in range(concurrency)))
     elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu
+    every = time.process_time() - every
     stop.set()
     await ticker
     return {"replies_s": len(latencies) / elapsed, "p50_ms": _pct(latencies, 0.5) * 1000,
             "p95_ms": _pct(latencies, 0.95) * 1000, "lag_p99_ms": _pct(lags, 0.99) * 1000,
             # CPU of the event loop's thread per reply (the ticker's share included)
-            "cpu_ms": cpu / max(1, len(latencies)) * 1000}
+            "cpu_ms": cpu / max(1, len(latencies)) * 1000,
+            # CPU of every thread of this process (loop, workers, LanceDB's and
+            # onnxruntime's own threads) per reply: what bounds replies/s
+            "all_cpu_ms": every / max(1, len(latencies)) * 1000}
 
 
 async def _floor(base_url: str, concurrency: int, replies: int) -> dict[str, float]:
@@ -261,9 +269,22 @@ def _drop(name: str) -> None:
     asyncio.run(drop())
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of process ``pid`` so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _run(args: argparse.Namespace, base_url: str, db: str, mode: str, concurrency: int,
-         label: str, root: str, round_: int) -> dict[str, float]:
-    """One scenario in a fresh child process (and, on PostgreSQL, a fresh database)."""
+         label: str, root: str, round_: int, server: int) -> dict[str, float]:
+    """One scenario in a fresh child process (and, on PostgreSQL, a fresh database).
+
+    ``server`` is the fake provider's pid: its CPU per reply is added to the result.
+    """
+    server_before = _cpu_seconds(server)
     name, db_url = _pg_database() if db == "postgresql" else ("", "")
     prof = f"{db}-{mode}-c{concurrency}-{label}-{round_}.prof"
     profile = ["--profile", str(Path(args.profile).resolve() / prof)] if args.profile else []
@@ -280,7 +301,22 @@ def _run(args: argparse.Namespace, base_url: str, db: str, mode: str, concurrenc
     if out.returncode != 0:
         sys.exit(f"{db} {mode} C={concurrency} {label} failed:\n{out.stderr}")
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    server_after = _cpu_seconds(server)
+    if server_before is not None and server_after is not None:
+        # The warm-up reply is counted too: one in hundreds.
+        result["server_cpu_ms"] = (server_after - server_before) / args.replies * 1000
     return result
+
+
+def _cpu_columns(r: dict[str, float]) -> str:
+    """all cpu, srv cpu and the replies/s those costs allow on this machine's cores
+    ("cpu r/s": cores / CPU per reply; a database server's own CPU is not counted)."""
+    every, server = r.get("all_cpu_ms"), r.get("server_cpu_ms")
+    if every is None:  # an older checkout (--before) does not measure it
+        return f"{'-':>8}{'-':>8}{'-':>8}"
+    total = every + (server or 0.0)
+    bound = (os.cpu_count() or 1) * 1000 / total if total else 0.0
+    return f"{every:>8.2f}{server if server is not None else 0.0:>8.2f}{bound:>8.0f}"
 
 
 def main() -> None:
@@ -309,7 +345,8 @@ def main() -> None:
     server, base_url = _fake_server()
     # The load average is printed per row: the machine may be shared.
     print(f"{'db':<11}{'mode':<7}{'C':>3}  {'code':<7}{'replies/s':>10}{'p50 ms':>9}"
-          f"{'p95 ms':>9}{'lag p99':>9}{'cpu ms':>8}{'load':>6}")
+          f"{'p95 ms':>9}{'lag p99':>9}{'cpu ms':>8}{'all cpu':>8}{'srv cpu':>8}"
+          f"{'cpu r/s':>8}{'load':>6}")
     try:
         for db in args.db:
             for mode in args.modes:
@@ -321,15 +358,15 @@ def main() -> None:
                         # Alternate which code goes first, so neither always runs warmer.
                         for label, root in roots[::1 if round_ % 2 == 0 else -1]:
                             runs[label].append(_run(args, base_url, db, mode, concurrency,
-                                                    label, root, round_))
+                                                    label, root, round_, server.pid))
                     for label, _ in roots:
                         r = {k: statistics.median(run[k] for run in runs[label])
                              for k in runs[label][0]}
                         print(f"{db if mode != 'floor' else '-':<11}{mode:<7}{concurrency:>3}  "
                               f"{label:<7}{r['replies_s']:>10.1f}{r['p50_ms']:>9.1f}"
                               f"{r['p95_ms']:>9.1f}{r['lag_p99_ms']:>9.1f}"
-                              f"{r.get('cpu_ms', 0.0):>8.2f}{os.getloadavg()[0]:>6.1f}",
-                              flush=True)
+                              f"{r.get('cpu_ms', 0.0):>8.2f}{_cpu_columns(r)}"
+                              f"{os.getloadavg()[0]:>6.1f}", flush=True)
     finally:
         server.terminate()
 
