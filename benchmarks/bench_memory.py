@@ -14,7 +14,7 @@ Prints one table. What it measures, and how:
   with the query vector given, interleaved per query (each variant in turn,
   so machine load hits them alike): LanceDB as it serves that size (flat
   under 10k rows, IvfPq + refine from 10k) and the in-memory exact scan
-  (persistence/vectors/scan.py), each vector only and hybrid (vector + full
+  (persistence/vectors/recall/scan.py), each vector only and hybrid (vector + full
   text), the full-text leg alone, and the exact scan with the query embedded
   through the embedder (its LRU serves repeated questions). ``cpu ms`` is
   process CPU time (every thread) per search. ``recall@5`` is the share of
