@@ -196,10 +196,10 @@ class RecallCache:
             if snap is None or after == before:
                 return result
             if snap.version == before and after == before + 1:
-                apply(snap, result)
                 try:  # until it is at ``after``, searches use LanceDB
+                    apply(snap, result)
                     await asyncio.to_thread(snap.settle)
-                except Exception:
+                except Exception:  # the write itself is done: never fail it for the cache
                     self._snaps.pop(bot, None)  # half applied: built again by the next search
                     log.exception("recall cache: applying a write of bot %s failed", bot)
                     return result

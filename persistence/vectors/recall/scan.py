@@ -228,7 +228,8 @@ def _set_chat(meta: pa.Table, row: int, chat: str) -> pa.Table:
     index = meta.column_names.index("chat")
     chats = meta.column(index).to_pylist()
     chats[row] = chat
-    return meta.set_column(index, "chat", pa.array(chats, pa.string()))
+    # The field as it was (not null): a new one would not concatenate with later rows.
+    return meta.set_column(index, meta.schema.field(index), pa.array(chats, pa.string()))
 
 
 async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text: str, where: str,

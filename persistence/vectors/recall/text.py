@@ -16,8 +16,10 @@ every score within 3e-7 relative; see docs/benchmarks.md). That holds because:
 - tantivy and Lance score with the same BM25 (k1 1.2, b 0.75, statistics over
   every row of the index, whatever the filter), and a query is the sum over
   its analyzed tokens, a repeated token counted again.
-- Every row of the snapshot is a document, superseded ones too (they are in
-  LanceDB's index), so the statistics are the table's.
+- Every row of the snapshot with a token is a document, superseded ones too
+  (they are in LanceDB's index), so the statistics are the table's. Lance
+  leaves rows without a token (empty, only stop words) out of the row count
+  and the mean length: so does ``add``.
 
 Scope is a term filter: each document carries the key of its snapshot
 partition (``term_of``), and a search admits only the keys it is given
@@ -114,6 +116,8 @@ class TextIndex:
         """Index rows (``keys``: ``term_of`` their partition, or ``DEAD``)."""
         writer = self._write()
         for row, text, user, key in zip(rows, texts, users, keys, strict=True):
+            if not ANALYZER.analyze(text):
+                continue  # no token (empty, only stop words): Lance counts no such row
             doc = tantivy.Document()
             doc.add_text("text", text)
             doc.add_text("key", key)
