@@ -161,7 +161,10 @@ class TextIndex:
         words = tantivy.Query.boolean_query([
             (tantivy.Occur.Should, tantivy.Query.term_query(SCHEMA, "text", t, "freq"))
             for t in terms])
-        scope = tantivy.Query.term_set_query(SCHEMA, "key", [term_of(*k) for k in keys])
+        # Terms one by one, not a term-set query: that one costs ~0.25 ms at any size.
+        scope = tantivy.Query.boolean_query([
+            (tantivy.Occur.Should, tantivy.Query.term_query(SCHEMA, "key", term_of(*k), "basic"))
+            for k in keys])
         query = tantivy.Query.boolean_query([  # the scope adds 0 to a score: filter only
             (tantivy.Occur.Must, words),
             (tantivy.Occur.Must, tantivy.Query.const_score_query(scope, 0.0))])
