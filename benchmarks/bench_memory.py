@@ -14,9 +14,15 @@ Prints one table. What it measures, and how:
   with the query vector given, interleaved per query (each variant in turn,
   so machine load hits them alike): LanceDB as it serves that size (flat
   under 10k rows, IvfPq + refine from 10k) and the in-memory exact scan
-  (persistence/vectors/scan.py), each vector only and hybrid (vector + full
-  text), the full-text leg alone, and the exact scan with the query embedded
-  through the embedder (its LRU serves repeated questions). ``cpu ms`` is
+  (persistence/vectors/recall/scan.py), each vector only and hybrid (vector + full
+  text), the full-text leg alone (LanceDB's query, and the snapshot's
+  tantivy index: persistence/vectors/recall/text.py), and the exact scan
+  with the query embedded through the embedder (its LRU serves repeated questions).
+- The text index alone: the time to build it over every row and what it adds
+  to the resident size (RSS after against before, freed heap returned first).
+- One own write (``add`` of one fact, its embedding served by the LRU): CPU
+  per write with the recall cache (LanceDB's commit, the snapshot's apply, the
+  text index's commit) against a store without it, 20 of each. ``cpu ms`` is
   process CPU time (every thread) per search. ``recall@5`` is the share of
   the exact top 5 (a numpy scan of the filtered rows, computed here) that a
   vector-only variant returns. LanceDB's filtered flat scan is shown for
@@ -52,6 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.types import Fact
 from persistence.vectors.embeddings import FastEmbedder
 from persistence.vectors.memory import LanceMemoryStore
+from persistence.vectors.recall.cache import _give_back_memory
+from persistence.vectors.recall.scan import Snapshot
+from persistence.vectors.recall.text import TextIndex, tokens
 from persistence.vectors.tables import ANN_THRESHOLD
 
 NAMES = ["Alice", "Bob", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun"]
@@ -157,6 +166,51 @@ def text_leg(table: Any, queries: list[str]) -> Variant:
         ids: list[str] = found.column("id").to_pylist()
         return ids
     return run
+
+
+def text_index_leg(snap: Snapshot, queries: list[str]) -> Variant:
+    async def run(i: int) -> list[str]:
+        assert snap.text is not None
+        keys = snap.keys([f"user{i % USERS}", ""], None)
+        rows, _ = snap.text.search(tokens(queries[i]), keys, 20)
+        ids: list[str] = snap.meta.column("id").take(pa.array(rows, pa.int64())).to_pylist()
+        return ids
+    return run
+
+
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def text_index_cost(snap: Snapshot) -> tuple[float, float]:
+    """(seconds, MB of RSS) to build a text index over every row of ``snap``."""
+    meta = snap.meta
+    texts, users = meta.column("text").to_pylist(), meta.column("user").to_pylist()
+    keys = [f'["{u}", ""]' for u in users]
+    _give_back_memory()
+    before, start = rss_mb(), time.perf_counter()
+    index = TextIndex()
+    index.add(range(len(texts)), texts, users, keys)
+    index.commit()
+    seconds = time.perf_counter() - start
+    _give_back_memory()
+    grown = rss_mb() - before
+    del index
+    return seconds, grown
+
+
+async def write_cost(fast: LanceMemoryStore, plain: LanceMemoryStore, writes: int = 20
+                     ) -> tuple[float, float]:
+    """CPU ms per ``add`` of one fact: with the recall cache, without."""
+    cpu = {"fast": 0.0, "plain": 0.0}
+    text = "Alice took up the cello this spring."
+    await fast.add(Fact(id="", text=text, bot=BOT, user="user1"))  # the LRU serves it now
+    for name, store in (("fast", fast), ("plain", plain)):  # not interleaved: a write by
+        for _ in range(writes):  # the other handle would leave the snapshot behind
+            start = time.process_time()
+            await store.add(Fact(id="", text=text, bot=BOT, user="user1"))
+            cpu[name] += time.process_time() - start
+    return cpu["fast"] * 1000 / writes, cpu["plain"] * 1000 / writes
 
 
 async def measure(variants: dict[str, Variant], queries: int, truth: list[list[str]],
@@ -275,9 +329,16 @@ async def main() -> int:
                     f"LanceDB {served}, hybrid": searcher(plain, queries, qvecs, hybrid=True),
                     "exact scan, hybrid": searcher(fast, queries, qvecs, hybrid=True),
                     "full-text leg alone (LanceDB)": text_leg(table, queries),
+                    "full-text leg alone (in memory)": text_index_leg(snap, queries),
                     "exact scan, hybrid, query embedded (LRU)": searcher(
                         fast, queries, qvecs, hybrid=True, embed=True),
                 }, args.queries, truth, size)
+                seconds, grown = await asyncio.to_thread(text_index_cost, snap)
+                print(f"{'text index: build s / RSS it adds MB':<44} {size:>8} "
+                      f"{seconds:>8.2f} {grown:>8.0f}", flush=True)
+                with_cache, without = await write_cost(fast, plain)
+                print(f"{'add 1 fact, cpu ms: recall cache / none':<44} {size:>8} "
+                      f"{with_cache:>8.2f} {without:>8.2f}", flush=True)
     biggest = str(root / f"db{max(args.sizes)}")
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--rss-child", biggest, "--queries", str(args.queries),

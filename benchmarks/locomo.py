@@ -90,6 +90,7 @@ async def run(conv: Conversation, embedder: FastEmbedder, *, hybrid: bool) -> Re
             report = await admin.import_lines(BOT, lines)
             assert report.added == len(lines), report
             await store.maintain(BOT)  # what the background maintainer does after an import
+            await store.warm(BOT)  # every search on the recall snapshot (a running bot's path)
             jobs = Background(name="locomo")
             memories = {k: BotMemory(MemoryConfig(bot=BOT, top_k=k, min_score=-1.0),
                                      store=store, embedder=embedder, jobs=jobs) for k in KS}

@@ -1,4 +1,4 @@
-"""The fast recall path (persistence/vectors/scan.py): real LanceDB in tmp dirs, the
+"""The fast recall path (persistence/vectors/recall/): real LanceDB in tmp dirs, the
 real embedding model. It must answer exactly what the LanceDB path answers, keep the
 privacy scope, and never recall what another process deleted after the delete committed.
 """

@@ -30,8 +30,8 @@ import pyarrow as pa
 from engine.errors import StorageError
 from engine.ports import Embedder, Progress
 from engine.types import Fact
-from persistence.vectors.recall_cache import CACHE_MB, RecallCache, new_generation
-from persistence.vectors.scan import Snapshot, scan_search
+from persistence.vectors.recall.cache import CACHE_MB, RecallCache, new_generation
+from persistence.vectors.recall.scan import Snapshot, scan_search
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
     EMBED_BATCH,
@@ -105,9 +105,9 @@ class LanceMemoryStore:
     def __init__(self, db: Any, embedder: Embedder, *, ann_threshold: int,
                  maintain_delay_s: float, hybrid: bool = True, cache_mb: float = CACHE_MB) -> None:
         self._db = db
-        # The fast recall path (persistence/vectors/scan.py); 0 MB: LanceDB only.
+        # The fast recall path (persistence/vectors/recall/); 0 MB: LanceDB only.
         self.cache = RecallCache(embedder.dimension, budget_bytes=int(cache_mb * 2**20),
-                                 columns=COLUMNS)
+                                 columns=COLUMNS, text=hybrid)
         self._hybrid = hybrid
         self._embedder = embedder
         self._ann_threshold = ann_threshold

@@ -27,7 +27,7 @@ Writes go through one writer task (an asyncio queue), so concurrent bots
 never lose a write; across processes the writer lock (Redis, or a file lock
 on one machine) serializes them and each re-reads the head under it.
 ``orphaned`` is the only mutable column and is outside the hash.
-Searches scan a snapshot (``recall_cache.py``; whole reloads: an edit keeps the id)
+Searches scan a snapshot (``recall/cache.py``; whole reloads: an edit keeps the id)
 over the partitions ``TrustRule`` admits, then run the same hash and chain checks.
 """
 
@@ -49,8 +49,8 @@ from engine.errors import EmbeddingMismatch, StorageError
 from engine.ports import ChainHeadStore, Embedder, Progress
 from engine.types import Fact, IntegrityReport, TrustLevel
 from persistence.vectors.chain import Chain, LocalHeads
-from persistence.vectors.recall_cache import CACHE_MB, RecallCache, new_generation
-from persistence.vectors.scan import scan_search
+from persistence.vectors.recall.cache import CACHE_MB, RecallCache, new_generation
+from persistence.vectors.recall.scan import scan_search
 from persistence.vectors.tables import (
     ANN_THRESHOLD,
     FACT_FIELDS,

@@ -7,7 +7,7 @@ renders the predicate every query carries (values quoted); ``allows(row)``
 checks each returned row again in Python, so an escaping mistake can never
 widen what a reader sees.
 
-In the recall snapshot (``persistence/vectors/scan.py``, via
+In the recall snapshot (``persistence/vectors/recall/scan.py``, via
 ``snapshot_shape``) a shared row sits in the partition (user, visibility):
 its level and the group (trusted) or author (private) that level looks at.
 ``TrustRule.partitions`` picks the partitions ``allows`` admits, so the

@@ -1,4 +1,4 @@
-"""Keeps each bot's ``Snapshot`` (``persistence/vectors/scan.py``) current, within a budget.
+"""Keeps each bot's ``Snapshot`` (``persistence/vectors/recall/scan.py``) current, within a budget.
 
 Consistency: LanceDB stays the store of record. ``RecallCache.current``
 reads the table's version and schema (~0.25 ms CPU; ``read_consistency_interval=0``
@@ -11,6 +11,9 @@ full reload. So a row deleted by another process (CLI ``memory forget``,
 another worker) is never recalled after its delete committed. This
 process's own writes go through ``RecallCache.write``: when the write made
 exactly the next version, the change is applied to the snapshot at once.
+A snapshot's text index (``recall/text.py``) changes with it and is
+committed (``Snapshot.settle``, in a worker thread) before the snapshot is
+published at its new version, so both legs always answer for one version.
 
 The shared table (``persistence/vectors/shared.py``) uses the same cache with
 ``prepare`` (its rows in the snapshot's shape: partition key, vector digests)
@@ -31,7 +34,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from persistence.vectors.scan import Snapshot
+from persistence.vectors.recall.scan import Snapshot
 from persistence.vectors.tables import in_list
 
 log = logging.getLogger(__name__)
@@ -67,13 +70,15 @@ class RecallCache:
     ``prepare`` turns read rows (``columns`` and the vector) into what
     ``Snapshot.add`` takes (``user``, ``chat``, ``superseded_by`` and the rest);
     it runs in a worker thread. ``delta=False``: never catch up by the
-    difference in ids, reload instead.
+    difference in ids, reload instead. ``text``: snapshots carry a full-text
+    index (the text leg in memory); without it, that leg stays in LanceDB.
     """
 
     def __init__(self, dim: int, *, budget_bytes: int, columns: Sequence[str],
                  prepare: Callable[[pa.Table], pa.Table] | None = None,
-                 delta: bool = True) -> None:
+                 delta: bool = True, text: bool = True) -> None:
         self.dim = dim
+        self._text = text
         self.budget = budget_bytes
         if budget_bytes > 0:
             one_blas_thread()
@@ -136,12 +141,13 @@ class RecallCache:
                 reader = await table.query().select(self._columns).to_batches(
                     max_batch_length=8192)
                 snap = Snapshot.of(self._prepare(pa.Table.from_batches([], reader.schema)),
-                                   version, _generation(schema), self.dim)
+                                   version, _generation(schema), self.dim, text=self._text)
                 async for batch in reader:
                     await asyncio.to_thread(self._add, snap, pa.Table.from_batches([batch]))
                 if await table.version() != version:
                     return  # changed under the read: the next search asks again
                 await asyncio.to_thread(snap.trim)
+                await asyncio.to_thread(snap.settle)
                 await asyncio.to_thread(_give_back_memory)
                 self._snaps[bot] = snap
                 self._too_big.pop(bot, None)
@@ -171,6 +177,7 @@ class RecallCache:
         snap.kill(gone + moved)  # a moved row is added again at its new place
         if rows:
             self._add(snap, pa.concat_tables(rows))
+        await asyncio.to_thread(snap.settle)  # not yet at ``version``: searches use LanceDB
         snap.version = version
         return True
 
@@ -189,7 +196,13 @@ class RecallCache:
             if snap is None or after == before:
                 return result
             if snap.version == before and after == before + 1:
-                apply(snap, result)
+                try:  # until it is at ``after``, searches use LanceDB
+                    apply(snap, result)
+                    await asyncio.to_thread(snap.settle)
+                except Exception:  # the write itself is done: never fail it for the cache
+                    self._snaps.pop(bot, None)  # half applied: built again by the next search
+                    log.exception("recall cache: applying a write of bot %s failed", bot)
+                    return result
                 snap.version = after
                 if snap.nbytes > self.budget:  # grown past it: LanceDB from now on
                     self._snaps.pop(bot, None)

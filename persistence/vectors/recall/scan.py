@@ -11,8 +11,11 @@ for the few rows a search returns). A search scores only the partitions its
 scope names, so the privacy filter is the choice of partitions, not a mask
 over a shared matrix, and the caller checks each row again.
 
-``RecallCache`` (``persistence/vectors/recall_cache.py``) keeps snapshots
-current and decides when a search may use one.
+``RecallCache`` (``persistence/vectors/recall/cache.py``) keeps snapshots
+current and decides when a search may use one. ``Snapshot.text``
+(``persistence/vectors/recall/text.py``) is the full-text index of the same
+rows: every change below goes to both, and ``settle`` makes the text
+changes visible (the cache calls it before it publishes a version).
 
 Concurrency: partitions only grow in place (a new row is written past the
 length a running scan took) and a removed row is only marked dead, so a scan
@@ -30,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from persistence.vectors.recall.text import DEAD, TextIndex, term_of, tokens
 from persistence.vectors.tables import fuse, pool_size
 
 Key = tuple[str, str]  # (user, chat)
@@ -81,11 +85,14 @@ class Snapshot:
     parts: dict[Key, Part] = field(default_factory=dict)
     where: dict[str, tuple[Key, int]] = field(default_factory=dict)  # id -> (part, slot)
     chats: dict[str, set[str]] = field(default_factory=dict)  # user -> chats with parts
+    text: TextIndex | None = None  # the text leg's index (None: searched in LanceDB)
 
     @classmethod
-    def of(cls, data: pa.Table, version: int, generation: bytes, dim: int) -> Snapshot:
+    def of(cls, data: pa.Table, version: int, generation: bytes, dim: int, *,
+           text: bool = True) -> Snapshot:
         """CPU work (seconds at a million rows): call it in a worker thread."""
-        snap = cls(version, generation, dim, data.drop_columns(["vector"]).slice(0, 0))
+        snap = cls(version, generation, dim, data.drop_columns(["vector"]).slice(0, 0),
+                   text=TextIndex() if text else None)
         snap.add(data)
         return snap
 
@@ -111,6 +118,11 @@ class Snapshot:
             slots = self._part(key).append(matrix[index], np.asarray(index) + base)
             for i, slot in zip(index, slots, strict=True):
                 self.where[ids[i]] = (key, slot)
+        if self.text is not None:  # superseded rows too: they count in LanceDB's statistics
+            keys = [term_of(u, c) if now else DEAD
+                    for u, c, now in zip(users, chats, current.tolist(), strict=True)]
+            self.text.add(range(base, base + len(ids)), data.column("text").to_pylist(),
+                          users, keys)
         if len(self.meta.columns[0].chunks) > 64:  # many small appends: one chunk again
             self.meta = self.meta.combine_chunks()
 
@@ -129,18 +141,30 @@ class Snapshot:
             self.chats.setdefault(key[0], set()).add(key[1])
         return self.parts[key]
 
+    def settle(self) -> None:
+        """Make the changes so far visible to text searches (CPU: a worker thread)."""
+        if self.text is not None:
+            self.text.commit()
+
     def kill(self, ids: Sequence[str]) -> None:
         """No longer recalled (deleted or superseded)."""
+        rows = []
         for fact_id in ids:
             place = self.where.pop(fact_id, None)
             if place is not None:
-                self.parts[place[0]].live[place[1]] = False
+                part = self.parts[place[0]]
+                part.live[place[1]] = False
+                rows.append(int(part.rows[place[1]]))
+        if self.text is not None:
+            self.text.remove(rows)
 
     def kill_user(self, user: str) -> None:
         for chat in self.chats.pop(user, set()):
             part = self.parts.pop((user, chat))
             part.live[:] = False
         self.where = {i: p for i, p in self.where.items() if p[0][0] != user}
+        if self.text is not None:
+            self.text.remove_user(user)
 
     def move(self, fact_id: str, chat: str) -> None:
         """The row now belongs to ``chat`` (promote: "" = bot-wide)."""
@@ -154,6 +178,9 @@ class Snapshot:
         [new] = self._part((user, chat)).append(vector, row)
         self.where[fact_id] = ((user, chat), new)
         self.meta = _set_chat(self.meta, int(row[0]), chat)
+        if self.text is not None:  # kill removed its document: index it under the new key
+            text = self.meta.column("text")[int(row[0])].as_py()
+            self.text.add([int(row[0])], [text], [user], [term_of(user, chat)])
 
     def keys(self, users: Sequence[str], chats: Mapping[str, Sequence[str] | None] | None
              ) -> list[Key]:
@@ -201,42 +228,57 @@ def _set_chat(meta: pa.Table, row: int, chat: str) -> pa.Table:
     index = meta.column_names.index("chat")
     chats = meta.column(index).to_pylist()
     chats[row] = chat
-    return meta.set_column(index, "chat", pa.array(chats, pa.string()))
+    # The field as it was (not null): a new one would not concatenate with later rows.
+    return meta.set_column(index, meta.schema.field(index), pa.array(chats, pa.string()))
 
 
 async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text: str, where: str,
                       keys: list[Key], limit: int, *, fts: bool,
                       min_score: float | None) -> list[dict[str, Any]]:
-    """``hybrid_search`` over a snapshot: the exact vector leg in memory, the text leg
-    in LanceDB (same filter), one fusion. A text hit the snapshot does not hold in
-    ``keys`` (out of scope, or newer than the snapshot) is dropped."""
+    """``hybrid_search`` over a snapshot: the exact vector leg and the text leg in
+    memory (``snap.text``; without it, LanceDB with the same filter), one fusion.
+    A text hit the snapshot does not hold live in ``keys`` is dropped."""
     query, pool = np.asarray(vector, np.float32), pool_size(limit)
     text_leg = None
-    if fts and text.strip():  # started first: LanceDB works while the scan runs
+    if fts and snap.text is None and text.strip():  # started first: LanceDB works meanwhile
         text_leg = asyncio.ensure_future(table.query().nearest_to_text(text).where(where)
                                          .select(["id", "_score"]).limit(pool).to_arrow())
+    terms = tokens(text) if fts and snap.text is not None else []
     try:
         if sum(snap.parts[k].n for k in keys if k in snap.parts) > THREAD_ROWS:
-            numbers, scores = await asyncio.to_thread(snap.top, query, keys, pool)
+            (numbers, scores), (rows, bm25s) = await asyncio.to_thread(
+                _legs, snap, query, terms, keys, pool)
         else:  # small arrays cost less than the thread hop
-            numbers, scores = snap.top(query, keys, pool)
+            (numbers, scores), (rows, bm25s) = _legs(snap, query, terms, keys, pool)
         by_text = None if text_leg is None else await text_leg
     finally:
         if text_leg is not None and not text_leg.done():
             text_leg.cancel()
-    ids = snap.meta.column("id").take(pa.array(numbers, pa.int64())).to_pylist()
+    column = snap.meta.column("id")
+    ids = column.take(pa.array(numbers, pa.int64())).to_pylist()
     cosine = dict(zip(ids, scores.tolist(), strict=True))
     row_of = dict(zip(ids, numbers.tolist(), strict=True))
-    bm25: dict[str, float] = {}
+    hits = list(zip(column.take(pa.array(rows, pa.int64())).to_pylist(), bm25s.tolist(),
+                    strict=True))
     if by_text is not None:
-        for fact_id, score in zip(by_text.column("id").to_pylist(),
-                                  by_text.column("_score").to_pylist(), strict=True):
-            if fact_id not in cosine:
-                row_of[fact_id], cosine[fact_id] = snap.cosine(fact_id, query, keys)
-                if row_of[fact_id] < 0:
-                    del row_of[fact_id], cosine[fact_id]
-                    continue
-            bm25[fact_id] = float(score)
+        hits = list(zip(by_text.column("id").to_pylist(), by_text.column("_score").to_pylist(),
+                        strict=True))
+    bm25: dict[str, float] = {}
+    for fact_id, score in hits:
+        if fact_id not in cosine:
+            row_of[fact_id], cosine[fact_id] = snap.cosine(fact_id, query, keys)
+            if row_of[fact_id] < 0:
+                del row_of[fact_id], cosine[fact_id]
+                continue
+        bm25[fact_id] = float(score)
     best = fuse(cosine, bm25, limit, min_score)
     return [row | {"score": cosine[i]} for i, row in zip(best, snap.rows([row_of[i] for i in best]),
                                                         strict=True)]
+
+
+def _legs(snap: Snapshot, query: np.ndarray, terms: list[str], keys: list[Key], pool: int
+          ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Both legs over the snapshot: (row numbers, cosines), (row numbers, BM25 scores)."""
+    by_text = (snap.text.search(terms, keys, pool) if snap.text is not None and terms
+               else (np.empty(0, np.int64), np.empty(0, np.float32)))
+    return snap.top(query, keys, pool), by_text
