@@ -156,3 +156,34 @@ async def test_a_gguf_that_llama_cpp_cannot_load_is_unavailable_with_its_words(
             await _text(provider)
         assert failed.value.detail  # what llama.cpp or the child said, for the log
         assert provider.pid is None  # nothing left running; the next stream tries again
+
+
+async def test_a_chat_whose_chain_starts_local_starts_the_model_in_build_app(
+        tmp_path: Path) -> None:
+    # Started before the database opens, so it loads while the chat starts;
+    # without chat_bot it stays lazy (a last-resort model costs nothing).
+    from adapters.wiring.build import build_app
+    from adapters.wiring.settings import load_settings
+
+    config = tmp_path / "boternity.toml"
+    config.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'data'}"
+
+[providers.local]
+kind = "local"
+
+[bots.demo]
+persona = "You are a helpful assistant."
+chain = ["local"]
+""")
+    settings = load_settings(config, dotenv=None)
+    async with build_app(settings, lazy=True, serve=False) as app:
+        provider = app.providers["local"]
+        assert isinstance(provider, LocalProvider) and provider.pid is None
+    async with build_app(settings, lazy=True, serve=False, chat_bot="demo") as app:
+        provider = app.providers["local"]
+        assert isinstance(provider, LocalProvider)
+        pid = provider.pid
+        assert pid is not None and _alive(pid)
+    assert not _alive(pid)
