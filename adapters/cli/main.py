@@ -23,7 +23,9 @@ on first use and provider SDKs are imported at the first request
 only ``run`` starts the ``[http]`` server and the platform adapters.
 ``chat`` loads what its first reply needs (the provider SDK, and the
 embedding model and LanceDB when there are memories to recall) in worker
-threads while it waits for the first line (``adapters.wiring.build.warm_up``).
+threads while it waits for the first line (``adapters.wiring.build.warm_up``);
+a local model that answers first starts loading, in its own process, as
+soon as the providers are built (``build_app(chat_bot=...)``).
 
 Other command groups live in their own module exposing
 ``add_commands(subparsers)``; each handler is ``async def handler(args, app) -> int``

@@ -6,7 +6,9 @@ Run by ``LocalProvider`` as a child process, by file path (it imports only
 the standard library and ``xllamacpp``, never ``engine``: it starts in
 ~0.05 s and needs no ``sys.path`` set up). The contract with the parent:
 
-- argv[1] is a JSON object of the settings (``SETTINGS`` names them);
+- argv[1] is a JSON object of the settings: ``model_path``, ``alias`` (the
+  model's name in the API), ``n_ctx``, ``n_predict``, ``threads``,
+  ``dry_multiplier`` (see ``_params``);
 - once the model is loaded and the OpenAI-compatible HTTP server listens on
   127.0.0.1 and a free port, one line ``ready <address>`` goes to stdout;
 - a model llama.cpp cannot load: one line ``failed <reason>`` on stdout and
@@ -32,7 +34,6 @@ from typing import Any
 import xllamacpp
 
 LOAD_FAILED = 3
-SETTINGS = ("model_path", "alias", "n_ctx", "n_predict", "threads", "dry_multiplier")
 
 
 def _params(settings: dict[str, Any]) -> Any:
