@@ -14,10 +14,10 @@
    ratio are reported. Each conversation run uses a new chat so the prompt
    stays the same size as the bare one.
 
-2. Peak RSS of `boternity chat` on the embedded demo config (the local
-   llama.cpp model in-process) answering one line, measured by the kernel
-   (``getrusage(RUSAGE_CHILDREN)`` in a probe process whose only child it is),
-   with long-term memory on (the default: embedding model and LanceDB) and off.
+2. Peak RSS of `boternity chat` on the embedded demo config answering one
+   line, the chat process and the local llama.cpp model's server process
+   together (summed from /proc, sampled every 10 ms: Linux), with long-term
+   memory on (the default: embedding model and LanceDB) and off.
 
 Absolute numbers depend on the machine and its load; the ratio is the point.
 """
@@ -106,19 +106,41 @@ async def _overhead(fake: FakeOpenAI, runs: int) -> dict[str, float]:
     return {name: statistics.median(values) * 1000 for name, values in timings.items()}
 
 
+# Peak of the summed RSS of the chat and its descendants (the local model's
+# server is a child process), sampled from /proc every 10 ms (Linux): the
+# kernel's RUSAGE_CHILDREN maximum is that of the largest process, not the sum.
 RSS_PROBE = """
-import resource, subprocess, sys
-subprocess.run(sys.argv[1:], input="Say hello.\\n", capture_output=True, text=True, check=True)
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+import os, subprocess, sys, time
+def tree_kib(root):
+    parent, rss = {}, {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{p}/status") as f:
+                rss[int(p)] = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass  # gone meanwhile, or a kernel thread
+    tree, todo = set(), [root]
+    while todo:
+        tree.add(p := todo.pop())
+        todo += [c for c, pp in parent.items() if pp == p and c not in tree]
+    return sum(rss.get(p, 0) for p in tree)
+proc = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, text=True)
+proc.stdin.write("Say hello.\\n")
+proc.stdin.close()
+peak = 0
+while proc.poll() is None:
+    peak = max(peak, tree_kib(proc.pid))
+    time.sleep(0.01)
+print(peak)
 """
 
 
 def peak_rss_chat(config: str | None = None) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of one `boternity chat` answering one line.
-
-    A fresh probe process runs it as its only child, so the kernel's
-    ``RUSAGE_CHILDREN`` maximum is exactly that child's peak.
-    """
+    """(peak RSS in MiB, wall seconds) of one `boternity chat` answering one line:
+    the chat process and its children (the local model's server) together."""
     script = Path(sys.executable).parent / "boternity"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "adapters.cli"]
     if config:
@@ -128,12 +150,12 @@ def peak_rss_chat(config: str | None = None) -> tuple[float, float]:
         probe = subprocess.run([sys.executable, "-c", RSS_PROBE, *command, "chat"],
                                capture_output=True, text=True, cwd=cwd, timeout=600, check=True)
         wall = time.perf_counter() - start
-    return int(probe.stdout.strip()) / 1024, wall  # KiB on Linux
+    return int(probe.stdout.strip()) / 1024, wall  # KiB
 
 
 def memory_off_config(directory: str) -> str:
     """The demo config with long-term memory off (no embedding model, no LanceDB)."""
-    example = (ROOT / "adapters" / "boternity.example.toml").read_text(encoding="utf-8")
+    example = (ROOT / "deploy" / "boternity.example.toml").read_text(encoding="utf-8")
     path = Path(directory) / "no-memory.toml"
     path.write_text(example + "\n[bots.demo.memory]\nenabled = false\n", encoding="utf-8")
     return str(path)
@@ -147,7 +169,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
 
     if not args.skip_rss:
-        print("peak RSS of `boternity chat` answering one line (demo model in-process)")
+        print("peak RSS of `boternity chat` answering one line (with the model's server process)")
         with tempfile.TemporaryDirectory() as tmp:
             for label, config in (("demo config", None),
                                   ("demo config, memory off", memory_off_config(tmp))):

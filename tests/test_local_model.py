@@ -1,21 +1,56 @@
-"""The ``local`` kind: the real demo GGUF through the real in-process llama.cpp server.
+"""The ``local`` kind: the real demo GGUF through the real llama.cpp server in a child process.
 
-One short completion only (temperature 0, 16 tokens); assertions are on
-structure (text, usage, lifecycle), never on wording.
+Short completions only (temperature 0, a few tokens); assertions are on
+structure (text, usage, lifecycle, processes), never on wording or time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
 from pathlib import Path
 
 import httpx2
 import pytest
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, Unavailable
 from engine.providers.fallback import Breakers, FallbackChain
 from engine.providers.local import DEMO_LABEL, LocalProvider, demo_model_path
 from engine.providers.registry import ProviderConfig, build_provider
 from engine.types import CompletionRequest, Message
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = CompletionRequest((Message("user", "Say hello."),), max_tokens=4)
+
+
+async def _text(provider: LocalProvider) -> str:
+    return "".join([chunk.text async for chunk in provider.stream(HELLO)])
+
+
+def _parent_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no PPid for {pid}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _gone(pid: int) -> bool:
+    """Whether ``pid`` ends within 30 s (a bound, not a timing assertion)."""
+    for _ in range(300):
+        if not _alive(pid):
+            return True
+        await asyncio.sleep(0.1)
+    return False
 
 
 async def test_demo_model_answers_through_the_chain_and_stops_cleanly() -> None:
@@ -59,3 +94,96 @@ def test_bad_model_path_is_a_clear_config_error(tmp_path: Path) -> None:
         LocalProvider(name="x", model_path=tmp_path / "missing.gguf")
     own = LocalProvider(name="x", model_path=demo_model_path(), model="mine")
     assert own.label != DEMO_LABEL and own.model == "mine"  # any GGUF path, no demo label
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+async def test_the_server_is_a_child_process_that_ends_with_the_provider() -> None:
+    provider = LocalProvider(name="demo", temperature=0.0)
+    async with provider:
+        await provider.start()  # returns once the process runs, before the model loads
+        pid = provider.pid
+        assert pid is not None and pid != os.getpid() and _parent_of(pid) == os.getpid()
+        # Its own session: a Ctrl-C at the terminal (SIGINT to our group) is not for it.
+        assert os.getsid(pid) != os.getsid(0)
+        assert await _text(provider)
+        assert provider.pid == pid  # the same server answers: started once
+    assert provider.pid is None and provider.base_url is None
+    assert not _alive(pid)  # stopped and reaped by aclose
+
+
+async def test_a_killed_server_fails_the_next_stream_clearly_then_restarts() -> None:
+    async with LocalProvider(name="demo", temperature=0.0) as provider:
+        assert await _text(provider)
+        first = provider.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)  # what a llama.cpp crash or the OOM killer does
+        assert await _gone(first)
+        with pytest.raises(Unavailable, match="local model stopped unexpectedly") as failed:
+            await _text(provider)
+        assert "signal 9" in failed.value.detail
+        assert provider.pid is None  # forgotten: the next stream starts a new one
+        assert await _text(provider)
+        assert provider.pid not in (None, first)
+
+
+async def test_the_server_ends_when_its_parent_dies() -> None:
+    # A parent killed outright (no aclose, no atexit) closes the child's stdin.
+    script = (
+        "import asyncio, os, signal\n"
+        "from engine.providers.local import LocalProvider\n"
+        "async def main():\n"
+        "    provider = LocalProvider(name='demo')\n"
+        "    await provider.serving()\n"
+        "    print(provider.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await parent.communicate()
+    assert parent.returncode == -signal.SIGKILL
+    assert await _gone(int(out))
+
+
+async def test_a_gguf_that_llama_cpp_cannot_load_is_unavailable_with_its_words(
+        tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)  # the magic passes check_gguf; the rest is junk
+    provider = LocalProvider(name="mine", model_path=broken)
+    async with provider:
+        with pytest.raises(Unavailable, match="local model failed to load") as failed:
+            await _text(provider)
+        assert failed.value.detail  # what llama.cpp or the child said, for the log
+        assert provider.pid is None  # nothing left running; the next stream tries again
+
+
+async def test_a_chat_whose_chain_starts_local_starts_the_model_in_build_app(
+        tmp_path: Path) -> None:
+    # Started before the database opens, so it loads while the chat starts;
+    # without chat_bot it stays lazy (a last-resort model costs nothing).
+    from adapters.wiring.build import build_app
+    from adapters.wiring.settings import load_settings
+
+    config = tmp_path / "boternity.toml"
+    config.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'data'}"
+
+[providers.local]
+kind = "local"
+
+[bots.demo]
+persona = "You are a helpful assistant."
+chain = ["local"]
+""")
+    settings = load_settings(config, dotenv=None)
+    async with build_app(settings, lazy=True, serve=False) as app:
+        provider = app.providers["local"]
+        assert isinstance(provider, LocalProvider) and provider.pid is None
+    async with build_app(settings, lazy=True, serve=False, chat_bot="demo") as app:
+        provider = app.providers["local"]
+        assert isinstance(provider, LocalProvider)
+        pid = provider.pid
+        assert pid is not None and _alive(pid)
+    assert not _alive(pid)

@@ -23,7 +23,9 @@ on first use and provider SDKs are imported at the first request
 only ``run`` starts the ``[http]`` server and the platform adapters.
 ``chat`` loads what its first reply needs (the provider SDK, and the
 embedding model and LanceDB when there are memories to recall) in worker
-threads while it waits for the first line (``adapters.wiring.build.warm_up``).
+threads while it waits for the first line (``adapters.wiring.build.warm_up``);
+a local model that answers first starts loading, in its own process, as
+soon as the providers are built (``build_app(chat_bot=...)``).
 
 Other command groups live in their own module exposing
 ``add_commands(subparsers)``; each handler is ``async def handler(args, app) -> int``
@@ -79,7 +81,7 @@ async def cmd_chat(args: argparse.Namespace, app: App) -> int:
     from adapters.platforms import terminal
     from adapters.wiring.build import warm_up
 
-    bot = args.bot or _default_bot(app)
+    bot = args.bot or _default_bot(app.settings)
     if bot not in app.conversations:
         known = ", ".join(sorted(app.conversations)) or "none"
         raise ConfigError(f"{app.settings.source}: bots.{bot}: no such bot (configured: {known})")
@@ -115,13 +117,13 @@ class AfterWarmUp:
             yield item
 
 
-def _default_bot(app: App) -> str:
-    if len(app.conversations) == 1:
-        return next(iter(app.conversations))
-    if "demo" in app.conversations:
+def _default_bot(settings: Settings) -> str:
+    if len(settings.bots) == 1:
+        return next(iter(settings.bots))
+    if "demo" in settings.bots:
         return "demo"
-    known = ", ".join(sorted(app.conversations)) or "none"
-    raise ConfigError(f"{app.settings.source}: bots: choose one with --bot (configured: {known})")
+    known = ", ".join(sorted(settings.bots)) or "none"
+    raise ConfigError(f"{settings.source}: bots: choose one with --bot (configured: {known})")
 
 
 async def cmd_run(args: argparse.Namespace, app: App) -> int:
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--bot", help="bot name (default: the only bot, or 'demo')")
     chat.add_argument("--chat", default="terminal", help="conversation id (default: terminal)")
     chat.add_argument("--user", default="local", help="who you are (default: local)")
-    chat.set_defaults(handler=cmd_chat)
+    # talks=True: build_app starts loading the bot's local model (if it comes first) at once
+    chat.set_defaults(handler=cmd_chat, talks=True)
 
     providers = sub.add_parser("providers", help="list providers with their breaker state")
     # needs_app=False: no database, memory nor provider SDK; no [http] server
@@ -303,9 +306,10 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # A command that never replies may set needs_memory=False (see build_parser).
         serve = getattr(args, "serve", False)  # only `run` serves [http] and platforms
+        chat_bot = (args.bot or _default_bot(settings)) if getattr(args, "talks", False) else None
         async with build_app(settings, with_memory=getattr(args, "needs_memory", True),
                              with_bots=getattr(args, "needs_bots", True),
-                             lazy=not serve, serve=serve) as app:
+                             lazy=not serve, serve=serve, chat_bot=chat_bot) as app:
             return await handler(args, app)
     except asyncio.CancelledError:
         if terminated:

@@ -2,10 +2,10 @@
 
 ``build_app(settings)`` is the one place that reads the whole ``Settings``.
 Everything it builds receives plain values. It is an async context manager
-over one ``AsyncExitStack``: resources start in order (database, scale-out
-and ops, every provider that owns a resource, e.g. the local llama.cpp
-server, then memory) and a failed start closes whatever had started, in
-reverse.
+over one ``AsyncExitStack``: resources start in order (every provider that
+owns a resource, e.g. the local llama.cpp server, lazily, then the database,
+scale-out and ops, then memory) and a failed start closes whatever had
+started, in reverse.
 
     async with build_app(settings) as app:
         async for item in app.conversations["demo"].reply(message): ...
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool = False,
-                    serve: bool = True, with_bots: bool = True) -> AsyncIterator[App]:
+                    serve: bool = True, with_bots: bool = True,
+                    chat_bot: str | None = None) -> AsyncIterator[App]:
     """Start everything the settings describe; stop it all on exit.
 
     ``with_memory=False`` starts no long-term memory at all (no embedding model,
@@ -60,9 +61,21 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool 
     metrics: a command run beside the service must not take its port.
     ``with_bots=False`` starts no provider, chain nor conversation (nor imports
     a provider SDK): for admin commands that read the stores only.
+    ``chat_bot``: the bot whose first reply the caller is about to wait for
+    (``boternity chat``); when its chain starts with a local model, that model
+    starts loading (in its own process) before anything else starts.
     """
-    configs = used_configs(settings)
+    configs = used_configs(settings) if with_bots else {}
     async with AsyncExitStack() as stack:
+        providers = {}
+        for name, config in configs.items():  # cheap: no SDK is imported, nothing connects
+            provider = build_provider(config)
+            if hasattr(provider, "__aenter__"):
+                provider = await stack.enter_async_context(provider)  # type: ignore[arg-type]
+            providers[name] = provider
+        if chat_bot is not None and isinstance(
+                first := providers[settings.bots[chat_bot].chain[0]], LocalProvider):
+            await first.start()  # returns at once; the model loads while the rest starts
         database = await stack.enter_async_context(
             Database(settings.storage.resolved_database_url())
         )
@@ -78,13 +91,9 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool 
         app.ready_checks["starting"] = _not_yet
         # Redis-shared state, metrics, ops endpoint
         await scaleout.start(stack, app, serve=serve)
-        if with_bots and configs:
+        if configs:
             await imported("pybreaker")  # imports redis: 0.1-0.2 s, not on the loop
-            for name, config in configs.items():
-                provider = build_provider(config)
-                if hasattr(provider, "__aenter__"):
-                    provider = await stack.enter_async_context(provider)  # type: ignore[arg-type]
-                app.providers[name] = provider
+            app.providers.update(providers)
             configure_breakers(app.breakers, configs)
             if not lazy:  # the SDKs the chains use (openai, aioboto3): not on the loop either
                 await _prepare(app, list(configs))
@@ -152,7 +161,7 @@ async def _prepare(app: App, names: list[str]) -> None:
 async def warm_up(app: App, bot: str) -> None:
     """Load now, in worker threads, what the first reply of ``bot`` needs: the
     SDKs of its chain's providers, the local model when it comes first in the
-    chain (the demo) and, when there are memories to recall
+    chain (the demo; in its own process) and, when there are memories to recall
     (``MemoryParts.may_have_tables``), the embedding model and LanceDB.
 
     ``boternity chat`` starts it beside the prompt, so the loads overlap the
@@ -163,7 +172,9 @@ async def warm_up(app: App, bot: str) -> None:
     await _prepare(app, names)
     first = app.providers[names[0]]
     if isinstance(first, LocalProvider):
-        await first.start()  # it answers the first line: its model is needed anyway
+        # It answers the first line, so its model is needed anyway; it loads in a
+        # process of its own (started by build_app(chat_bot=...), else now).
+        await first.serving()
     parts: MemoryParts | None = app.extras.get("memory_parts")
     if parts is not None and bot in app.memories and \
             await asyncio.to_thread(parts.may_have_tables):

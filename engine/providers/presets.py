@@ -73,7 +73,7 @@ PRESETS: dict[Kind, Preset] = {
     ),
     # Ollama, vLLM, OpenRouter, LM Studio, ...: base_url is required, limits unknown
     "openai_compatible": Preset(None, Capabilities(), needs_key=False),
-    # the in-process llama.cpp server (engine/providers/local.py); base_url is set at start
+    # the llama.cpp server in a child process (engine/providers/local/); base_url is set at start
     "local": Preset(
         None,
         Capabilities(vision=False, tools=False, context_window=4_096, max_output_tokens=512),
