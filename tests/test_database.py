@@ -9,13 +9,15 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, NullPool, inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from engine.errors import StorageError
 from persistence.sql.conversations import SqlConversationStore
-from persistence.sql.database import Database, head_revision
+from persistence.sql.database import Database, _upgrade, head_revision
 from persistence.sql.migrations import HEAD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +64,7 @@ def test_head_constant_is_alembics_head() -> None:
 async def test_a_start_at_head_does_not_import_alembic(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "a.db")
     async with Database(url):
-        pass  # the first start migrates (Alembic)
+        pass  # the first start creates it
     code = (
         "import asyncio, sys\n"
         "from persistence.sql.database import Database\n"
@@ -151,3 +153,61 @@ async def test_workers_racing_to_create_a_new_sqlite_file_all_start(tmp_path: Pa
         await asyncio.gather(*(db.migrate() for db in databases))
         async with databases[0] as db:
             assert await db.revision() == head_revision()
+
+
+def _schema(connection: Connection) -> dict[str, Any]:
+    """Everything reflection sees of every table, and the stamped revision."""
+    found = inspect(connection)
+    schema: dict[str, Any] = {
+        name: {
+            "columns": [(c["name"], str(c["type"]), c["nullable"], c.get("default"))
+                        for c in found.get_columns(name)],
+            "primary key": found.get_pk_constraint(name),
+            "indexes": sorted((i["name"] or "", tuple(i["column_names"]), bool(i["unique"]))
+                              for i in found.get_indexes(name)),
+            "unique": sorted((u["name"] or "", tuple(u["column_names"]))
+                             for u in found.get_unique_constraints(name)),
+            "foreign keys": found.get_foreign_keys(name),
+            "checks": found.get_check_constraints(name),
+        }
+        for name in sorted(found.get_table_names())
+    }
+    schema["revision"] = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    return schema
+
+
+def _drop_everything(connection: Connection) -> None:
+    for name in inspect(connection).get_table_names():
+        connection.execute(text(f'DROP TABLE "{name}"'))
+
+
+async def test_a_new_database_gets_the_schema_the_migrations_build(database_url: str) -> None:
+    """A new database is created at head from the models (no Alembic); that
+    schema must be, column for column, what the migrations build one by one."""
+    engine = create_async_engine(database_url, poolclass=NullPool)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_upgrade)  # the migrations, as an old database gets them
+            migrated = await connection.run_sync(_schema)
+            await connection.run_sync(_drop_everything)
+        async with Database(database_url) as db, db.engine.connect() as connection:
+            created = await connection.run_sync(_schema)
+    finally:
+        await engine.dispose()
+    assert migrated["revision"] == [(HEAD,)] and "messages" in migrated
+    assert created == migrated
+
+
+async def test_a_new_database_is_created_without_alembic(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "new.db")
+    code = (
+        "import asyncio, sys\n"
+        "from persistence.sql.database import Database\n"
+        "async def main():\n"
+        f"    async with Database({url!r}) as db:\n"
+        "        print(await db.revision())\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n")
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT,
+                                   capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:2] == [HEAD, "[]"], done.stdout + done.stderr

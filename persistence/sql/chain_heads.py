@@ -27,8 +27,8 @@ class ChainHeadRow(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
-    pending_seq: Mapped[int] = mapped_column(Integer, default=0)
-    pending_hash: Mapped[str] = mapped_column(String(64), default="")
+    pending_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pending_hash: Mapped[str] = mapped_column(String(64), default="", server_default="")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                  onupdate=utcnow)
 

@@ -31,9 +31,9 @@ class RecallRow(Base):
 
     bot: Mapped[str] = mapped_column(String(100), primary_key=True)
     chat: Mapped[str] = mapped_column(String(200), primary_key=True)
-    message_id: Mapped[str] = mapped_column(String(200), default="")
-    query: Mapped[str] = mapped_column(Text, default="")
-    facts: Mapped[str] = mapped_column(Text, default="[]")
+    message_id: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    query: Mapped[str] = mapped_column(Text, default="", server_default="")
+    facts: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (Index("ix_recall_log_bot_created", "bot", "created_at"),)

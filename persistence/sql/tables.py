@@ -31,11 +31,12 @@ class MessageRow(Base):
     chat: Mapped[str] = mapped_column(String(200))
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
-    user: Mapped[str] = mapped_column(String(200), default="")
-    user_name: Mapped[str] = mapped_column(String(200), default="")  # 0005: who spoke
-    platform: Mapped[str] = mapped_column(String(16), default="")
+    user: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    platform: Mapped[str] = mapped_column(String(16), default="", server_default="")
     served_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # 0005: who spoke (last, where the migration added it)
+    user_name: Mapped[str] = mapped_column(String(200), default="", server_default="")
 
     # 0007: the platform is part of a conversation's key (a Telegram chat and a
     # Discord channel may share an id)

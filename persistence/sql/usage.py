@@ -40,16 +40,17 @@ class UsageRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     day: Mapped[str] = mapped_column(String(10))
     bot: Mapped[str] = mapped_column(String(100))
-    user: Mapped[str] = mapped_column(String(200), default="")
-    chat: Mapped[str] = mapped_column(String(200), default="")
-    platform: Mapped[str] = mapped_column(String(16), default="")
+    user: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    chat: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    platform: Mapped[str] = mapped_column(String(16), default="", server_default="")
     provider: Mapped[str] = mapped_column(String(100))
-    model: Mapped[str] = mapped_column(String(200), default="")
+    model: Mapped[str] = mapped_column(String(200), default="", server_default="")
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     estimated: Mapped[bool] = mapped_column(Boolean)
     cost_usd: Mapped[float] = mapped_column(Float)
-    kind: Mapped[str] = mapped_column(String(16), default="reply")  # or "extraction"
+    # "reply" or "extraction"
+    kind: Mapped[str] = mapped_column(String(16), default="reply", server_default="reply")
 
     __table_args__ = (
         Index("ix_usage_day_bot", "day", "bot"),
