@@ -65,17 +65,23 @@ async def test_a_start_at_head_does_not_import_alembic(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "a.db")
     async with Database(url):
         pass  # the first start creates it
+    assert await _start_in_a_new_process(url, "db.ping()") == ["True", "[]"]
+
+
+async def _start_in_a_new_process(url: str, show: str) -> list[str]:
+    """Start ``Database(url)`` in a fresh interpreter; print ``await <show>``,
+    then the Alembic modules it imported."""
     code = (
         "import asyncio, sys\n"
         "from persistence.sql.database import Database\n"
         "async def main():\n"
         f"    async with Database({url!r}) as db:\n"
-        "        print(await db.ping())\n"
+        f"        print(await {show})\n"
         "asyncio.run(main())\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n")
     done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT,
                                    capture_output=True, text=True, check=True)
-    assert done.stdout.split("\n")[:2] == ["True", "[]"], done.stdout + done.stderr
+    return done.stdout.split("\n")[:2]
 
 
 async def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path: Path) -> None:
@@ -199,15 +205,5 @@ async def test_a_new_database_gets_the_schema_the_migrations_build(database_url:
 
 
 async def test_a_new_database_is_created_without_alembic(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path / "new.db")
-    code = (
-        "import asyncio, sys\n"
-        "from persistence.sql.database import Database\n"
-        "async def main():\n"
-        f"    async with Database({url!r}) as db:\n"
-        "        print(await db.revision())\n"
-        "asyncio.run(main())\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n")
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT,
-                                   capture_output=True, text=True, check=True)
-    assert done.stdout.split("\n")[:2] == [HEAD, "[]"], done.stdout + done.stderr
+    assert await _start_in_a_new_process(sqlite_url(tmp_path / "new.db"),
+                                         "db.revision()") == [HEAD, "[]"]
