@@ -6,6 +6,7 @@ Real SQLite files in tmp dirs (tests/test_postgres.py runs the same on PostgreSQ
 from __future__ import annotations
 
 import asyncio
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,11 @@ import pytest
 from sqlalchemy import Connection, NullPool, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from adapters.wiring.build import TABLE_MODULES
 from engine.errors import StorageError
 from persistence.sql.conversations import SqlConversationStore
 from persistence.sql.database import Database, _upgrade, head_revision
-from persistence.sql.migrations import HEAD
+from persistence.sql.migrations import HEAD, TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,11 +70,11 @@ async def test_a_start_at_head_does_not_import_alembic(tmp_path: Path) -> None:
     assert await _start_in_a_new_process(url, "db.ping()") == ["True", "[]"]
 
 
-async def _start_in_a_new_process(url: str, show: str) -> list[str]:
-    """Start ``Database(url)`` in a fresh interpreter; print ``await <show>``,
-    then the Alembic modules it imported."""
+async def _start_in_a_new_process(url: str, show: str, first: str = "") -> list[str]:
+    """Start ``Database(url)`` in a fresh interpreter (after running ``first``);
+    print ``await <show>``, then the Alembic modules it imported."""
     code = (
-        "import asyncio, sys\n"
+        f"import asyncio, sys\n{first}\n"
         "from persistence.sql.database import Database\n"
         "async def main():\n"
         f"    async with Database({url!r}) as db:\n"
@@ -190,6 +192,8 @@ def _drop_everything(connection: Connection) -> None:
 async def test_a_new_database_gets_the_schema_the_migrations_build(database_url: str) -> None:
     """A new database is created at head from the models (no Alembic); that
     schema must be, column for column, what the migrations build one by one."""
+    for module in TABLE_MODULES:  # every table declared, as the wiring starts it
+        importlib.import_module(module)
     engine = create_async_engine(database_url, poolclass=NullPool)
     try:
         async with engine.begin() as connection:
@@ -200,10 +204,23 @@ async def test_a_new_database_gets_the_schema_the_migrations_build(database_url:
             created = await connection.run_sync(_schema)
     finally:
         await engine.dispose()
-    assert migrated["revision"] == [(HEAD,)] and "messages" in migrated
+    assert migrated["revision"] == [(HEAD,)]
+    assert set(migrated) - {"revision", "alembic_version"} == TABLES
     assert created == migrated
 
 
 async def test_a_new_database_is_created_without_alembic(tmp_path: Path) -> None:
-    assert await _start_in_a_new_process(sqlite_url(tmp_path / "new.db"),
-                                         "db.revision()") == [HEAD, "[]"]
+    """As the wiring starts it: the modules declaring the tables imported first."""
+    first = f"import {', '.join(TABLE_MODULES)}"
+    assert await _start_in_a_new_process(sqlite_url(tmp_path / "new.db"), "db.revision()",
+                                         first) == [HEAD, "[]"]
+
+
+async def test_a_bare_start_of_a_new_database_migrates_it_whole(tmp_path: Path) -> None:
+    """Without every table declared, a new database is built by the migrations."""
+    url = sqlite_url(tmp_path / "bare.db")
+    revision, alembic = await _start_in_a_new_process(url, "db.revision()")
+    assert revision == HEAD and "alembic" in alembic
+    async with Database(url) as db, db.engine.connect() as connection:
+        tables = await connection.run_sync(lambda c: set(inspect(c).get_table_names()))
+    assert tables == TABLES | {"alembic_version"}

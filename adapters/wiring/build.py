@@ -41,6 +41,12 @@ from persistence.sql.conversations import SqlConversationStore
 from persistence.sql.database import Database
 from persistence.sql.usage import SqlUsageStore
 
+# The modules declaring the relational tables (persistence.sql.migrations.TABLES),
+# imported before the database starts: a new one is then created from them at
+# once instead of by the migrations (see persistence.sql.database).
+TABLE_MODULES = ("persistence.sql.tables", "persistence.sql.files", "persistence.sql.usage",
+                 "persistence.sql.recall_log", "persistence.sql.chain_heads")
+
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +82,8 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool 
         if chat_bot is not None and isinstance(
                 first := providers[settings.bots[chat_bot].chain[0]], LocalProvider):
             await first.start()  # returns at once; the model loads while the rest starts
+        for module in TABLE_MODULES:  # so a new database is created at once (not migrated)
+            await imported(module)
         database = await stack.enter_async_context(
             Database(settings.storage.resolved_database_url())
         )

@@ -47,7 +47,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from engine.errors import StorageError
-from persistence.sql.migrations import HEAD
+from persistence.sql.migrations import HEAD, TABLES
 from persistence.sql.tables import Base
 from persistence.sql.writer import GroupWriter
 
@@ -169,7 +169,8 @@ def _to_head(connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         if _current(connection) == HEAD:
             return
-    if _current(connection) is None and not sqlalchemy.inspect(connection).get_table_names():
+    if (_current(connection) is None and set(Base.metadata.tables) == TABLES
+            and not sqlalchemy.inspect(connection).get_table_names()):
         _create_at_head(connection)
     else:
         _upgrade(connection)
@@ -180,12 +181,11 @@ def _create_at_head(connection: Connection) -> None:
 
     Alembic's recipe for a database built from scratch (create_all, then
     stamp), without importing Alembic (~0.2 s of a first start, e.g. a new
-    user's first ``boternity chat``). The models equal the migrations' result:
+    user's first ``boternity chat``). Only when ``Base`` declares every table
+    of ``TABLES`` (the modules declaring them import this one, so the caller
+    imports them: the wiring does). The models equal the migrations' result:
     tests/test_database.py reflects both schemas and compares them.
     """
-    # The modules that declare the other tables (imported here: they import this one).
-    from persistence.sql import chain_heads, files, recall_log, usage  # noqa: F401
-
     Base.metadata.create_all(connection)
     version = Table("alembic_version", MetaData(),  # as Alembic creates it
                     Column("version_num", String(32), nullable=False),
