@@ -161,15 +161,17 @@ def _upgrade(connection: Connection) -> None:
 def _to_head(connection: Connection) -> None:
     """Bring the database to ``HEAD``: nothing when it is there (Alembic is not
     imported), the schema at head in one go when it is new, else the migrations."""
-    if _current(connection) == HEAD:
+    current = _current(connection)
+    if current == HEAD:
         return
     if connection.dialect.name == "postgresql":
         # Several workers may start at once: one migrates, the others wait
         # here (the lock lasts until this transaction ends), then find head.
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
-        if _current(connection) == HEAD:
+        current = _current(connection)  # as the worker before us left it
+        if current == HEAD:
             return
-    if (_current(connection) is None and set(Base.metadata.tables) == TABLES
+    if (current is None and set(Base.metadata.tables) == TABLES
             and not sqlalchemy.inspect(connection).get_table_names()):
         _create_at_head(connection)
     else:

@@ -258,11 +258,12 @@ async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text:
     ids = column.take(pa.array(numbers, pa.int64())).to_pylist()
     cosine = dict(zip(ids, scores.tolist(), strict=True))
     row_of = dict(zip(ids, numbers.tolist(), strict=True))
-    hits = list(zip(column.take(pa.array(rows, pa.int64())).to_pylist(), bm25s.tolist(),
-                    strict=True))
-    if by_text is not None:
-        hits = list(zip(by_text.column("id").to_pylist(), by_text.column("_score").to_pylist(),
-                        strict=True))
+    if by_text is not None:  # LanceDB's text leg
+        hits = zip(by_text.column("id").to_pylist(), by_text.column("_score").to_pylist(),
+                   strict=True)
+    else:  # the snapshot's
+        hits = zip(column.take(pa.array(rows, pa.int64())).to_pylist(), bm25s.tolist(),
+                   strict=True)
     bm25: dict[str, float] = {}
     for fact_id, score in hits:
         if fact_id not in cosine:
