@@ -108,6 +108,9 @@ class ServedVectors:
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         return [self.vectors[t] for t in texts]
 
+    async def embed_query(self, text: str) -> list[float]:
+        return self.vectors[text]
+
 
 async def fill(uri: str, base_texts: list[str], base: np.ndarray, rows: int,
                seed: int = 7) -> None:

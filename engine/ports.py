@@ -140,7 +140,12 @@ class Embedder(Protocol):
     dimension: int
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """One vector per text, in order. An empty input returns []."""
+        """One vector per text to be stored, in order. An empty input returns []."""
+        ...
+
+    async def embed_query(self, text: str) -> list[float]:
+        """The vector of a search's question, comparable with ``embed``'s by dot
+        product; it may come from a faster, slightly less exact model."""
         ...
 
 

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from tests.fakes.bedrock_server import FakeBedrock
 from tests.fakes.openai_server import FakeOpenAI, start_openai_fake
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Derived models (the int8 query model) are built in this run's temp dir,
+    not the user's ~/.cache: once per run, shared by the xdist workers (each has
+    its own base temp under one root) and the CLI subprocesses (they inherit it)."""
+    from persistence.vectors.query_model import CACHE_ENV
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(root / "model-cache")
+    yield
+    if saved is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = saved
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from persistence.vectors.embeddings import DIMENSION, FastEmbedder, prepare_model_dir
+from persistence.vectors.query_model import CACHE_ENV, KIND, prepare_query_model_dir
 
 
 def test_model_dir_is_prepared_once_and_repaired(tmp_path: Path) -> None:
@@ -52,22 +54,29 @@ async def test_embedding_a_batch_leaves_the_event_loop_responsive(
     event loop serves a callback (it would deadlock if the batch ran on it)."""
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
-    model = embedder._model  # fastembed's TextEmbedding: observed, not replaced
     batches: list[tuple[int, bool]] = []  # (thread, the loop answered meanwhile)
 
     class Observed:
+        """fastembed's TextEmbedding, observed, not replaced."""
+
+        def __init__(self, model: Any) -> None:
+            self.model = model
+
         def embed(self, texts: list[str], **options: Any) -> Any:
             answered = threading.Event()
             loop.call_soon_threadsafe(answered.set)
-            vectors = list(model.embed(texts, **options))
+            vectors = list(self.model.embed(texts, **options))
             batches.append((threading.get_ident(), answered.wait(timeout=60)))
             return vectors
 
-    monkeypatch.setattr(embedder, "_model", Observed())
+    for lane in (embedder._stored, embedder._query):
+        monkeypatch.setattr(lane, "model", Observed(lane.model))
     texts = [f"Sentence {i}: the user mentioned their favourite hobby is number {i}"
              for i in range(64)]
     vectors = await embedder.embed(texts)
     assert len(vectors) == 64 and len(batches) == 64 // 16
+    await asyncio.gather(*(embedder.embed_query(f"question {i} (loop test)") for i in range(3)))
+    assert len(batches) > 64 // 16  # the questions went to the query model too
     assert all(thread != loop_thread and answered for thread, answered in batches), batches
 
 
@@ -87,14 +96,39 @@ async def test_a_query_is_not_stuck_behind_a_big_import(embedder: FastEmbedder) 
     assert order == ["query", "import"]
 
 
+async def test_a_question_is_not_stuck_behind_a_big_import(embedder: FastEmbedder) -> None:
+    """A search's question has its own model and lane: it is answered while an
+    import's batches keep the stored model busy."""
+    bulk = [f"Imported fact number {i} about somebody's plans (lane test)" for i in range(320)]
+    order: list[str] = []
+
+    async def importing() -> None:
+        await embedder.embed(bulk)
+        order.append("import")
+
+    task = asyncio.create_task(importing())
+    await asyncio.sleep(0)  # the import starts first
+    await embedder.embed_query("what does Alice like? (lane test)")
+    order.append("question")
+    await task
+    assert order == ["question", "import"]
+
+
 async def test_a_repeated_query_is_served_from_the_cache(embedder: FastEmbedder) -> None:
-    """One-text calls are cached by their exact text: a repeated question costs no model call."""
-    [first] = await embedder.embed(["what is Alice allergic to? (cache test)"])
-    calls = embedder.calls
-    [again] = await embedder.embed(["what is Alice allergic to? (cache test)"])
-    assert again == first and embedder.calls == calls
-    [other] = await embedder.embed(["what is Bob allergic to? (cache test)"])
-    assert embedder.calls == calls + 1 and other != first
+    """One-text calls are cached by their exact text, per model: a repeated
+    question costs no model call."""
+    for embed_one in (functools.partial(_one, embedder), embedder.embed_query):
+        first = await embed_one("what is Alice allergic to? (cache test)")
+        calls = embedder.calls
+        again = await embed_one("what is Alice allergic to? (cache test)")
+        assert again == first and embedder.calls == calls
+        other = await embed_one("what is Bob allergic to? (cache test)")
+        assert embedder.calls == calls + 1 and other != first
+
+
+async def _one(embedder: FastEmbedder, text: str) -> list[float]:
+    [vector] = await embedder.embed([text])
+    return vector
 
 
 async def test_queries_waiting_together_go_to_the_model_as_one_batch(
@@ -108,3 +142,54 @@ async def test_queries_waiting_together_go_to_the_model_as_one_batch(
     assert embedder.calls == calls + 1
     for [got], want in zip(together, alone, strict=True):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+async def test_questions_waiting_together_go_to_the_query_model_as_one_batch(
+        embedder: FastEmbedder) -> None:
+    texts = [f"where does person {i} live? (query batch test)" for i in range(8)]
+    calls = embedder.calls
+    together = await asyncio.gather(*(embedder.embed_query(t) for t in texts))
+    assert embedder.calls == calls + 1
+    alone = [await embedder.embed_query(t + " ") for t in texts]  # uncached, one by one
+    for got, want in zip(together, alone, strict=True):
+        assert got == pytest.approx(want, abs=0.05)
+
+
+async def test_the_query_model_finds_what_the_exact_model_stored(
+        embedder: FastEmbedder) -> None:
+    """Questions are embedded by the int8 model, facts by the exact one: the
+    two agree closely, and a question finds its fact first among the others."""
+    facts = ["Alice is allergic to peanuts", "Bob moved to Lisbon last spring",
+             "Carol's daughter Emma loves dinosaurs", "The team meets on Tuesdays at 10",
+             "Dan drives a red bicycle to work"]
+    questions = ["what is Alice allergic to?", "where did Bob move?",
+                 "what does Emma love?", "when does the team meet?", "how does Dan commute?"]
+    stored = await embedder.embed(facts)
+    for i, question in enumerate(questions):
+        [exact] = await embedder.embed([question])
+        fast = await embedder.embed_query(question)
+        assert math.isclose(math.fsum(x * x for x in fast), 1.0, abs_tol=1e-3)
+        assert math.fsum(a * b for a, b in zip(exact, fast, strict=True)) > 0.97
+        scores = [math.fsum(a * b for a, b in zip(fast, fact, strict=True)) for fact in stored]
+        assert max(range(len(facts)), key=scores.__getitem__) == i, (question, scores)
+
+
+def test_the_query_model_is_built_once_per_machine_and_beside_the_data_without_a_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = prepare_model_dir(tmp_path / "data")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    built = prepare_query_model_dir(model_dir)
+    assert built.parent == tmp_path / "cache" and built.name.startswith(KIND)
+    assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+    int8 = (built / "model.onnx").read_bytes()
+    assert int8 != (model_dir / "model.onnx").read_bytes()
+    stamp = (built / "model.onnx").stat().st_mtime_ns
+    # A second data dir on the same machine reuses it: no rebuild.
+    assert prepare_query_model_dir(prepare_model_dir(tmp_path / "other")) == built
+    assert (built / "model.onnx").stat().st_mtime_ns == stamp
+    assert not [p for p in (tmp_path / "cache").iterdir() if p != built]  # no scratch left
+    # A cache path that cannot be a directory: the model is built with the data.
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "cache"))
+    beside = prepare_query_model_dir(model_dir)
+    assert beside.parent == model_dir.parent and (beside / "model.onnx").read_bytes() == int8

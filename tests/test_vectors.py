@@ -28,6 +28,9 @@ class OtherModel:
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         return await self.inner.embed(texts)
 
+    async def embed_query(self, text: str) -> list[float]:
+        return await self.inner.embed_query(text)
+
 
 @pytest.fixture
 async def store(tmp_path: Path, embedder: FastEmbedder) -> AsyncIterator[LanceMemoryStore]:

@@ -108,6 +108,9 @@ class LazyEmbedder:
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         return await (await self.once.get()).embed(texts)
 
+    async def embed_query(self, text: str) -> list[float]:
+        return await (await self.once.get()).embed_query(text)
+
 
 @dataclass
 class MemoryParts:

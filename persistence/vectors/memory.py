@@ -393,7 +393,7 @@ class LanceMemoryStore:
         if table is None:
             return []
         if vector is None:
-            vector = (await self._embedder.embed([query]))[0]
+            vector = await self._embedder.embed_query(query)
         where = f"{scope_sql(users, chats)} AND superseded_by = ''"
         fts = self._hybrid and self._maintainers[bot].fts
         snap = await self.cache.current(bot, table)

@@ -366,7 +366,7 @@ class SharedMemory:
             return []  # fail closed
         self._check_model()
         if vector is None:
-            vector = (await self._embedder.embed([query]))[0]
+            vector = await self._embedder.embed_query(query)
         # A few extra rows so that excluded (tampered) ones do not shorten the answer.
         table, fts = self._raw, self._maintainer.fts
         snap = await self.cache.current(TABLE, table)
