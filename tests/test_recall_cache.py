@@ -5,12 +5,9 @@ privacy scope, and never recall what another process deleted after the delete co
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -101,39 +98,6 @@ async def test_never_outside_the_scope(stores: tuple[LanceMemoryStore, LanceMemo
         bob_only = await search(fast, question, [BOB], {BOB: (DM_B,)}, limit=50)
         assert {(f.user, f.chat) for f in bob_only} == {(BOB, DM_B)}
     await assert_fast(fast)
-
-
-async def test_the_scan_runs_off_the_loop_and_a_kill_meanwhile_is_not_recalled(
-        stores: tuple[LanceMemoryStore, LanceMemoryStore]) -> None:
-    """The scan (both legs, fusion, rows) runs in a worker thread; a fact killed
-    on the loop while that thread runs (a delete applied then) is not returned."""
-    fast, _ = stores
-    await fast.add_many(corpus())
-    await fast.maintain(BOT)
-    assert await fast.warm(BOT)
-    question, users, chats = "what does she drink in the morning?", [ALICE, ""], {
-        ALICE: (DM_A, ""), "": None}
-    first = (await search(fast, question, users, chats))[0]
-    snap = await fast.cache.current(BOT, await fast._table(BOT))
-    assert snap is not None
-    scanning, go_on = threading.Event(), threading.Event()
-    threads: list[int] = []
-    top = snap.top
-
-    def paused_top(*args: Any) -> Any:  # the real scan, held until the kill is applied
-        threads.append(threading.get_ident())
-        scanning.set()
-        go_on.wait(30)
-        return top(*args)
-
-    snap.top = paused_top  # type: ignore[method-assign,assignment]
-    running = asyncio.ensure_future(search(fast, question, users, chats))
-    assert await asyncio.to_thread(scanning.wait, 30)  # the loop is free meanwhile
-    snap.kill([first.id])  # what an applied delete does to the snapshot
-    go_on.set()
-    found = await running
-    assert threads and threading.get_ident() not in threads
-    assert found and first.id not in [f.id for f in found]
 
 
 async def test_own_writes_keep_the_snapshot_exact(

@@ -39,6 +39,11 @@ from persistence.vectors.tables import fuse, pool_size
 Key = tuple[str, str]  # (user, chat)
 
 
+# Scoring fewer rows than this stays on the loop: the thread hop costs ~90 us of CPU,
+# scoring 4k x 384 float32 rows on one BLAS thread ~0.1-0.2 ms.
+THREAD_ROWS = 4_000
+
+
 @dataclass
 class Part:
     """The current rows of one (user, chat): vectors, Arrow row numbers, liveness."""
@@ -210,8 +215,8 @@ class Snapshot:
         place = self.where.get(fact_id)
         if place is None or place[0] not in keys:
             return -1, 0.0
-        part = self.parts.get(place[0])  # the loop may drop it (delete_user) meanwhile
-        if part is None or not part.live[place[1]]:
+        part = self.parts[place[0]]
+        if not part.live[place[1]]:
             return -1, 0.0
         return int(part.rows[place[1]]), float(part.matrix[place[1]] @ query)
 
@@ -232,32 +237,23 @@ async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text:
                       min_score: float | None) -> list[dict[str, Any]]:
     """``hybrid_search`` over a snapshot: the exact vector leg and the text leg in
     memory (``snap.text``; without it, LanceDB with the same filter), one fusion.
-    A text hit the snapshot does not hold live in ``keys`` is dropped.
-
-    The scan, the fusion and the rows run in one worker thread, at any table
-    size: on the loop, each of their native calls (numpy, tantivy, Arrow)
-    let the GIL go, and taking it back waited for whichever thread had it
-    (up to the 5 ms switch interval): measured, the loop's lag p99 went up
-    with recall more than its CPU did (benchmarks/bench_throughput.py).
-    """
+    A text hit the snapshot does not hold live in ``keys`` is dropped."""
     query, pool = np.asarray(vector, np.float32), pool_size(limit)
-    by_text = None
-    if fts and snap.text is None and text.strip():  # no index in memory: LanceDB's text leg
-        by_text = await (table.query().nearest_to_text(text).where(where)
-                         .select(["id", "_score"]).limit(pool).to_arrow())
+    text_leg = None
+    if fts and snap.text is None and text.strip():  # started first: LanceDB works meanwhile
+        text_leg = asyncio.ensure_future(table.query().nearest_to_text(text).where(where)
+                                         .select(["id", "_score"]).limit(pool).to_arrow())
     terms = tokens(text) if fts and snap.text is not None else []
-    found = await asyncio.to_thread(_rank, snap, query, terms, keys, pool, limit, min_score,
-                                    by_text)
-    # A write applied while the thread ran (delete, supersede) is not recalled.
-    return [row for row in found if row["id"] in snap.where]
-
-
-def _rank(snap: Snapshot, query: np.ndarray, terms: list[str], keys: list[Key], pool: int,
-          limit: int, min_score: float | None, by_text: pa.Table | None
-          ) -> list[dict[str, Any]]:
-    """The best ``limit`` rows of both legs, fused, with their cosine as ``score``
-    (``by_text``: LanceDB's text leg, when the snapshot has no text index)."""
-    (numbers, scores), (rows, bm25s) = _legs(snap, query, terms, keys, pool)
+    try:
+        if sum(snap.parts[k].n for k in keys if k in snap.parts) > THREAD_ROWS:
+            (numbers, scores), (rows, bm25s) = await asyncio.to_thread(
+                _legs, snap, query, terms, keys, pool)
+        else:  # small arrays cost less than the thread hop
+            (numbers, scores), (rows, bm25s) = _legs(snap, query, terms, keys, pool)
+        by_text = None if text_leg is None else await text_leg
+    finally:
+        if text_leg is not None and not text_leg.done():
+            text_leg.cancel()
     column = snap.meta.column("id")
     ids = column.take(pa.array(numbers, pa.int64())).to_pylist()
     cosine = dict(zip(ids, scores.tolist(), strict=True))
