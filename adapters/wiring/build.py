@@ -25,7 +25,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from adapters.wiring import scaleout
+from adapters.wiring import heap, scaleout
 from adapters.wiring.app import App, imported
 from adapters.wiring.memory import LazyRecall, MemoryParts, bot_memory, start_memory
 from adapters.wiring.providers import configure_breakers, used_configs
@@ -147,6 +147,7 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool 
             )
         log.info("started %d bot(s): %s", len(app.conversations), ", ".join(app.conversations))
         del app.ready_checks["starting"]  # the caller adds its checks before it awaits
+        heap.settle()  # what started stays: out of the cyclic GC's passes
         yield app
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -63,6 +63,12 @@ def _record(row: RecallRow) -> RecallRecord:
     )
 
 
+def _item(fact: RecalledFact) -> dict[str, Any]:
+    """``asdict(fact)`` without its deep copies (every field is a str or a float):
+    this runs on the loop for every reply that recalled."""
+    return {field.name: getattr(fact, field.name) for field in fields(fact)}
+
+
 class SqlRecallLog:
     """``RecallLog`` on the shared relational database."""
 
@@ -73,7 +79,7 @@ class SqlRecallLog:
         values = {
             "bot": record.bot, "chat": record.chat, "message_id": record.message_id,
             "query": record.query, "created_at": record.created_at or utcnow(),
-            "facts": json.dumps([asdict(fact) for fact in record.facts], ensure_ascii=False),
+            "facts": json.dumps([_item(fact) for fact in record.facts], ensure_ascii=False),
         }
         try:
             # Keyed by the row it overwrites: of two records of one chat in a
