@@ -116,7 +116,9 @@ async def test_own_writes_keep_the_snapshot_exact(
     assert await fast.delete_ids(BOT, [facts[4].id, facts[5].id]) == 2
     assert await fast.delete_user(BOT, BOB) == len(TOPICS) * 2
     table = await fast._table(BOT)
-    assert await fast.cache.current(BOT, table) is not None  # applied in place, at once
+    snap = await fast.cache.current(BOT, table)
+    assert snap is not None  # applied in place, at once
+    assert snap.ids == snap.meta.column("id").to_pylist()  # the ids list follows the rows
     assert fast.cache.reloads == loads
     await assert_same(fast, plain)
     found = await search(fast, "what does alice drink in the morning", [ALICE, ""],

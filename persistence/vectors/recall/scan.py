@@ -25,6 +25,7 @@ in a worker thread never sees a half-applied change.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,10 @@ class Snapshot:
     where: dict[str, tuple[Key, int]] = field(default_factory=dict)  # id -> (part, slot)
     chats: dict[str, set[str]] = field(default_factory=dict)  # user -> chats with parts
     text: TextIndex | None = None  # the text leg's index (None: searched in LanceDB)
+    # ``meta``'s id column as a list: every search maps its row numbers to ids,
+    # and pyarrow's take + to_pylist costs ~60 us a call (2 us from a list).
+    ids: list[str] = field(default_factory=list)
+    ids_bytes: int = 0  # what those strings take (kept as they come: nbytes is asked often)
 
     @classmethod
     def of(cls, data: pa.Table, version: int, generation: bytes, dim: int, *,
@@ -99,7 +104,7 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         parts = sum(p.matrix.nbytes + p.rows.nbytes for p in self.parts.values())
-        return int(self.meta.nbytes) + parts
+        return int(self.meta.nbytes) + parts + sys.getsizeof(self.ids) + self.ids_bytes
 
     def add(self, data: pa.Table) -> None:
         """Append rows (all columns, vector included); superseded ones are kept as data only."""
@@ -110,6 +115,8 @@ class Snapshot:
         matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), self.dim)
         current = pc.equal(data.column("superseded_by"), "").to_numpy(zero_copy_only=False)
         ids, users = data.column("id").to_pylist(), data.column("user").to_pylist()
+        self.ids.extend(ids)
+        self.ids_bytes += sum(map(sys.getsizeof, ids))
         chats = data.column("chat").to_pylist()
         groups: dict[Key, list[int]] = {}
         for i in np.flatnonzero(current).tolist():
@@ -254,16 +261,15 @@ async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text:
     finally:
         if text_leg is not None and not text_leg.done():
             text_leg.cancel()
-    column = snap.meta.column("id")
-    ids = column.take(pa.array(numbers, pa.int64())).to_pylist()
+    known = snap.ids
+    ids = [known[n] for n in numbers.tolist()]
     cosine = dict(zip(ids, scores.tolist(), strict=True))
     row_of = dict(zip(ids, numbers.tolist(), strict=True))
     if by_text is not None:  # LanceDB's text leg
         hits = zip(by_text.column("id").to_pylist(), by_text.column("_score").to_pylist(),
                    strict=True)
     else:  # the snapshot's
-        hits = zip(column.take(pa.array(rows, pa.int64())).to_pylist(), bm25s.tolist(),
-                   strict=True)
+        hits = zip([known[n] for n in rows.tolist()], bm25s.tolist(), strict=True)
     bm25: dict[str, float] = {}
     for fact_id, score in hits:
         if fact_id not in cosine:
