@@ -96,6 +96,22 @@ def test_bad_model_path_is_a_clear_config_error(tmp_path: Path) -> None:
     assert own.label != DEMO_LABEL and own.model == "mine"  # any GGUF path, no demo label
 
 
+def test_no_parameter_fitting_without_a_gpu() -> None:
+    # llama.cpp's fitting dry-runs a load to place layers on GPUs; with none it
+    # changes nothing, so a CPU-only machine (this one, CI) skips it.
+    import xllamacpp
+
+    from engine.providers.local import server
+
+    kinds = xllamacpp.ggml_backend_dev_type
+    devices = {device["type"] for device in xllamacpp.get_device_info()}
+    if not devices <= {kinds.GGML_BACKEND_DEVICE_TYPE_CPU, kinds.GGML_BACKEND_DEVICE_TYPE_ACCEL}:
+        pytest.skip("a GPU is present: llama.cpp fits the parameters to it")
+    settings = {"model_path": str(demo_model_path()), "alias": "demo", "n_ctx": 4096,
+                "n_predict": 16, "threads": 1, "dry_multiplier": 0.8}
+    assert server._params(settings).fit_params is False
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 async def test_the_server_is_a_child_process_that_ends_with_the_provider() -> None:
     provider = LocalProvider(name="demo", temperature=0.0)
