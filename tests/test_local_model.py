@@ -208,7 +208,8 @@ chain = ["local"]
 async def test_the_demo_chat_answers_without_the_openai_sdk(tmp_path: Path) -> None:
     # The demo's path: the embedded config (no ./boternity.toml), a line piped in.
     # Its model is served by our own child, talked to on httpx2 alone: the
-    # SDK's import (0.5-1 s of CPU) is not paid before the first answer.
+    # SDK's import (0.5-1 s of CPU) is not paid before the first answer; nor
+    # SQLAlchemy's PostgreSQL dialect (0.1-0.2 s) on a SQLite database.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LANCEDB_LOG")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-X", "importtime", "-m", "adapters.cli", "chat", cwd=tmp_path,
@@ -222,6 +223,8 @@ async def test_the_demo_chat_answers_without_the_openai_sdk(tmp_path: Path) -> N
     assert DEMO_LABEL in out.decode() and out.decode().split(DEMO_LABEL)[0].strip(" \n-")
     tops = {m.split(".")[0] for m in modules}
     assert "httpx2" in tops and "openai" not in tops
+    assert "sqlalchemy.dialects.sqlite" in modules
+    assert "sqlalchemy.dialects.postgresql" not in modules
 
 
 # Which children this process has when SQLAlchemy is first imported.
