@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,18 @@ async def test_no_proxy_from_the_environment(
     monkeypatch.delenv("no_proxy", raising=False)
     chunks, error = await _drain(_provider(openai_fake))
     assert error is None and chunks
+
+
+def test_a_plain_http_server_gets_no_ca_bundle_and_tls_would_fail_closed() -> None:
+    def context(base_url: str) -> ssl.SSLContext:
+        provider = PlainOpenAICompatProvider(name="l", model="m", base_url=base_url)
+        pool = provider._new_http()._transport._pool  # type: ignore[attr-defined]
+        return pool._ssl_context  # type: ignore[no-any-return]
+
+    plain = context("http://127.0.0.1:9/v1")
+    assert plain.cert_store_stats()["x509_ca"] == 0  # nothing loaded...
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname  # ...nor trusted
+    assert context("https://example.invalid/v1").verify_mode == ssl.CERT_REQUIRED
 
 
 async def test_a_stream_imports_no_openai_sdk(openai_fake: FakeOpenAI) -> None:
