@@ -35,6 +35,11 @@ nothing: ``boternity providers`` lists it without the SDK. ``prepare()``
 imports what the first request needs in a worker thread and builds the
 client (the composition root awaits it before a service serves, and a chat
 while it waits for the first line); without it, the first request does.
+
+The transport is ``_open`` (the answer's chunk objects) and ``_map_error``:
+``engine/providers/openai_plain.py`` replaces both to talk to our own
+llama.cpp server on httpx2 without the SDK; ``_status_error`` maps an HTTP
+error status for either.
 """
 
 from __future__ import annotations
