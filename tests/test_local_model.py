@@ -250,7 +250,8 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+@pytest.mark.skipif(not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+                    reason="reads /proc/PID/task/TID/children")
 async def test_a_local_first_chat_starts_the_model_before_importing_storage(
         tmp_path: Path) -> None:
     # The model loads in its process while this one imports SQLAlchemy and the
