@@ -96,6 +96,22 @@ def test_bad_model_path_is_a_clear_config_error(tmp_path: Path) -> None:
     assert own.label != DEMO_LABEL and own.model == "mine"  # any GGUF path, no demo label
 
 
+def test_no_parameter_fitting_without_a_gpu() -> None:
+    # llama.cpp's fitting dry-runs a load to place layers on GPUs; with none it
+    # changes nothing, so a CPU-only machine (this one, CI) skips it.
+    import xllamacpp
+
+    from engine.providers.local import server
+
+    kinds = xllamacpp.ggml_backend_dev_type
+    devices = {device["type"] for device in xllamacpp.get_device_info()}
+    if not devices <= {kinds.GGML_BACKEND_DEVICE_TYPE_CPU, kinds.GGML_BACKEND_DEVICE_TYPE_ACCEL}:
+        pytest.skip("a GPU is present: llama.cpp fits the parameters to it")
+    settings = {"model_path": str(demo_model_path()), "alias": "demo", "n_ctx": 4096,
+                "n_predict": 16, "threads": 1, "dry_multiplier": 0.8}
+    assert server._params(settings).fit_params is False
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 async def test_the_server_is_a_child_process_that_ends_with_the_provider() -> None:
     provider = LocalProvider(name="demo", temperature=0.0)
@@ -187,3 +203,76 @@ chain = ["local"]
         pid = provider.pid
         assert pid is not None and _alive(pid)
     assert not _alive(pid)
+
+
+async def test_the_demo_chat_answers_without_the_openai_sdk(tmp_path: Path) -> None:
+    # The demo's path: the embedded config (no ./boternity.toml), a line piped in.
+    # Its model is served by our own child, talked to on httpx2 alone: the
+    # SDK's import (0.5-1 s of CPU) is not paid before the first answer; nor
+    # SQLAlchemy's PostgreSQL dialect (0.1-0.2 s) on a SQLite database.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LANCEDB_LOG")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-X", "importtime", "-m", "adapters.cli", "chat", cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(b"Say hello.\n"), timeout=300)
+    lines = err.decode().splitlines()
+    modules = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert proc.returncode == 0, "\n".join(x for x in lines if not x.startswith("import time:"))
+    assert DEMO_LABEL in out.decode() and out.decode().split(DEMO_LABEL)[0].strip(" \n-")
+    tops = {m.split(".")[0] for m in modules}
+    assert "httpx2" in tops and "openai" not in tops
+    assert "sqlalchemy.dialects.sqlite" in modules
+    assert "sqlalchemy.dialects.postgresql" not in modules
+
+
+# Which children this process has when SQLAlchemy is first imported.
+_ORDER = """
+import asyncio, glob, os, sys
+from pathlib import Path
+seen = {}
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sqlalchemy" and name not in seen:
+            tasks = glob.glob(f"/proc/{os.getpid()}/task/*/children")
+            seen[name] = " ".join(Path(t).read_text() for t in tasks).split()
+        return None
+sys.meta_path.insert(0, Watch())
+from adapters.wiring.build import build_app
+from adapters.wiring.settings import load_settings
+assert "sqlalchemy" not in sys.modules  # importing the wiring does not import storage
+async def main():
+    settings = load_settings(sys.argv[1], dotenv=None)
+    async with build_app(settings, lazy=True, serve=False, chat_bot="demo") as app:
+        print(app.providers["local"].pid, " ".join(seen["sqlalchemy"]))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+                    reason="reads /proc/PID/task/TID/children")
+async def test_a_local_first_chat_starts_the_model_before_importing_storage(
+        tmp_path: Path) -> None:
+    # The model loads in its process while this one imports SQLAlchemy and the
+    # memory wiring (0.4-0.9 s), not after: the server is a child already when
+    # sqlalchemy is first looked up. A fresh interpreter: nothing imported yet.
+    config = tmp_path / "boternity.toml"
+    config.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'data'}"
+
+[providers.local]
+kind = "local"
+
+[bots.demo]
+chain = ["local"]
+""")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _ORDER, str(config), cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=300)
+    assert proc.returncode == 0, err.decode()
+    pid, *children = out.decode().split()
+    assert pid in children

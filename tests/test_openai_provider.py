@@ -80,26 +80,28 @@ async def test_streams_text_and_usage_with_the_right_body(openai_fake: FakeOpenA
     assert sent.headers["Authorization"] == f"Bearer {KEY}"
 
 
-@pytest.mark.parametrize(
-    ("behaviour", "error", "reason"),
-    [
-        (RateLimit(retry_after=3), RateLimited, "rate limited"),
-        (Status(500), Unavailable, "server error 500"),
-        (Status(503), Unavailable, "server error 503"),
-        (Status(401, f"Incorrect API key provided: {KEY}"), AuthFailed, "authentication failed"),
-        (Status(403), AuthFailed, "authentication failed"),
-        (Status(404), Unavailable, "model or endpoint not found (404)"),
-        (Status(400, "This model's maximum context length is 8192 tokens"), ContextTooLong,
-         "request too long for this model"),
-        (Hang(after=0), ProviderTimeout, "timed out before first token"),
-        (Drop(after=0), Unavailable, "connection failed"),
-        (Drop(after=2), Unavailable, "connection dropped mid-answer"),
-        (Malformed(after=1), Unavailable, "malformed response stream"),
-        (Malformed(after=1, payload='data: {"error": {"message": "Overloaded"}}\n\n'),
-         Unavailable, "error event mid-answer"),
-        (Hang(after=2), ProviderTimeout, "stalled mid-answer (idle timeout)"),
-    ],
-)
+# Each scripted failure of the server, the error it must become and its reason
+# (shared with tests/test_openai_plain.py: the SDK-free transport maps alike).
+FAILURES: list[tuple[object, type[ProviderError], str]] = [
+    (RateLimit(retry_after=3), RateLimited, "rate limited"),
+    (Status(500), Unavailable, "server error 500"),
+    (Status(503), Unavailable, "server error 503"),
+    (Status(401, f"Incorrect API key provided: {KEY}"), AuthFailed, "authentication failed"),
+    (Status(403), AuthFailed, "authentication failed"),
+    (Status(404), Unavailable, "model or endpoint not found (404)"),
+    (Status(400, "This model's maximum context length is 8192 tokens"), ContextTooLong,
+     "request too long for this model"),
+    (Hang(after=0), ProviderTimeout, "timed out before first token"),
+    (Drop(after=0), Unavailable, "connection failed"),
+    (Drop(after=2), Unavailable, "connection dropped mid-answer"),
+    (Malformed(after=1), Unavailable, "malformed response stream"),
+    (Malformed(after=1, payload='data: {"error": {"message": "Overloaded"}}\n\n'),
+     Unavailable, "error event mid-answer"),
+    (Hang(after=2), ProviderTimeout, "stalled mid-answer (idle timeout)"),
+]
+
+
+@pytest.mark.parametrize(("behaviour", "error", "reason"), FAILURES)
 async def test_failures_map_to_our_errors(
     openai_fake: FakeOpenAI, caplog: pytest.LogCaptureFixture,
     behaviour: object, error: type[ProviderError], reason: str,

@@ -5,7 +5,9 @@ Everything it builds receives plain values. It is an async context manager
 over one ``AsyncExitStack``: resources start in order (every provider that
 owns a resource, e.g. the local llama.cpp server, lazily, then the database,
 scale-out and ops, then memory) and a failed start closes whatever had
-started, in reverse.
+started, in reverse. Importing this module is cheap: the storage and memory
+wiring (SQLAlchemy) is imported by ``build_app`` once the providers are
+built (``STORAGE_MODULES``), so a local model starts loading before it.
 
     async with build_app(settings) as app:
         async for item in app.conversations["demo"].reply(message): ...
@@ -24,10 +26,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
 
 from adapters.wiring import heap, scaleout
 from adapters.wiring.app import App, imported
-from adapters.wiring.memory import LazyRecall, MemoryParts, bot_memory, start_memory
 from adapters.wiring.providers import configure_breakers, used_configs
 from adapters.wiring.settings import Settings
 from engine.conversation import Conversation
@@ -37,9 +39,16 @@ from engine.providers.local import LocalProvider
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.providers.registry import build_provider, sdk_module
 from engine.usage import Budget, Price, UsageAccounting
-from persistence.sql.conversations import SqlConversationStore
-from persistence.sql.database import Database
-from persistence.sql.usage import SqlUsageStore
+
+if TYPE_CHECKING:
+    from adapters.wiring.memory import MemoryParts
+
+# What build_app imports once the providers are built, in a worker thread:
+# SQLAlchemy and the memory wiring, 0.4-0.9 s of CPU, which a local model that
+# answers a chat first (the demo) loads beside, in its own process, instead
+# of after (the first line waits for both). Importing this module costs little.
+STORAGE_MODULES = ("persistence.sql.database", "persistence.sql.conversations",
+                   "adapters.wiring.memory")
 
 # The modules declaring the relational tables (persistence.sql.migrations.TABLES),
 # imported before the database starts: a new one is then created from them at
@@ -69,7 +78,8 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool 
     a provider SDK): for admin commands that read the stores only.
     ``chat_bot``: the bot whose first reply the caller is about to wait for
     (``boternity chat``); when its chain starts with a local model, that model
-    starts loading (in its own process) before anything else starts.
+    starts loading (in its own process) before anything else starts or is
+    imported (``STORAGE_MODULES``).
     """
     configs = used_configs(settings) if with_bots else {}
     async with AsyncExitStack() as stack:
@@ -82,8 +92,14 @@ async def build_app(settings: Settings, *, with_memory: bool = True, lazy: bool 
         if chat_bot is not None and isinstance(
                 first := providers[settings.bots[chat_bot].chain[0]], LocalProvider):
             await first.start()  # returns at once; the model loads while the rest starts
-        for module in TABLE_MODULES:  # so a new database is created at once (not migrated)
+        # TABLE_MODULES: so a new database is created at once (not migrated)
+        for module in (*STORAGE_MODULES, *TABLE_MODULES):
             await imported(module)
+        from adapters.wiring.memory import LazyRecall, bot_memory, start_memory
+        from persistence.sql.conversations import SqlConversationStore
+        from persistence.sql.database import Database
+        from persistence.sql.usage import SqlUsageStore
+
         database = await stack.enter_async_context(
             Database(settings.storage.resolved_database_url())
         )

@@ -35,6 +35,11 @@ nothing: ``boternity providers`` lists it without the SDK. ``prepare()``
 imports what the first request needs in a worker thread and builds the
 client (the composition root awaits it before a service serves, and a chat
 while it waits for the first line); without it, the first request does.
+
+The transport is ``_open`` (the answer's chunk objects) and ``_map_error``:
+``engine/providers/openai_plain.py`` replaces both to talk to our own
+llama.cpp server on httpx2 without the SDK; ``_status_error`` maps an HTTP
+error status for either.
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ import importlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import SecretStr
 
@@ -68,7 +73,6 @@ from engine.types import Capabilities, Chunk, CompletionRequest, Message, Usage,
 
 if TYPE_CHECKING:  # imported when the client is built (see the module docstring)
     import httpx2
-    import openai
     from openai import AsyncOpenAI
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,14 @@ NO_KEY = "no-key-needed"
 HEALTH_TTL_S = 30.0
 _CONTEXT_HINTS = ("context_length", "context length", "maximum context", "too many tokens",
                   "prompt is too long", "tokens exceed")
+
+
+class EventStream(Protocol):
+    """An answer's chunk objects as they arrive (``anext``), and its ``close``."""
+
+    def __anext__(self) -> Awaitable[object]: ...
+
+    async def close(self) -> None: ...
 
 
 class OpenAICompatProvider(ClosesOnExit):
@@ -144,7 +156,7 @@ class OpenAICompatProvider(ClosesOnExit):
         from openai import AsyncOpenAI
 
         if with_transport:
-            for module in _FIRST_REQUEST_MODULES:
+            for module in FIRST_REQUEST_MODULES:
                 with contextlib.suppress(ImportError):
                     importlib.import_module(module)
         return AsyncOpenAI(
@@ -158,15 +170,25 @@ class OpenAICompatProvider(ClosesOnExit):
         if self._sdk is not None:
             await self._sdk.close()
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
-        # The SDK's public low-level ``post``, both ways plain JSON: ``_body``
-        # already builds it, where ``chat.completions.create`` would re-walk every
-        # message against its TypedDicts (~7 ms of CPU on the loop for 30
-        # messages); and ``AsyncStream[object]`` yields each chunk as the parsed
-        # JSON object instead of building pydantic models (~two thirds of the
-        # SDK's per-chunk cost). SSE parsing, error events, HTTP errors stay the SDK's.
+    async def _open(self, body: dict[str, Any]) -> EventStream:
+        """The answer's stream of chunk objects (parsed JSON) for ``body``.
+
+        The SDK's public low-level ``post``, both ways plain JSON: ``_body``
+        already builds it, where ``chat.completions.create`` would re-walk every
+        message against its TypedDicts (~7 ms of CPU on the loop for 30
+        messages); and ``AsyncStream[object]`` yields each chunk as the parsed
+        JSON object instead of building pydantic models (~two thirds of the
+        SDK's per-chunk cost). SSE parsing, error events, HTTP errors stay the SDK's.
+        """
         from openai import AsyncStream
 
+        stream: EventStream = await self._client.post(
+            "/chat/completions", body=body, cast_to=object,
+            options={"security": {"bearer_auth": True}},
+            stream=True, stream_cls=AsyncStream[object])
+        return stream
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         if self._health_url:
             await self._check_health()
         loop = asyncio.get_running_loop()
@@ -174,15 +196,12 @@ class OpenAICompatProvider(ClosesOnExit):
         deadline = loop.time() + self.first_token_timeout_s
         timer = Deadline(loop, min(deadline, overall))
         got_text = False
-        sdk_stream = None
+        events: EventStream | None = None
         try:
-            sdk_stream = await timer.wait(self._client.post(
-                "/chat/completions", body=self._body(request), cast_to=object,
-                options={"security": {"bearer_auth": True}},
-                stream=True, stream_cls=AsyncStream[object]))
+            events = await timer.wait(self._open(self._body(request)))
             while True:
                 try:
-                    event = await timer.wait(anext(sdk_stream))
+                    event = await timer.wait(anext(events))
                 except StopAsyncIteration:
                     break
                 text, usage = _read_chunk(self.name, event)
@@ -208,8 +227,8 @@ class OpenAICompatProvider(ClosesOnExit):
             raise self._map_error(exc, started=got_text) from exc
         finally:
             timer.cancel()
-            if sdk_stream is not None:
-                await sdk_stream.close()
+            if events is not None:
+                await events.close()
 
     async def transcribe(self, audio: bytes, *, filename: str, mime_type: str) -> str:
         """The words in ``audio`` (``POST /audio/transcriptions``); ProviderError on failure."""
@@ -279,25 +298,8 @@ class OpenAICompatProvider(ClosesOnExit):
 
         name = self.name
         if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            if status == 429:
-                return RateLimited(name, retry_after=_retry_after(exc.response))
-            if status in (401, 403):
-                return AuthFailed(name, "authentication failed")
-            if status == 413 or (status == 400 and _looks_like_context(exc)):
-                return ContextTooLong(name, "request too long for this model")
-            if status in (400, 422):
-                # The server's words (a 400 body may quote keys, accounts, hosts) go
-                # to the log and admins as ``detail``; users get our own phrase.
-                return InvalidRequest(name, f"request refused (HTTP {status})",
-                                      detail=self._safe(exc))
-            if status == 404:
-                return Unavailable(name, "model or endpoint not found (404)")
-            if status == 408:
-                return ProviderTimeout(name, "server timed out (408)")
-            if status >= 500:
-                return Unavailable(name, f"server error {status}")
-            return Unavailable(name, f"unexpected HTTP status {status}")
+            return self._status_error(exc.status_code, exc.body, exc.message,
+                                      retry_after_s(exc.response))
         if isinstance(exc, openai.APITimeoutError):
             return ProviderTimeout(name, "timed out mid-answer" if started else "timed out")
         if isinstance(exc, openai.APIConnectionError):
@@ -310,11 +312,34 @@ class OpenAICompatProvider(ClosesOnExit):
         log.exception("provider %s: unexpected %s", name, type(exc).__name__)
         return Unavailable(name, f"unexpected error ({type(exc).__name__})")
 
-    def _safe(self, exc: openai.APIStatusError) -> str:
+    def _status_error(self, status: int, body: object, message: str,
+                      retry_after: float | None) -> ProviderError:
+        """Our error for an HTTP error status; ``body`` is the error object the
+        server sent (the SDK's ``APIStatusError.body``), ``message`` its text."""
+        name = self.name
+        if status == 429:
+            return RateLimited(name, retry_after=retry_after)
+        if status in (401, 403):
+            return AuthFailed(name, "authentication failed")
+        if status == 413 or (status == 400 and _looks_like_context(body, message)):
+            return ContextTooLong(name, "request too long for this model")
+        if status in (400, 422):
+            # The server's words (a 400 body may quote keys, accounts, hosts) go
+            # to the log and admins as ``detail``; users get our own phrase.
+            return InvalidRequest(name, f"request refused (HTTP {status})",
+                                  detail=self._safe(body, message))
+        if status == 404:
+            return Unavailable(name, "model or endpoint not found (404)")
+        if status == 408:
+            return ProviderTimeout(name, "server timed out (408)")
+        if status >= 500:
+            return Unavailable(name, f"server error {status}")
+        return Unavailable(name, f"unexpected HTTP status {status}")
+
+    def _safe(self, body: object, message: str) -> str:
         """The server's message with our key and anything key-like removed (``scrub``)."""
-        body = exc.body
-        message = body.get("message") if isinstance(body, dict) else None
-        text = str(message or exc.message)
+        said = body.get("message") if isinstance(body, dict) else None
+        text = str(said or message)
         if self._secret:
             text = text.replace(self._secret, SCRUBBED)
         return scrub(text)
@@ -340,13 +365,14 @@ def _read_chunk(name: str, event: Any) -> tuple[str | None, Usage | None]:
 
 
 # Beyond ``import openai``, the SDK imports these by the end of the first
-# request (the HTTP transport): ~40 ms on a quiet machine, measured, that
-# ``prepare`` moves off the event loop. Optional: a later SDK may lay them
-# out differently.
-_FIRST_REQUEST_MODULES = ("httpcore2", "h11", "anyio._backends._asyncio")
+# request (the HTTP transport, httpx2's): ~40 ms on a quiet machine, measured,
+# that ``prepare`` moves off the event loop (``openai_plain`` too). Optional: a
+# later SDK may lay them out differently.
+FIRST_REQUEST_MODULES = ("httpcore2", "h11", "anyio._backends._asyncio")
 
 
-def _retry_after(response: httpx2.Response) -> float | None:
+def retry_after_s(response: httpx2.Response) -> float | None:
+    """The seconds a 429's Retry-After header asks for; None when absent or a date."""
     value = response.headers.get("retry-after")
     try:
         return max(0.0, float(value)) if value is not None else None
@@ -354,7 +380,7 @@ def _retry_after(response: httpx2.Response) -> float | None:
         return None
 
 
-def _looks_like_context(exc: openai.APIStatusError) -> bool:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    text = f"{body.get('code', '')} {body.get('message', '')} {exc.message}".lower()
+def _looks_like_context(body: object, message: str) -> bool:
+    fields = body if isinstance(body, dict) else {}
+    text = f"{fields.get('code', '')} {fields.get('message', '')} {message}".lower()
     return any(hint in text for hint in _CONTEXT_HINTS)

@@ -13,8 +13,8 @@ aioboto3 is not imported by users who do not need it).
 A bad combination raises ``ConfigError`` naming the provider.
 
 Building a provider imports no SDK: each provider imports its own at its
-first request (``openai`` 0.5-1 s, ``aioboto3`` about 1 s), so ``boternity
-providers`` lists them without. ``sdk_module(kind)`` names it, for the
+first request (``openai`` 0.5-1 s, ``aioboto3`` about 1 s, ``httpx2`` for
+``local``), so ``boternity providers`` lists them without. ``sdk_module(kind)`` names it, for the
 composition root to import beforehand in a worker thread.
 """
 
@@ -32,7 +32,9 @@ __all__ = ["ProviderConfig", "build_provider", "capabilities", "sdk_module"]
 
 def sdk_module(kind: str) -> str:
     """The SDK a provider of ``kind`` imports at its first request."""
-    return "aioboto3" if kind == "bedrock" else "openai"  # local: llama.cpp's OpenAI API
+    if kind == "local":  # llama.cpp's OpenAI API, on httpx2 without the openai SDK
+        return "httpx2"
+    return "aioboto3" if kind == "bedrock" else "openai"
 
 
 def build_provider(config: ProviderConfig) -> Provider:

@@ -9,6 +9,8 @@ Table created by revision ``0004_recall_log``.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 from collections.abc import Collection
 from dataclasses import fields
@@ -16,7 +18,6 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import DateTime, Index, String, Table, Text, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -39,17 +40,18 @@ class RecallRow(Base):
     __table_args__ = (Index("ix_recall_log_bot_created", "bot", "created_at"),)
 
 
+@functools.cache
 def _upsert(postgres: bool) -> Any:
-    """The one-row-per-chat upsert, built once per dialect (the writer batches by it)."""
-    table = cast(Table, RecallRow.__table__)
-    statement = (postgresql.insert if postgres else sqlite.insert)(table)
+    """The one-row-per-chat upsert, built once per dialect (the writer batches by
+    it), at its first use: importing SQLAlchemy's PostgreSQL dialect takes
+    0.1-0.2 s that a SQLite deployment (the demo's start) never needs."""
+    dialect = importlib.import_module(
+        f"sqlalchemy.dialects.{'postgresql' if postgres else 'sqlite'}")
+    statement = dialect.insert(cast(Table, RecallRow.__table__))
     return statement.on_conflict_do_update(
         index_elements=["bot", "chat"],
         set_={k: statement.excluded[k] for k in ("message_id", "query", "facts", "created_at")},
     )
-
-
-_UPSERT = {False: _upsert(False), True: _upsert(True)}
 
 
 def _record(row: RecallRow) -> RecallRecord:
@@ -84,7 +86,7 @@ class SqlRecallLog:
         try:
             # Keyed by the row it overwrites: of two records of one chat in a
             # batch, only the later runs (one statement can't update a row twice).
-            await self._db.execute(_UPSERT[self._db.dialect == "postgresql"], values,
+            await self._db.execute(_upsert(self._db.dialect == "postgresql"), values,
                                    key=(record.bot, record.chat))
         except SQLAlchemyError as exc:
             raise StorageError(f"could not record recall: {type(exc).__name__}") from exc

@@ -5,8 +5,10 @@
 
 No key, no network: a child process (``server.py`` beside this module) runs
 llama.cpp's OpenAI-compatible HTTP server, bound to 127.0.0.1 on a free
-port, and we talk to it through the same ``OpenAICompatProvider`` as every
-other provider (same timeouts, same error mapping). A child process, not a
+port, and we talk to it through ``PlainOpenAICompatProvider``: the
+``OpenAICompatProvider`` of every other provider (same body, timeouts and
+error mapping) on httpx2 alone, without the ``openai`` SDK, whose import
+(0.5-1 s of CPU) was most of the demo chat's start-up. A child process, not a
 thread: loading the model holds the GIL throughout, so in-process it stalls
 everything else for 0.5-0.6 s, while a child loads it on another core; and a
 crash of llama.cpp ends the child, never the bot.
@@ -49,7 +51,7 @@ from typing import Any
 
 from engine.errors import ConfigError, ProviderError, Unavailable
 from engine.providers.closing import ClosesOnExit
-from engine.providers.openai_compat import OpenAICompatProvider
+from engine.providers.openai_plain import PlainOpenAICompatProvider
 from engine.types import Capabilities, Chunk, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ class LocalProvider(ClosesOnExit):
             "idle_timeout_s": idle_timeout_s, "temperature": temperature,
         }
         self._child: _Child | None = None
-        self._client: OpenAICompatProvider | None = None
+        self._client: PlainOpenAICompatProvider | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -174,7 +176,7 @@ class LocalProvider(ClosesOnExit):
             self._child = await _Child.spawn(self._settings())
         return self._child
 
-    async def _started(self) -> OpenAICompatProvider:
+    async def _started(self) -> PlainOpenAICompatProvider:
         """The client of a serving model: waits for it to load (starting it first
         if need be); ``Unavailable`` if it does not."""
         async with self._lock:
@@ -182,12 +184,12 @@ class LocalProvider(ClosesOnExit):
             if self._client is None:
                 try:
                     address = await child.address(self.name)
-                    client = OpenAICompatProvider(
+                    client = PlainOpenAICompatProvider(
                         name=self.name, model=self.model, base_url=f"{address}/v1",
                         capabilities=self.capabilities, label=self.label,
                         **self._client_options,
                     )
-                    await client.prepare()  # the SDK, not on the event loop
+                    await client.prepare()  # httpx2, not on the event loop
                 except BaseException:
                     await self._stop()
                     raise
