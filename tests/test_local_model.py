@@ -174,14 +174,11 @@ async def test_a_gguf_that_llama_cpp_cannot_load_is_unavailable_with_its_words(
         assert provider.pid is None  # nothing left running; the next stream tries again
 
 
-async def test_a_chat_whose_chain_starts_local_starts_the_model_in_build_app(
-        tmp_path: Path) -> None:
-    # Started before the database opens, so it loads while the chat starts;
-    # without chat_bot it stays lazy (a last-resort model costs nothing).
-    from adapters.wiring.build import build_app
-    from adapters.wiring.settings import load_settings
-
+def _local_first_config(tmp_path: Path, *,
+                        persona: str = "You are a helpful assistant.") -> Path:
+    """A config whose bot ``demo`` has the local model first in its chain."""
     config = tmp_path / "boternity.toml"
+    line = f'persona = "{persona}"\n' if persona else ""
     config.write_text(f"""
 [storage]
 data_dir = "{tmp_path / 'data'}"
@@ -190,9 +187,19 @@ data_dir = "{tmp_path / 'data'}"
 kind = "local"
 
 [bots.demo]
-persona = "You are a helpful assistant."
-chain = ["local"]
+{line}chain = ["local"]
 """)
+    return config
+
+
+async def test_a_chat_whose_chain_starts_local_starts_the_model_in_build_app(
+        tmp_path: Path) -> None:
+    # Started before the database opens, so it loads while the chat starts;
+    # without chat_bot it stays lazy (a last-resort model costs nothing).
+    from adapters.wiring.build import build_app
+    from adapters.wiring.settings import load_settings
+
+    config = _local_first_config(tmp_path)
     settings = load_settings(config, dotenv=None)
     async with build_app(settings, lazy=True, serve=False) as app:
         provider = app.providers["local"]
@@ -267,17 +274,7 @@ async def test_a_local_first_chat_starts_the_model_before_importing_storage(
     # The model loads in its process while this one imports SQLAlchemy and the
     # memory wiring (0.4-0.9 s), not after: the server is a child already when
     # sqlalchemy is first looked up. A fresh interpreter: nothing imported yet.
-    config = tmp_path / "boternity.toml"
-    config.write_text(f"""
-[storage]
-data_dir = "{tmp_path / 'data'}"
-
-[providers.local]
-kind = "local"
-
-[bots.demo]
-chain = ["local"]
-""")
+    config = _local_first_config(tmp_path, persona="")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _ORDER, str(config), cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

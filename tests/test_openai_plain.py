@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import ssl
 import sys
 from pathlib import Path
@@ -19,12 +18,12 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from engine.errors import InvalidRequest, ProviderError, RateLimited, Unavailable
+from engine.errors import InvalidRequest, ProviderError, RateLimited
 from engine.providers.openai_compat import OpenAICompatProvider
 from engine.providers.openai_plain import PlainOpenAICompatProvider
-from engine.types import Capabilities, Chunk, CompletionRequest, Usage
+from engine.types import Capabilities, CompletionRequest, Usage
 from tests.fakes.openai_server import FakeOpenAI, RateLimit, Status, Text
-from tests.test_openai_provider import FAILURES, KEY, REQUEST
+from tests.test_openai_provider import FAILURES, KEY, REQUEST, _drain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,19 +36,6 @@ def _provider(fake: FakeOpenAI, cls: type[OpenAICompatProvider] = PlainOpenAICom
     }
     options.update(overrides)
     return cls(**options)  # type: ignore[arg-type]
-
-
-async def _drain(provider: OpenAICompatProvider, request: CompletionRequest = REQUEST
-                 ) -> tuple[list[Chunk], ProviderError | None]:
-    chunks: list[Chunk] = []
-    try:
-        async for chunk in provider.stream(request):
-            chunks.append(chunk)
-    except ProviderError as exc:
-        return chunks, exc
-    finally:
-        await provider.aclose()
-    return chunks, None
 
 
 async def test_streams_text_and_usage_with_the_sdks_body(openai_fake: FakeOpenAI) -> None:
@@ -105,16 +91,6 @@ async def test_retry_after_and_the_servers_words_as_detail(openai_fake: FakeOpen
     assert isinstance(raised, InvalidRequest) and raised.failover is False
     assert raised.reason == "request refused (HTTP 400)"
     assert raised.detail == "Unsupported parameter 'x'"  # the message, as the SDK gives it
-
-
-async def test_refused_connection_is_unavailable() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again below: connecting is refused
-    provider = PlainOpenAICompatProvider(name="gone", model="m",
-                                         base_url=f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
-    _, raised = await _drain(provider)
-    assert isinstance(raised, Unavailable) and raised.reason == "connection failed"
 
 
 async def test_no_proxy_from_the_environment(

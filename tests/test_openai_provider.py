@@ -23,6 +23,7 @@ from engine.errors import (
     Unavailable,
 )
 from engine.providers.openai_compat import OpenAICompatProvider
+from engine.providers.openai_plain import PlainOpenAICompatProvider
 from engine.providers.registry import ProviderConfig, build_provider, capabilities
 from engine.types import Attachment, Capabilities, Chunk, CompletionRequest, Message, Usage
 from tests.fakes.openai_server import (
@@ -137,12 +138,14 @@ async def test_invalid_request_is_not_failed_over_and_hides_keys(openai_fake: Fa
     assert "Unsupported parameter" in raised.detail and KEY not in raised.detail  # theirs
 
 
-async def test_refused_connection_is_unavailable() -> None:
+@pytest.mark.parametrize("transport", [OpenAICompatProvider, PlainOpenAICompatProvider])
+async def test_refused_connection_is_unavailable(transport: type[OpenAICompatProvider]) -> None:
+    # Both transports: the SDK's, and httpx2's alone (the local model's).
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again below: connecting is refused
-    provider = OpenAICompatProvider(name="gone", model="m",
-                                    base_url=f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
+    provider = transport(name="gone", model="m",
+                         base_url=f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
     _, raised = await _drain(provider)
     assert isinstance(raised, Unavailable) and raised.reason == "connection failed"
 
