@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from persistence.vectors.embeddings import FastEmbedder  # noqa: E402
+from persistence.vectors.embeddings import FastEmbedder
 
 
 def _questions(n: int, offset: int) -> list[str]:
