@@ -40,14 +40,15 @@ KEY = "sk-test-very-secret-0123456789"
 REQUEST = CompletionRequest((Message("system", "Be brief."), Message("user", "What is 6*7?")))
 
 
-def _provider(fake: FakeOpenAI, **overrides: object) -> OpenAICompatProvider:
+def _provider(fake: FakeOpenAI, transport: type[OpenAICompatProvider] = OpenAICompatProvider,
+              **overrides: object) -> OpenAICompatProvider:
     options: dict[str, object] = {
         "name": "primary", "model": "m", "base_url": fake.base_url,
         "api_key": SecretStr(KEY), "first_token_timeout_s": 2.0, "idle_timeout_s": 2.0,
         "timeout_s": 5.0,
     }
     options.update(overrides)
-    return OpenAICompatProvider(**options)  # type: ignore[arg-type]
+    return transport(**options)  # type: ignore[arg-type]
 
 
 async def _drain(provider: OpenAICompatProvider, request: CompletionRequest = REQUEST
@@ -102,25 +103,29 @@ FAILURES: list[tuple[object, type[ProviderError], str]] = [
 ]
 
 
+@pytest.mark.parametrize("transport", [OpenAICompatProvider, PlainOpenAICompatProvider])
 @pytest.mark.parametrize(("behaviour", "error", "reason"), FAILURES)
 async def test_failures_map_to_our_errors(
     openai_fake: FakeOpenAI, caplog: pytest.LogCaptureFixture,
     behaviour: object, error: type[ProviderError], reason: str,
+    transport: type[OpenAICompatProvider],
 ) -> None:
+    # Both transports map alike: the SDK's, and httpx2's alone (the local model's).
     caplog.set_level(logging.DEBUG)
     openai_fake.script(behaviour)  # type: ignore[arg-type]
     # Short limits only where the fake is scripted to hang: a loaded machine
     # must not turn another failure into a timeout.
     limit = 0.5 if isinstance(behaviour, Hang) else 10.0
-    provider = _provider(openai_fake, first_token_timeout_s=limit, idle_timeout_s=limit)
+    provider = _provider(openai_fake, transport, first_token_timeout_s=limit,
+                         idle_timeout_s=limit)
     chunks, raised = await _drain(provider)
     assert type(raised) is error
     assert raised.reason == reason and raised.provider == "primary"
     assert raised.failover is True
-    assert raised.__cause__ is not None  # raise ... from exc keeps the SDK error for debugging
+    assert raised.__cause__ is not None  # raise ... from exc keeps the transport's error
     expected_text = list(getattr(behaviour, "chunks", []))[: getattr(behaviour, "after", 0)]
     assert [c.text for c in chunks if c.text] == expected_text
-    assert KEY not in str(raised) and KEY not in caplog.text
+    assert KEY not in str(raised) and KEY not in raised.detail and KEY not in caplog.text
     assert openai_fake.count == 1  # max_retries=0
 
 
