@@ -156,9 +156,7 @@ class OpenAICompatProvider(ClosesOnExit):
         from openai import AsyncOpenAI
 
         if with_transport:
-            for module in FIRST_REQUEST_MODULES:
-                with contextlib.suppress(ImportError):
-                    importlib.import_module(module)
+            import_transport()
         return AsyncOpenAI(
             base_url=self.base_url,
             api_key=self._secret or NO_KEY,
@@ -368,7 +366,14 @@ def _read_chunk(name: str, event: Any) -> tuple[str | None, Usage | None]:
 # request (the HTTP transport, httpx2's): ~40 ms on a quiet machine, measured,
 # that ``prepare`` moves off the event loop (``openai_plain`` too). Optional: a
 # later SDK may lay them out differently.
-FIRST_REQUEST_MODULES = ("httpcore2", "h11", "anyio._backends._asyncio")
+_FIRST_REQUEST_MODULES = ("httpcore2", "h11", "anyio._backends._asyncio")
+
+
+def import_transport() -> None:
+    """Import ``_FIRST_REQUEST_MODULES`` (those present): for ``prepare``'s worker thread."""
+    for module in _FIRST_REQUEST_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
 
 
 def retry_after_s(response: httpx2.Response) -> float | None:

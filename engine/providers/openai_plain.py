@@ -31,8 +31,6 @@ must not carry it), no CA bundle loaded for a plain-HTTP URL, no retries
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import json
 import logging
 import ssl
@@ -41,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequest, ProviderError, ProviderTimeout, Unavailable
 from engine.providers.openai_compat import (
-    FIRST_REQUEST_MODULES,
     EventStream,
     OpenAICompatProvider,
+    import_transport,
     retry_after_s,
 )
 
@@ -76,9 +74,7 @@ class PlainOpenAICompatProvider(OpenAICompatProvider):
         import httpx2
 
         if with_transport:
-            for module in FIRST_REQUEST_MODULES:
-                with contextlib.suppress(ImportError):
-                    importlib.import_module(module)
+            import_transport()
         headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
         # Plain HTTP (our server on loopback): no CA bundle to load, 25-50 ms of
         # CPU on the start's critical path. The context still verifies, trusting

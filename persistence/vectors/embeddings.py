@@ -18,6 +18,7 @@ model together go to it as one batch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import shutil
 import threading
@@ -127,7 +128,6 @@ class FastEmbedder:
     dimension = DIMENSION
 
     def __init__(self, model: Any, *, query_model: Any = None, batch_size: int = 16) -> None:
-        self._model = model
         self._batch_size = batch_size
         self._stored = _Lane(model)
         # Without a query model (scripts, tests that build one directly), questions
@@ -150,10 +150,10 @@ class FastEmbedder:
             # No CPU memory arena: onnxruntime otherwise keeps the peak of the
             # largest batch ever seen (measured: 700 MB resident after one batch of
             # long texts, 406 MB without the arena).
-            return tuple(  # type: ignore[return-value]
-                TextEmbedding(MODEL_NAME, specific_model_path=str(path), threads=threads,
-                              enable_cpu_mem_arena=False)
-                for path in (model_dir, query_dir))
+            load = functools.partial(TextEmbedding, MODEL_NAME, threads=threads,
+                                     enable_cpu_mem_arena=False)
+            return (load(specific_model_path=str(model_dir)),
+                    load(specific_model_path=str(query_dir)))
 
         try:
             model, query_model = await asyncio.to_thread(_load)
