@@ -21,13 +21,9 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
-    saved = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(root / "model-cache")
-    yield
-    if saved is None:
-        os.environ.pop(CACHE_ENV, None)
-    else:
-        os.environ[CACHE_ENV] = saved
+    with pytest.MonkeyPatch.context() as patch:  # session-wide; restored at the end
+        patch.setenv(CACHE_ENV, str(root / "model-cache"))
+        yield
 
 
 @pytest.fixture
