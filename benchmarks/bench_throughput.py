@@ -11,6 +11,8 @@ recall log, memory), and the script reports replies/s, reply latency p50/p95
 and the event loop's lag p99 (a 5 ms ticker's overshoot):
 
     floor        the bare ``openai`` SDK streaming from the same fake
+    floor-aio    (``--modes floor-aio``) the same on the SDK's aiohttp transport
+                 (``DefaultAioHttpClient``), which the providers use
     memory off   build_app, no long-term memory
     memory on    build_app, recall over 2,000 facts (extraction off: the
                  fake provider does not write facts)
@@ -96,10 +98,12 @@ async def _drive(send: Any, concurrency: int, replies: int) -> dict[str, float]:
             "all_cpu_ms": every / max(1, len(latencies)) * 1000}
 
 
-async def _floor(base_url: str, concurrency: int, replies: int) -> dict[str, float]:
-    from openai import AsyncOpenAI
+async def _floor(base_url: str, concurrency: int, replies: int,
+                 aio: bool = False) -> dict[str, float]:
+    from openai import AsyncOpenAI, DefaultAioHttpClient
 
-    async with AsyncOpenAI(base_url=base_url, api_key="sk-bench") as client:
+    http = DefaultAioHttpClient() if aio else None
+    async with AsyncOpenAI(base_url=base_url, api_key="sk-bench", http_client=http) as client:
         async def send(n: int, i: int) -> None:
             stream = await client.chat.completions.create(
                 model="m", stream=True, messages=[{"role": "user", "content": f"q{n}-{i}"}])
@@ -220,8 +224,8 @@ async def _seed(app: Any, users: int) -> None:
 def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, args.root)
     args.concurrency = args.concurrency[0]
-    if args.mode == "floor":
-        run = _floor(args.base_url, args.concurrency, args.replies)
+    if args.mode in ("floor", "floor-aio"):
+        run = _floor(args.base_url, args.concurrency, args.replies, args.mode == "floor-aio")
     elif args.mode == "path":
         run = _path(args.concurrency, args.replies, args.db_url)
     else:
@@ -344,13 +348,13 @@ def main() -> None:
     roots = [("after", str(ROOT))] + ([("before", args.before)] if args.before else [])
     server, base_url = _fake_server()
     # The load average is printed per row: the machine may be shared.
-    print(f"{'db':<11}{'mode':<7}{'C':>3}  {'code':<7}{'replies/s':>10}{'p50 ms':>9}"
+    print(f"{'db':<11}{'mode':<10}{'C':>3}  {'code':<7}{'replies/s':>10}{'p50 ms':>9}"
           f"{'p95 ms':>9}{'lag p99':>9}{'cpu ms':>8}{'all cpu':>8}{'srv cpu':>8}"
           f"{'cpu r/s':>8}{'load':>6}")
     try:
         for db in args.db:
             for mode in args.modes:
-                if mode == "floor" and db != args.db[0]:
+                if mode.startswith("floor") and db != args.db[0]:
                     continue  # the floor has no database
                 for concurrency in args.concurrency:
                     runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in roots}
@@ -362,7 +366,8 @@ def main() -> None:
                     for label, _ in roots:
                         r = {k: statistics.median(run[k] for run in runs[label])
                              for k in runs[label][0]}
-                        print(f"{db if mode != 'floor' else '-':<11}{mode:<7}{concurrency:>3}  "
+                        shown = "-" if mode.startswith("floor") else db
+                        print(f"{shown:<11}{mode:<10}{concurrency:>3}  "
                               f"{label:<7}{r['replies_s']:>10.1f}{r['p50_ms']:>9.1f}"
                               f"{r['p95_ms']:>9.1f}{r['lag_p99_ms']:>9.1f}"
                               f"{r.get('cpu_ms', 0.0):>8.2f}{_cpu_columns(r)}"

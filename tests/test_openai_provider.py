@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -153,6 +154,21 @@ async def test_refused_connection_is_unavailable(transport: type[OpenAICompatPro
                          base_url=f"http://127.0.0.1:{port}/v1", timeout_s=2.0)
     _, raised = await _drain(provider)
     assert isinstance(raised, Unavailable) and raised.reason == "connection failed"
+
+
+async def test_the_sdk_talks_over_aiohttp_and_closes_it(openai_fake: FakeOpenAI) -> None:
+    # The SDK's aiohttp transport (C HTTP parsing), built off the loop by the
+    # first request itself when nothing prepared it; closing the provider
+    # closes aiohttp's session (no "Unclosed client session" at exit).
+    import aiohttp
+
+    provider = _provider(openai_fake)
+    chunks, error = await _drain(provider)  # _drain closes the provider
+    assert error is None and [c.text for c in chunks if c.text]
+    transport: Any = provider._client._client._transport
+    assert type(transport).__name__ == "AiohttpTransport"
+    assert isinstance(transport.client, aiohttp.ClientSession) and transport.client.closed
+    assert openai_fake.count == 1
 
 
 async def test_no_response_headers_hits_the_overall_timeout(openai_fake: FakeOpenAI) -> None:

@@ -23,6 +23,9 @@ subclasses, possibly after chunks were yielded:
                      ``idle_timeout_s``, the whole answer over ``timeout_s``
 
 The SDK never retries (``max_retries=0``): the fallback chain owns retrying.
+Its HTTP transport is aiohttp (the SDK's ``DefaultAioHttpClient``): aiohttp
+parses HTTP in C where httpx2's own transport runs h11 in Python, which cost
+about a quarter of a reply's CPU on the event loop (docs/benchmarks.md).
 ``timeout_s`` is the overall limit: it bounds connecting, every read, and the
 whole answer from this provider (wall clock from the request). An answer cut
 by it is not lost: the chain continues it on the next provider. Raise it for
@@ -153,15 +156,17 @@ class OpenAICompatProvider(ClosesOnExit):
     def _new_client(self, *, with_transport: bool = False) -> AsyncOpenAI:
         # Building it takes ~20 ms of CPU (its TLS context), importing the SDK 0.5-1 s.
         import httpx2  # the SDK's transport
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, DefaultAioHttpClient
 
         if with_transport:
             import_transport()
+        timeout = httpx2.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
         return AsyncOpenAI(
             base_url=self.base_url,
             api_key=self._secret or NO_KEY,
             max_retries=0,
-            timeout=httpx2.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)),
+            timeout=timeout,
+            http_client=DefaultAioHttpClient(timeout=timeout),
         )
 
     async def aclose(self) -> None:
@@ -187,6 +192,10 @@ class OpenAICompatProvider(ClosesOnExit):
         return stream
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        # Before the clocks start: a first request without ``prepare`` imports the
+        # SDK and builds its client here (0.5-2 s), off the loop and not charged
+        # to the provider's first token.
+        await self.prepare()
         if self._health_url:
             await self._check_health()
         loop = asyncio.get_running_loop()
@@ -295,6 +304,12 @@ class OpenAICompatProvider(ClosesOnExit):
         import openai  # loaded already: the error came from the client
 
         name = self.name
+        dropped = _aiohttp_failure(exc)
+        if dropped is not None:  # before the SDK's class: see _aiohttp_failure
+            if dropped:
+                return Unavailable(name, "connection dropped mid-answer" if started
+                                   else "connection failed")
+            return ProviderTimeout(name, "timed out mid-answer" if started else "timed out")
         if isinstance(exc, openai.APIStatusError):
             return self._status_error(exc.status_code, exc.body, exc.message,
                                       retry_after_s(exc.response))
@@ -363,9 +378,10 @@ def _read_chunk(name: str, event: Any) -> tuple[str | None, Usage | None]:
 
 
 # Beyond ``import openai``, the SDK imports these by the end of the first
-# request (the HTTP transport, httpx2's): ~40 ms on a quiet machine, measured,
-# that ``prepare`` moves off the event loop (``openai_plain`` too). Optional: a
-# later SDK may lay them out differently.
+# request (httpx2's HTTP transport, which the local model's client uses and
+# proxies may): ~40 ms on a quiet machine, measured, that ``prepare`` moves off
+# the event loop (``openai_plain`` too). Optional: a later SDK may lay them out
+# differently. The aiohttp transport is imported as the client is built.
 _FIRST_REQUEST_MODULES = ("httpcore2", "h11", "anyio._backends._asyncio")
 
 
@@ -374,6 +390,33 @@ def import_transport() -> None:
     for module in _FIRST_REQUEST_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
+
+
+def _aiohttp_failure(exc: BaseException) -> bool | None:
+    """For an error that came from the aiohttp transport: True when the
+    connection failed or dropped, False when it timed out; None otherwise.
+
+    The SDK's aiohttp transport maps every ``aiohttp.ClientConnectionError``,
+    a refused connection and a server hanging up included, to httpx2's
+    ``ConnectTimeout``, which the SDK reports as ``APITimeoutError``; a body
+    cut mid-stream arrives as httpx2's ``ReadError``. The original aiohttp
+    error stays on the ``__cause__`` chain, so this reads it there.
+    """
+    import sys
+
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is None:  # not the aiohttp transport
+        return None
+    seen: BaseException | None = exc
+    for _ in range(8):  # SDK error <- httpx2 error <- aiohttp error
+        if seen is None:
+            return None
+        if isinstance(seen, aiohttp.ServerTimeoutError):  # connect/read timeouts
+            return False
+        if isinstance(seen, aiohttp.ClientError):
+            return True
+        seen = seen.__cause__
+    return None
 
 
 def retry_after_s(response: httpx2.Response) -> float | None:
