@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import math
 import threading
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from persistence.vectors import query_model
+from persistence.vectors.attention_fusion import fuse_attention
 from persistence.vectors.embeddings import DIMENSION, FastEmbedder, prepare_model_dir
 from persistence.vectors.query_model import CACHE_ENV, KIND, prepare_query_model_dir
 
@@ -193,3 +196,37 @@ def test_the_query_model_is_built_once_per_machine_and_beside_the_data_without_a
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "cache"))
     beside = prepare_query_model_dir(model_dir)
     assert beside.parent == model_dir.parent and (beside / "model.onnx").read_bytes() == int8
+
+
+def test_the_fused_attention_computes_what_the_model_did(tmp_path: Path) -> None:
+    """The query model's layers run onnxruntime's fused Attention (quantized:
+    QAttention). The rewrite itself changes no number: before quantization, the
+    fused graph gives the hidden states of the original for a padded batch."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    model_dir = prepare_model_dir(tmp_path)
+    folded = query_model._fold(model_dir / "model.onnx", tmp_path)
+    fused = copy.deepcopy(folded)
+    assert fuse_attention(fused, num_heads=12) == 6
+    assert not [n for n in fused.graph.node if n.op_type in ("Softmax", "Transpose")]
+    assert [i.name for i in fused.graph.input] == [i.name for i in folded.graph.input]
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.enable_padding()
+    encoded = tokenizer.encode_batch(
+        ["hi", "what is Alice allergic to?",
+         "The project deadline moved to Friday because the client asked for more time."])
+    mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+    ids = np.array([e.ids for e in encoded], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    before, after = (onnxruntime.InferenceSession(m.SerializeToString(),
+                                                  providers=["CPUExecutionProvider"])
+                     .run(None, feed)[0] for m in (folded, fused))
+    kept = mask.astype(bool)  # padding's hidden states are never pooled
+    assert np.allclose(before[kept], after[kept], atol=1e-4)
+
+    built = onnx.load(str(prepare_query_model_dir(model_dir) / "model.onnx"))
+    assert [n.op_type for n in built.graph.node].count("QAttention") == 6
