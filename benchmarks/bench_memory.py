@@ -273,6 +273,7 @@ async def main() -> int:
     tmp = tempfile.TemporaryDirectory()
     root = args.data or Path(tmp.name)
     embedder = await FastEmbedder.load(root / "models", threads=args.threads)
+    await embedder.warm()  # the query model, loaded as a service's start does
     rng = np.random.default_rng(1)
     queries = [QUESTIONS[i % len(QUESTIONS)].format(n=NAMES[rng.integers(len(NAMES))])
                for i in range(args.queries)]

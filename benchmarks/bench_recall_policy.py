@@ -76,6 +76,7 @@ async def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         embedder = await FastEmbedder.load(root, threads=2)
+        await embedder.warm()  # the query model, loaded as a service's start does
         texts = sentences()
         base = np.array(await embedder.embed(texts), dtype=np.float32)
         uri = str(root / "lancedb")

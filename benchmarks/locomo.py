@@ -122,6 +122,7 @@ async def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as models:
         embedder = await FastEmbedder.load(Path(models), threads=args.threads)
+        await embedder.warm()  # the query model, loaded as a service's start does
         modes = [("hybrid", True)] + ([("vector", False)] if args.baseline else [])
         header = (f"{'conversation':>12} {'ranking':>7} {'questions':>9} {'ceiling':>7} "
                   f"{'recall@1':>8} {'recall@5':>8} {'recall@10':>9} {'p50 ms':>7} {'p95 ms':>7}")

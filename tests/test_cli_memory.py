@@ -23,6 +23,7 @@ from adapters.cli.main import main
 from adapters.wiring.build import build_app
 from adapters.wiring.settings import load_settings
 from engine.types import IncomingMessage, Reply
+from persistence.vectors import query_model
 from tests.fakes.openai_server import FakeOpenAI, Text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,27 @@ def cli(config: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
     return Cli(config, capsys)
 
 
-def test_import_reports_bad_lines_and_export_round_trips(cli: Cli, tmp_path: Path) -> None:
+@pytest.fixture
+def wanted(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Each time a command wants the query model (its directory), observed.
+
+    Storing (add, import, reembed) embeds with the exact model only: the query
+    model is not even looked for until a command searches (it is built once
+    per machine, and loading it costs every command that does not use it).
+    """
+    calls: list[Path] = []
+    real = query_model.prepare_query_model_dir
+
+    def observed(model_dir: Path) -> Path:
+        calls.append(model_dir)
+        return real(model_dir)
+
+    monkeypatch.setattr(query_model, "prepare_query_model_dir", observed)
+    return calls
+
+
+def test_import_reports_bad_lines_and_export_round_trips(
+        cli: Cli, tmp_path: Path, wanted: list[Path]) -> None:
     lines = [
         json.dumps({"text": "The office opens at 8"}),
         json.dumps({"text": "Alice is vegetarian", "user": "telegram:alice",
@@ -107,6 +128,7 @@ def test_import_reports_bad_lines_and_export_round_trips(cli: Cli, tmp_path: Pat
         assert f"facts.jsonl:{number}: skipped" in err
     assert "facts.jsonl:7: skipped: importance" in err
     assert "imported 3, already present 0, bad lines 4" in err
+    assert wanted == []  # importing only stores
 
     listed = cli.json_lines("memory", "list", "--bot", "helper")
     assert sorted(f["text"] for f in listed) == [
@@ -150,15 +172,17 @@ def test_reimporting_lines_without_ids_adds_nothing(cli: Cli, tmp_path: Path) ->
         ("telegram:43", "Alice is vegetarian")]
 
 
-def test_add_search_forget_and_reembed(cli: Cli) -> None:
+def test_add_search_forget_and_reembed(cli: Cli, wanted: list[Path]) -> None:
     code, out, _ = cli("memory", "add", "Alice drinks green tea every morning", "--bot", "helper",
                        "--user", "telegram:alice", "--category", "preference")
     assert code == 0
     tea = out.strip()
     code, out, _ = cli("memory", "add", "The printer is on the second floor", "--bot", "helper")
     printer = out.strip()
+    assert wanted == []
 
     found = cli.json_lines("memory", "search", "what does Alice drink?", "--bot", "helper")
+    assert len(wanted) == 1
     assert [f["id"] for f in found][:1] == [tea] and found[0]["score"] > 0.3
     code, out, _ = cli("memory", "search", "where is the printer", "--bot", "helper")
     assert code == 0 and printer in out and "(general)" in out  # a table on stdout
@@ -166,8 +190,10 @@ def test_add_search_forget_and_reembed(cli: Cli) -> None:
     assert cli("memory", "forget", tea, "--bot", "helper")[0] == 0
     assert cli("memory", "forget", tea, "--bot", "helper")[0] == 1  # already gone
 
+    wanted.clear()
     code, _, err = cli("memory", "reembed", "--bot", "helper")
     assert code == 0 and "helper: 1 rows re-embedded" in err
+    assert wanted == []
     assert [f["id"] for f in cli.json_lines("memory", "list", "--bot", "helper")] == [printer]
 
     code, _, err = cli("memory", "list", "--bot", "nobody")
@@ -214,6 +240,8 @@ async def test_why_shows_what_the_last_reply_recalled(
     settings = load_settings(config, environ={}, dotenv=None)
     async with build_app(settings) as app:
         assert app.memory_admin is not None
+        # A service loads the query model at start: its first reply does not wait for it.
+        assert app.extras["memory_parts"].embedder.once.value._query.model is not None
         fact = await app.memory_admin.add("helper", "Alice is allergic to peanuts",
                                           user="telegram:alice")
         await app.memory_admin.add("helper", "Bob is allergic to cats", user="telegram:bob")

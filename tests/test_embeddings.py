@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import math
 import threading
@@ -11,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from persistence.vectors.embeddings import DIMENSION, FastEmbedder, prepare_model_dir
+from persistence.vectors import query_model
+from persistence.vectors.attention_fusion import fuse_attention
+from persistence.vectors.embeddings import (
+    DIMENSION,
+    FastEmbedder,
+    _load_query,
+    prepare_model_dir,
+)
 from persistence.vectors.query_model import CACHE_ENV, KIND, prepare_query_model_dir
 
 
@@ -69,6 +77,7 @@ async def test_embedding_a_batch_leaves_the_event_loop_responsive(
             batches.append((threading.get_ident(), answered.wait(timeout=60)))
             return vectors
 
+    await embedder.warm()  # the query model is loaded: it can be observed
     for lane in (embedder._stored, embedder._query):
         monkeypatch.setattr(lane, "model", Observed(lane.model))
     texts = [f"Sentence {i}: the user mentioned their favourite hobby is number {i}"
@@ -193,3 +202,64 @@ def test_the_query_model_is_built_once_per_machine_and_beside_the_data_without_a
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "cache"))
     beside = prepare_query_model_dir(model_dir)
     assert beside.parent == model_dir.parent and (beside / "model.onnx").read_bytes() == int8
+
+
+async def test_the_query_model_loads_once_at_the_first_question_off_the_loop(
+        embedder: FastEmbedder, tmp_path: Path) -> None:
+    """Nothing is built nor loaded for questions until one is asked (or ``warm``
+    is called); then it loads once, in a worker thread, while every caller
+    (on this loop and on another thread's) waits for that one load."""
+    loop_thread = threading.get_ident()
+    loads: list[int] = []
+    model_dir = prepare_model_dir(tmp_path)
+
+    def load() -> Any:
+        loads.append(threading.get_ident())
+        return _load_query(model_dir)
+
+    fresh = FastEmbedder(embedder._stored.model, load_query=load)
+    await fresh.embed(["stored facts need only the exact model"])
+    assert loads == [] and fresh._query.model is None
+    question = "what is Alice allergic to? (lazy test)"
+    elsewhere = asyncio.to_thread(asyncio.run, fresh.embed_query(question + " elsewhere"))
+    _, _, *vectors = await asyncio.gather(
+        fresh.warm(), elsewhere, *(fresh.embed_query(f"{question} {i}") for i in range(3)))
+    assert len(loads) == 1 and loads[0] != loop_thread
+    for i, vector in enumerate(vectors):  # the int8 model's (a batch shifts them a little)
+        assert vector == pytest.approx(await embedder.embed_query(f"{question} {i}"), abs=0.05)
+    await fresh.warm()
+    assert len(loads) == 1
+
+
+def test_the_fused_attention_computes_what_the_model_did(tmp_path: Path) -> None:
+    """The query model's layers run onnxruntime's fused Attention (quantized:
+    QAttention). The rewrite itself changes no number: before quantization, the
+    fused graph gives the hidden states of the original for a padded batch."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    model_dir = prepare_model_dir(tmp_path)
+    folded = query_model._fold(model_dir / "model.onnx", tmp_path)
+    fused = copy.deepcopy(folded)
+    assert fuse_attention(fused, num_heads=12) == 6
+    assert not [n for n in fused.graph.node if n.op_type in ("Softmax", "Transpose")]
+    assert [i.name for i in fused.graph.input] == [i.name for i in folded.graph.input]
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.enable_padding()
+    encoded = tokenizer.encode_batch(
+        ["hi", "what is Alice allergic to?",
+         "The project deadline moved to Friday because the client asked for more time."])
+    mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+    ids = np.array([e.ids for e in encoded], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    before, after = (onnxruntime.InferenceSession(m.SerializeToString(),
+                                                  providers=["CPUExecutionProvider"])
+                     .run(None, feed)[0] for m in (folded, fused))
+    kept = mask.astype(bool)  # padding's hidden states are never pooled
+    assert np.allclose(before[kept], after[kept], atol=1e-4)
+
+    built = onnx.load(str(prepare_query_model_dir(model_dir) / "model.onnx"))
+    assert [n.op_type for n in built.graph.node].count("QAttention") == 6

@@ -5,7 +5,8 @@ Part of the composition root. lancedb, pyarrow and fastembed take seconds to
 import and load, so each piece opens on its first use, in a worker thread:
 
 - the embedding model at the first ``embed`` (listing, exporting, forgetting
-  and verifying memories never embed);
+  and verifying memories never embed), and its query model at the first
+  search (adding, importing and reembedding only store);
 - each LanceDB store at its first call (``memory why`` reads only the SQL
   recall log, so it never opens LanceDB);
 - the SQL recall log at its first call (``LazyRecallLog``);
@@ -111,6 +112,10 @@ class LazyEmbedder:
     async def embed_query(self, text: str) -> list[float]:
         return await (await self.once.get()).embed_query(text)
 
+    async def warm(self) -> None:
+        """Load the model and its query model now (both load at first use otherwise)."""
+        await (await self.once.get()).warm()
+
 
 @dataclass
 class MemoryParts:
@@ -127,7 +132,7 @@ class MemoryParts:
         return any(once.value is not None for once in self.stores)
 
     async def open_all(self) -> None:
-        await self.embedder.once.get()
+        await self.embedder.warm()  # with the query model: a reply's question needs it
         for once in self.stores:
             await once.get()
         if isinstance(self.recall_log, LazyRecallLog):

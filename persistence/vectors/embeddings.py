@@ -7,9 +7,10 @@ one directory under the data dir (once; idempotent), and ``FastEmbedder``
 loads ``fastembed.TextEmbedding`` from it once, shared by every bot.
 
 Contract: ``FastEmbedder.embed`` (what is stored) and ``embed_query`` (a
-search's question, on the int8 query model of ``query_model``) never run a
-model on the event loop (a worker thread does), embed in batches and return
-unit-length vectors. One-text calls (a reply's query, a fact being
+search's question, on the int8 query model of ``query_model``, built and
+loaded at the first question or by ``warm``) never run or load a model on the
+event loop (a worker thread does), embed in batches and return unit-length
+vectors. One-text calls (a reply's query, a fact being
 reconciled) are served from a small LRU cache per model keyed by the exact
 text when it was embedded lately, and one-text calls that wait for the same
 model together go to it as one batch.
@@ -24,7 +25,7 @@ import shutil
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,33 @@ def prepare_model_dir(data_dir: Path) -> Path:
     return target
 
 
+def _open(model_dir: Path, threads: int) -> Any:
+    from fastembed import TextEmbedding
+
+    # No CPU memory arena: onnxruntime otherwise keeps the peak of the largest
+    # batch ever seen (measured: 700 MB resident after one batch of long texts,
+    # 406 MB without the arena).
+    return TextEmbedding(MODEL_NAME, specific_model_path=str(model_dir), threads=threads,
+                         enable_cpu_mem_arena=False)
+
+
+def _load(data_dir: Path, threads: int) -> tuple[Path, Any]:
+    model_dir = prepare_model_dir(data_dir)
+    return model_dir, _open(model_dir, threads)
+
+
+def _load_query(model_dir: Path) -> Any:
+    """The query model of the stored model in ``model_dir``, built if needed (blocking)."""
+    from persistence.vectors.query_model import prepare_query_model_dir
+
+    try:
+        return _open(prepare_query_model_dir(model_dir), 1)
+    except StorageError:
+        raise
+    except Exception as exc:  # onnxruntime and its quantizer raise plain exceptions
+        raise StorageError(f"cannot load the query model: {exc}") from exc
+
+
 @dataclass
 class _Turns:
     """Per event loop and model: FIFO turns at it, and one-text calls waiting for one."""
@@ -92,10 +120,15 @@ class _Turns:
 
 
 class _Lane:
-    """One ONNX session: its lock, its recent one-text vectors, its turns per loop."""
+    """One ONNX session: its lock, its recent one-text vectors, its turns per loop.
 
-    def __init__(self, model: Any) -> None:
+    ``model`` is None until ``load`` (blocking) has run once, at the lane's
+    first batch, under its lock: concurrent callers wait for that one load.
+    """
+
+    def __init__(self, model: Any, load: Callable[[], Any] | None = None) -> None:
         self.model = model
+        self.load = load
         self.lock = threading.Lock()
         # Fair turns between concurrent callers on one loop: asyncio.Lock wakes
         # waiters in FIFO order, a threading.Lock does not (a bulk import's
@@ -107,6 +140,13 @@ class _Lane:
     def for_loop(self) -> _Turns:
         return self.turns.setdefault(asyncio.get_running_loop(), _Turns())
 
+    def loaded(self) -> Any:
+        """The model, loaded now if it was not (blocking; call with ``lock`` held)."""
+        if self.model is None:
+            assert self.load is not None
+            self.model = self.load()
+        return self.model
+
 
 class FastEmbedder:
     """The shared embedder. Build with ``await FastEmbedder.load(data_dir, threads)``.
@@ -115,7 +155,9 @@ class FastEmbedder:
     reembedding) runs the exact model; ``embed_query`` (a search's question)
     runs its int8 copy (``query_model``), about twice as fast on one text and
     as good for ranking. Each lane has its own session, lock and cache, so a
-    reply's question never waits behind a bulk import's batch.
+    reply's question never waits behind a bulk import's batch. The int8 copy
+    is built and loaded at the first question (a command that only stores
+    never pays for it), or beforehand by ``warm()`` (a service's start).
 
     ``embed`` batches texts (``batch_size``; 16 keeps the activation peak of
     long texts low at the same throughput as 32) and runs fastembed in a worker
@@ -127,41 +169,45 @@ class FastEmbedder:
     model_name = MODEL_NAME
     dimension = DIMENSION
 
-    def __init__(self, model: Any, *, query_model: Any = None, batch_size: int = 16) -> None:
+    def __init__(self, model: Any, *, query_model: Any = None,
+                 load_query: Callable[[], Any] | None = None, batch_size: int = 16) -> None:
         self._batch_size = batch_size
         self._stored = _Lane(model)
-        # Without a query model (scripts, tests that build one directly), questions
-        # take the exact model's lane too.
-        self._query = self._stored if query_model is None else _Lane(query_model)
+        # Without a query model nor a way to load one (scripts, tests that build
+        # one directly), questions take the exact model's lane too.
+        self._query = (self._stored if query_model is None and load_query is None
+                       else _Lane(query_model, load_query))
         self.calls = 0  # model calls (batches) so far: tests, benchmarks
 
     @classmethod
     async def load(cls, data_dir: Path, *, threads: int = 1,
                    batch_size: int = 16) -> FastEmbedder:
-        """Prepare the model directories and load both models, all off the loop."""
+        """Prepare the model directory and load the exact model, off the loop.
 
-        def _load() -> tuple[Any, Any]:
-            from fastembed import TextEmbedding
-
-            from persistence.vectors.query_model import prepare_query_model_dir
-
-            model_dir = prepare_model_dir(data_dir)
-            query_dir = prepare_query_model_dir(model_dir)
-            # No CPU memory arena: onnxruntime otherwise keeps the peak of the
-            # largest batch ever seen (measured: 700 MB resident after one batch of
-            # long texts, 406 MB without the arena).
-            load = functools.partial(TextEmbedding, MODEL_NAME, threads=threads,
-                                     enable_cpu_mem_arena=False)
-            return (load(specific_model_path=str(model_dir)),
-                    load(specific_model_path=str(query_dir)))
-
+        The query model is built and loaded later (``warm``, or the first
+        ``embed_query``), always on one onnxruntime thread: a question is one
+        short text, which a second thread does not answer sooner, and an
+        idle onnxruntime thread spins (docs/benchmarks.md, "The query model").
+        """
         try:
-            model, query_model = await asyncio.to_thread(_load)
+            model_dir, model = await asyncio.to_thread(_load, data_dir, threads)
         except StorageError:
             raise
         except Exception as exc:  # fastembed/onnxruntime raise plain exceptions
             raise StorageError(f"cannot load the embedding model: {exc}") from exc
-        return cls(model, query_model=query_model, batch_size=batch_size)
+        return cls(model, load_query=functools.partial(_load_query, model_dir),
+                   batch_size=batch_size)
+
+    async def warm(self) -> None:
+        """Build and load the query model now, off the loop, if it is not yet
+        (a service calls it at start, so its first reply does not wait for it)."""
+        lane = self._query
+        if lane.model is None:
+            def _warm() -> None:
+                with lane.lock:
+                    lane.loaded()
+
+            await asyncio.to_thread(_warm)
 
     def embed_sync(self, texts: Sequence[str]) -> list[list[float]]:
         """Blocking embed with the exact model, for worker threads and scripts only."""
@@ -174,8 +220,9 @@ class FastEmbedder:
             # The lock is held per batch, not per call: a one-line text gets its
             # turn between the batches of a 10,000-fact import.
             with lane.lock:
+                model = lane.loaded()
                 self.calls += 1
-                vectors = lane.model.embed(list(texts[start:start + size]), batch_size=size)
+                vectors = model.embed(list(texts[start:start + size]), batch_size=size)
                 result.extend(v.astype("float32").tolist() for v in vectors)
         return result
 
