@@ -47,7 +47,7 @@ def _stored(row: tuple[Any, ...]) -> StoredMessage:
 
 
 class SqlConversationStore:
-    """Each ``add`` is committed before it returns (in a group commit: ``Database.write``).
+    """Each ``add`` is committed before it returns (in a group commit: ``Database.execute``).
 
     History is read as Core rows, not ORM objects: a reply reads up to 31
     rows, and materializing them as ORM instances was the loop's top cost.
@@ -76,7 +76,8 @@ class SqlConversationStore:
         )
         try:
             row = await self._db.execute(_INSERT, values)
-            key: int = row.id
+            assert row is not None  # the INSERT returns its id
+            key: int = row[0]
             return key
         except SQLAlchemyError as exc:
             raise StorageError(f"could not store a message: {type(exc).__name__}") from exc
