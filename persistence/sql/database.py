@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
 from engine.errors import StorageError
 from persistence.sql.migrations import HEAD, TABLES
@@ -199,6 +200,18 @@ def _current(connection: Connection) -> str | None:
     return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
+def _rollback_if_open(dbapi_connection: Any, record: ConnectionPoolEntry,
+                      state: PoolResetState) -> None:
+    """The pool's reset of an aiosqlite connection: a rollback only if a
+    transaction is open. A hot read runs outside any transaction (the driver
+    begins one only before a write), and the pool's default rollback cost the
+    event loop a thread hop per read."""
+    if state.asyncio_safe and not state.transaction_was_reset:
+        driver = record.driver_connection
+        if driver is not None and driver.in_transaction:
+            dbapi_connection.rollback()
+
+
 def _sqlite_driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # we say BEGIN ourselves (below)
 
@@ -342,7 +355,9 @@ class Database:
         if self.dialect == "sqlite":
             self._engine = create_engine(self.url, echo=self._echo,
                                          poolclass=pool.AsyncAdaptedQueuePool,
-                                         pool_size=SQLITE_READERS, max_overflow=0)
+                                         pool_size=SQLITE_READERS, max_overflow=0,
+                                         pool_reset_on_return=None)
+            event.listen(self._engine.sync_engine, "reset", _rollback_if_open)
             # The writer's one connection is the stdlib driver's, used by the
             # writer's own thread only: a batch runs there whole (one wake-up
             # of the loop; see persistence.sql.writer).
