@@ -21,6 +21,7 @@ from engine.errors import StorageError
 from persistence.sql.conversations import SqlConversationStore
 from persistence.sql.database import Database, _upgrade, head_revision
 from persistence.sql.migrations import HEAD, TABLES
+from persistence.sql.recall_log import SqlRecallLog
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,6 +91,21 @@ async def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path: Path) -> None
     async with Database(sqlite_url(tmp_path / "w.db")) as db, db.engine.connect() as conn:
         assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
         assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() == 15000
+
+
+async def test_a_reader_given_back_in_a_transaction_is_rolled_back(tmp_path: Path) -> None:
+    """The readers' pool rolls back only a connection with a transaction open (a
+    hot read has none, and a rollback was a thread hop per read): one is still
+    never pooled holding SQLite's write lock or its uncommitted rows."""
+    async with Database(sqlite_url(tmp_path / "r.db")) as db:
+        async with db.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.execute("INSERT INTO recall_log (bot, chat, message_id, query, facts, "
+                                 "created_at) VALUES ('b', 'c', '', '', '[]', '2024-01-01')")
+            assert driver.in_transaction
+        assert not driver.in_transaction
+        assert await SqlRecallLog(db).last("b", "c") is None
 
 
 async def test_history_is_per_chat_oldest_first_and_limited(tmp_path: Path) -> None:

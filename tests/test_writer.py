@@ -8,13 +8,15 @@ On SQLite and PostgreSQL (the ``database_url`` fixture).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, event, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import event, text
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from engine.errors import StorageError
 from engine.types import RecallRecord
@@ -23,6 +25,7 @@ from persistence.sql.conversations import _HISTORY, _INSERT, SqlConversationStor
 from persistence.sql.database import Database
 from persistence.sql.recall_log import SqlRecallLog
 from persistence.sql.usage import SqlUsageStore
+from persistence.sql.writer import prepare
 
 
 async def test_a_burst_of_writes_commits_in_few_transactions(database_url: str) -> None:
@@ -41,19 +44,15 @@ async def test_a_burst_of_writes_commits_in_few_transactions(database_url: str) 
         assert sorted(m.content for h in histories for m in h) == sorted(f"m{n}" for n in range(40))
 
 
-async def test_a_failing_job_fails_alone(database_url: str) -> None:
+async def test_a_failing_write_fails_alone(database_url: str) -> None:
     async with Database(database_url) as db:
         store = SqlConversationStore(db)
-
-        def broken(connection: Connection) -> None:
-            connection.execute(text("INSERT INTO no_such_table VALUES (1)"))
-
         results = await asyncio.gather(
             store.add(bot="demo", chat="c", role="user", content="before"),
-            db.write(broken),
+            db.execute(text("INSERT INTO no_such_table VALUES (1)"), {}),
             store.add(bot="demo", chat="c", role="user", content="after"),
             return_exceptions=True)
-        assert isinstance(results[1], Exception)
+        assert isinstance(results[1], SQLAlchemyError)
         assert isinstance(results[0], int) and isinstance(results[2], int)
         assert [m.content for m in await store.history("demo", "c")] == ["before", "after"]
 
@@ -96,15 +95,15 @@ async def test_writes_after_close_are_refused_clearly(tmp_path: Path) -> None:
 
 
 async def test_a_unique_violation_reaches_its_caller(database_url: str) -> None:
+    """As SQLAlchemy's error on both backends, without the parameters in its text."""
     async with Database(database_url) as db:
-        def insert(connection: Connection) -> None:
-            connection.execute(text(
-                "INSERT INTO recall_log (bot, chat, message_id, query, facts, created_at) "
-                "VALUES ('b', 'c', '', '', '[]', CURRENT_TIMESTAMP)"))
-
-        await db.write(insert)
-        with pytest.raises(IntegrityError):
-            await db.write(insert)
+        insert = text("INSERT INTO recall_log (bot, chat, message_id, query, facts, created_at) "
+                      "VALUES ('b', 'c', '', :query, '[]', CURRENT_TIMESTAMP)")
+        await db.execute(insert, {"query": "q"})
+        with pytest.raises(IntegrityError) as caught:
+            await db.execute(insert, {"query": "what Ann said in private"})
+        if db.dialect == "sqlite":  # PostgreSQL's engine shows them (SQLAlchemy's default)
+            assert "Ann" not in str(caught.value)
 
 
 async def test_writes_of_one_statement_run_as_one_statement(database_url: str) -> None:
@@ -175,20 +174,30 @@ async def test_on_sqlite_a_batch_runs_whole_on_the_writer_thread(tmp_path: Path)
     """Structural: every statement of a SQLite write runs off the event loop's thread,
     in the writer's one thread (a batch costs the loop one wake-up, not one per call)."""
     async with Database(f"sqlite+aiosqlite:///{tmp_path}/t.db") as db:
-        threads: set[int] = set()
+        ran: list[tuple[int, str]] = []
         engine = db._writer_engine
         assert engine is not None
 
-        def seen(*_: object) -> None:
-            threads.add(threading.get_ident())
+        def trace(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+            dbapi_connection.set_trace_callback(
+                lambda sql: ran.append((threading.get_ident(), sql.split()[0])))
 
-        event.listen(engine, "before_cursor_execute", seen)
+        event.listen(engine, "connect", trace)  # the writer connects at its first write
         await asyncio.gather(
             SqlConversationStore(db).add(bot="demo", chat="c", role="user", content="x"),
             SqlUsageStore(db).add(UsageRecord(
                 at=datetime.now(UTC), bot="demo", provider="p", prompt_tokens=1,
                 completion_tokens=1, estimated=False, cost_usd=0.0)))
+        assert [sql for _, sql in ran] == ["BEGIN", "INSERT", "INSERT", "COMMIT"]
+        threads = {thread for thread, _ in ran}
         assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_a_statement_that_needs_a_python_default_is_refused_on_sqlite() -> None:
+    """The SQLite writer runs compiled SQL: a column left to a Python-side default
+    (``created_at``'s ``utcnow``) would be stored NULL, so it is refused instead."""
+    with pytest.raises(ValueError, match="every column"):
+        prepare(_INSERT, sqlite.dialect(), ["bot", "chat", "role", "content"])
 
 
 async def test_concurrent_reads_reuse_pooled_connections(database_url: str) -> None:
