@@ -192,9 +192,8 @@ class OpenAICompatProvider(ClosesOnExit):
         return stream
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
-        # Before the clocks start: a first request without ``prepare`` imports the
-        # SDK and builds its client here (0.5-2 s), off the loop and not charged
-        # to the provider's first token.
+        # Before the clocks start: without ``prepare`` a first request builds the
+        # client here (0.5-2 s), off the loop, not charged to the first token.
         await self.prepare()
         if self._health_url:
             await self._check_health()
@@ -304,17 +303,15 @@ class OpenAICompatProvider(ClosesOnExit):
         import openai  # loaded already: the error came from the client
 
         name = self.name
-        dropped = _aiohttp_failure(exc)
-        if dropped is not None:  # before the SDK's class: see _aiohttp_failure
-            if dropped:
-                return Unavailable(name, "connection dropped mid-answer" if started
-                                   else "connection failed")
+        dropped = _aiohttp_failure(exc)  # before the SDK's classes: see there
+        if dropped:
+            return Unavailable(name, "connection dropped mid-answer" if started
+                               else "connection failed")
+        if isinstance(exc, openai.APITimeoutError) or dropped is False:
             return ProviderTimeout(name, "timed out mid-answer" if started else "timed out")
         if isinstance(exc, openai.APIStatusError):
             return self._status_error(exc.status_code, exc.body, exc.message,
                                       retry_after_s(exc.response))
-        if isinstance(exc, openai.APITimeoutError):
-            return ProviderTimeout(name, "timed out mid-answer" if started else "timed out")
         if isinstance(exc, openai.APIConnectionError):
             return Unavailable(name, "connection dropped mid-answer" if started
                                else "connection failed")
@@ -393,28 +390,17 @@ def import_transport() -> None:
 
 
 def _aiohttp_failure(exc: BaseException) -> bool | None:
-    """For an error that came from the aiohttp transport: True when the
-    connection failed or dropped, False when it timed out; None otherwise.
-
-    The SDK's aiohttp transport maps every ``aiohttp.ClientConnectionError``,
-    a refused connection and a server hanging up included, to httpx2's
-    ``ConnectTimeout``, which the SDK reports as ``APITimeoutError``; a body
-    cut mid-stream arrives as httpx2's ``ReadError``. The original aiohttp
-    error stays on the ``__cause__`` chain, so this reads it there.
-    """
+    """True: the aiohttp transport's connection failed or dropped; False: it
+    timed out; None: not its error. That transport maps every aiohttp
+    connection error, a refusal or a hang-up too, to httpx2's ConnectTimeout
+    (the SDK's APITimeoutError), so the original is read on ``__cause__``."""
     import sys
 
     aiohttp = sys.modules.get("aiohttp")
-    if aiohttp is None:  # not the aiohttp transport
-        return None
     seen: BaseException | None = exc
-    for _ in range(8):  # SDK error <- httpx2 error <- aiohttp error
-        if seen is None:
-            return None
-        if isinstance(seen, aiohttp.ServerTimeoutError):  # connect/read timeouts
-            return False
+    while aiohttp is not None and seen is not None:
         if isinstance(seen, aiohttp.ClientError):
-            return True
+            return not isinstance(seen, aiohttp.ServerTimeoutError)
         seen = seen.__cause__
     return None
 
