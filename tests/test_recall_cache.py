@@ -13,7 +13,7 @@ import pytest
 
 from engine.types import Fact
 from persistence.vectors.embeddings import FastEmbedder
-from persistence.vectors.memory import LanceMemoryStore, in_scope
+from persistence.vectors.memory import COLUMNS, LanceMemoryStore, in_scope
 
 BOT = "bot"
 ALICE, BOB = "tg:1", "tg:2"
@@ -118,7 +118,10 @@ async def test_own_writes_keep_the_snapshot_exact(
     table = await fast._table(BOT)
     snap = await fast.cache.current(BOT, table)
     assert snap is not None  # applied in place, at once
-    assert snap.ids == snap.meta.column("id").to_pylist()  # the ids list follows the rows
+    # its rows, column for column, are the table's current rows (the promoted chat too)
+    mine = {row["id"]: row for row in snap.rows(range(len(snap.ids))) if row["id"] in snap.where}
+    rows = await table.query().where("superseded_by = ''").select(COLUMNS).to_list()
+    assert mine == {row["id"]: row for row in rows}
     assert fast.cache.reloads == loads
     await assert_same(fast, plain)
     found = await search(fast, "what does alice drink in the morning", [ALICE, ""],
