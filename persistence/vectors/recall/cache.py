@@ -98,7 +98,11 @@ class RecallCache:
         """The snapshot of exactly the table's current version, or None (use LanceDB)."""
         if self.budget <= 0:
             return None
-        version, schema = await asyncio.gather(table.version(), table.schema())
+        # One after the other, not gathered: two tasks fewer on the loop (~20% of this
+        # check's CPU), and the generation is read after the version, so a table rebuilt
+        # meanwhile (versions restart at 1) cannot pass with an old version's number.
+        version = await table.version()
+        schema = await table.schema()
         snap = self._snaps.get(bot)
         if (snap is not None and snap.version == version
                 and snap.generation == _generation(schema)):
