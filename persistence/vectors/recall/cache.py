@@ -1,9 +1,10 @@
 """Keeps each bot's ``Snapshot`` (``persistence/vectors/recall/scan.py``) current, within a budget.
 
 Consistency: LanceDB stays the store of record. ``RecallCache.current``
-reads the table's version and schema (~0.25 ms CPU; ``read_consistency_interval=0``
-makes them see other processes' commits) and answers with the snapshot only
-when it is of exactly that version (and generation, see ``GENERATION_KEY``).
+reads the table's version and schema (``read_consistency_interval=0`` makes
+them see other processes' commits; searches asking together share one read
+that starts after they asked, see ``_state``) and answers with the snapshot
+only when it is of exactly that version (and generation, see ``GENERATION_KEY``).
 Otherwise the caller searches LanceDB while the snapshot catches up in the
 background: by the difference in the current rows' ids (a delete, a
 supersede, an add, index maintenance by anyone) or, when that is large, by a
@@ -43,8 +44,8 @@ T = TypeVar("T")
 # process may drop a table and create it again, and its versions restart at 1: the
 # version alone could match a snapshot of the old table.
 GENERATION_KEY = b"boternity.generation"
-CACHE_MB = 512  # default budget of one cache: ~300k memories of 384 dims
-ROW_OVERHEAD = 160  # bytes per row besides the vector (ids, text, Arrow offsets): estimated
+CACHE_MB = 512  # default budget of one cache: ~290k memories of 384 dims
+ROW_OVERHEAD = 340  # bytes per row besides the vector (its columns as Python values): measured
 
 
 @functools.cache
