@@ -176,8 +176,7 @@ def text_index_leg(snap: Snapshot, queries: list[str]) -> Variant:
         assert snap.text is not None
         keys = snap.keys([f"user{i % USERS}", ""], None)
         rows, _ = snap.text.search(tokens(queries[i]), keys, 20)
-        ids: list[str] = snap.meta.column("id").take(pa.array(rows, pa.int64())).to_pylist()
-        return ids
+        return [snap.ids[row] for row in rows.tolist()]
     return run
 
 
@@ -187,8 +186,7 @@ def rss_mb() -> float:
 
 def text_index_cost(snap: Snapshot) -> tuple[float, float]:
     """(seconds, MB of RSS) to build a text index over every row of ``snap``."""
-    meta = snap.meta
-    texts, users = meta.column("text").to_pylist(), meta.column("user").to_pylist()
+    texts, users = snap.columns["text"], snap.columns["user"]
     keys = [f'["{u}", ""]' for u in users]
     _give_back_memory()
     before, start = rss_mb(), time.perf_counter()

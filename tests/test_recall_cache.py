@@ -5,15 +5,17 @@ privacy scope, and never recall what another process deleted after the delete co
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.types import Fact
 from persistence.vectors.embeddings import FastEmbedder
-from persistence.vectors.memory import LanceMemoryStore, in_scope
+from persistence.vectors.memory import COLUMNS, LanceMemoryStore, in_scope
 
 BOT = "bot"
 ALICE, BOB = "tg:1", "tg:2"
@@ -117,8 +119,11 @@ async def test_own_writes_keep_the_snapshot_exact(
     assert await fast.delete_user(BOT, BOB) == len(TOPICS) * 2
     table = await fast._table(BOT)
     snap = await fast.cache.current(BOT, table)
-    assert snap is not None  # applied in place, at once
-    assert snap.ids == snap.meta.column("id").to_pylist()  # the ids list follows the rows
+    assert table is not None and snap is not None  # applied in place, at once
+    # its rows, column for column, are the table's current rows (the promoted chat too)
+    mine = {row["id"]: row for row in snap.rows(range(len(snap.ids))) if row["id"] in snap.where}
+    rows = await table.query().where("superseded_by = ''").select(COLUMNS).to_list()
+    assert mine == {row["id"]: row for row in rows}
     assert fast.cache.reloads == loads
     await assert_same(fast, plain)
     found = await search(fast, "what does alice drink in the morning", [ALICE, ""],
@@ -172,6 +177,57 @@ async def test_a_delete_by_another_process_is_never_recalled(
                                                             *alice_scope, limit=50)]
     await fast.cache.wait(BOT)  # the background reload caught up: fast again, still right
     await assert_same(fast, other)
+
+
+class GatedTable:
+    """A memory table whose version reads are counted and, while ``gate`` is
+    clear, held after they read; the rest is the table's."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.reads = 0
+        self.read = asyncio.Event()  # a version was read
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def version(self) -> int:
+        self.reads += 1
+        version: int = await self.table.version()
+        self.read.set()
+        await self.gate.wait()
+        return version
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.table, name)
+
+
+async def test_searches_asking_together_share_one_read_of_the_table_state(
+        stores: tuple[LanceMemoryStore, LanceMemoryStore]) -> None:
+    fast, _ = stores
+    await fast.add_many(corpus())
+    assert await fast.warm(BOT)
+    table = GatedTable(await fast._table(BOT))
+    snaps = await asyncio.gather(*(fast.cache.current(BOT, table) for _ in range(5)))
+    assert table.reads == 1 and snaps[0] is not None and all(s is snaps[0] for s in snaps)
+
+
+async def test_a_search_never_joins_a_read_that_started_before_it_asked(
+        stores: tuple[LanceMemoryStore, LanceMemoryStore]) -> None:
+    """The read a search shares started after it asked: a delete committed before
+    the search began is always seen, even while an older read is in flight."""
+    fast, other = stores
+    facts = await fast.add_many(corpus())
+    assert await fast.warm(BOT)
+    table = GatedTable(await fast._table(BOT))
+    table.gate.clear()
+    first = asyncio.create_task(fast.cache.current(BOT, table))
+    await table.read.wait()  # its read has the version from before the delete, and waits
+    assert await other.delete(BOT, facts[0].id)  # `boternity memory forget` elsewhere
+    second = asyncio.create_task(fast.cache.current(BOT, table))
+    await asyncio.sleep(0.05)
+    table.gate.set()
+    assert await first is not None  # asked before the delete: the snapshot was right then
+    assert await second is None  # asked after it: the snapshot is stale, LanceDB answers
 
 
 async def test_a_table_dropped_and_rebuilt_elsewhere_is_not_served_stale(

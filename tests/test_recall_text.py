@@ -176,7 +176,7 @@ async def seed(store: LanceMemoryStore) -> list[Fact]:
 def text_hits(snap: Snapshot, query: str, users: list[str],
               chats: dict[str, list[str] | None] | None = None) -> set[str]:
     rows, _ = snap.text.search(tokens(query), snap.keys(users, chats), 100)  # type: ignore[union-attr]
-    return set(snap.meta.column("id").take(pa.array(rows, pa.int64())).to_pylist())
+    return {snap.ids[row] for row in rows.tolist()}
 
 
 async def test_text_leg_never_finds_another_persons_fact(store: LanceMemoryStore) -> None:

@@ -65,10 +65,14 @@ def _record(row: RecallRow) -> RecallRecord:
     )
 
 
+_FIELDS = tuple(field.name for field in fields(RecalledFact))
+
+
 def _item(fact: RecalledFact) -> dict[str, Any]:
-    """``asdict(fact)`` without its deep copies (every field is a str or a float):
-    this runs on the loop for every reply that recalled."""
-    return {field.name: getattr(fact, field.name) for field in fields(fact)}
+    """``asdict(fact)`` without its deep copies (every field is a str or a float)
+    nor its ``fields()`` call per fact: this runs on the loop for every reply that
+    recalled."""
+    return {name: getattr(fact, name) for name in _FIELDS}
 
 
 class SqlRecallLog:

@@ -6,10 +6,12 @@ recall 1.0 where IvfPq has ~0.9; a filtered flat scan in LanceDB is 20x slower.
 
 ``Snapshot`` holds one table version in memory: the current rows
 (``superseded_by == ""``) grouped by (user, chat) into partitions, each a
-contiguous float32 matrix, plus the other columns as Arrow (read back only
-for the few rows a search returns). A search scores only the partitions its
-scope names, so the privacy filter is the choice of partitions, not a mask
-over a shared matrix, and the caller checks each row again.
+contiguous float32 matrix, plus the other columns as Python values (a list
+per column, by row number: a search returns a few rows, and reading them back
+from Arrow cost ~0.2 ms a search, more than scoring 2,000 rows). A search
+scores only the partitions its scope names, so the privacy filter is the
+choice of partitions, not a mask over a shared matrix, and the caller checks
+each row again.
 
 ``RecallCache`` (``persistence/vectors/recall/cache.py``) keeps snapshots
 current and decides when a search may use one. ``Snapshot.text``
@@ -17,9 +19,9 @@ current and decides when a search may use one. ``Snapshot.text``
 rows: every change below goes to both, and ``settle`` makes the text
 changes visible (the cache calls it before it publishes a version).
 
-Concurrency: partitions only grow in place (a new row is written past the
-length a running scan took) and a removed row is only marked dead, so a scan
-in a worker thread never sees a half-applied change.
+Concurrency: partitions and columns only grow in place (a new row is
+written past the length a running scan took) and a removed row is only
+marked dead, so a scan in a worker thread never sees a half-applied change.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import asyncio
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,7 @@ from persistence.vectors.tables import fuse, pool_size
 Key = tuple[str, str]  # (user, chat)
 
 
+UNIQUE = ("id", "text")  # columns whose values (almost) never repeat
 # Scoring fewer rows than this stays on the loop: the thread hop costs ~90 us of CPU,
 # scoring 4k x 384 float32 rows on one BLAS thread ~0.1-0.2 ms.
 THREAD_ROWS = 4_000
@@ -82,42 +86,46 @@ class Snapshot:
     version: int
     generation: bytes
     dim: int
-    meta: pa.Table  # every column but the vector, in row-number order
+    # every column but the vector: name -> its values, by row number
+    columns: dict[str, list[Any]]
     parts: dict[Key, Part] = field(default_factory=dict)
     where: dict[str, tuple[Key, int]] = field(default_factory=dict)  # id -> (part, slot)
     chats: dict[str, set[str]] = field(default_factory=dict)  # user -> chats with parts
     text: TextIndex | None = None  # the text leg's index (None: searched in LanceDB)
-    # ``meta``'s id column as a list: every search maps its row numbers to ids,
-    # and pyarrow's take + to_pylist costs ~60 us a call (2 us from a list).
-    ids: list[str] = field(default_factory=list)
-    ids_bytes: int = 0  # what those strings take (kept as they come: nbytes is asked often)
+    values_bytes: int = 0  # what the columns' values take (counted as they come)
 
     @classmethod
     def of(cls, data: pa.Table, version: int, generation: bytes, dim: int, *,
            text: bool = True) -> Snapshot:
         """CPU work (seconds at a million rows): call it in a worker thread."""
-        snap = cls(version, generation, dim, data.drop_columns(["vector"]).slice(0, 0),
-                   text=TextIndex() if text else None)
+        columns: dict[str, list[Any]] = {name: [] for name in data.column_names
+                                         if name != "vector"}
+        snap = cls(version, generation, dim, columns, text=TextIndex() if text else None)
         snap.add(data)
         return snap
 
     @property
+    def ids(self) -> list[str]:
+        """The id of each row, by row number."""
+        return self.columns["id"]
+
+    @property
     def nbytes(self) -> int:
         parts = sum(p.matrix.nbytes + p.rows.nbytes for p in self.parts.values())
-        return int(self.meta.nbytes) + parts + sys.getsizeof(self.ids) + self.ids_bytes
+        lists = sum(sys.getsizeof(values) for values in self.columns.values())
+        return parts + lists + self.values_bytes
 
     def add(self, data: pa.Table) -> None:
         """Append rows (all columns, vector included); superseded ones are kept as data only."""
-        base = self.meta.num_rows
-        meta = data.select(self.meta.column_names)
-        self.meta = pa.concat_tables([self.meta, meta]) if base else meta
+        base = len(self.ids)
+        new = {name: _values(data.column(name), unique=name in UNIQUE) for name in self.columns}
+        for name, (values, size) in new.items():
+            self.columns[name].extend(values)
+            self.values_bytes += size
         column = data.column("vector").combine_chunks()
         matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), self.dim)
         current = pc.equal(data.column("superseded_by"), "").to_numpy(zero_copy_only=False)
-        ids, users = data.column("id").to_pylist(), data.column("user").to_pylist()
-        self.ids.extend(ids)
-        self.ids_bytes += sum(map(sys.getsizeof, ids))
-        chats = data.column("chat").to_pylist()
+        ids, users, chats = new["id"][0], new["user"][0], new["chat"][0]
         groups: dict[Key, list[int]] = {}
         for i in np.flatnonzero(current).tolist():
             groups.setdefault((users[i], chats[i]), []).append(i)
@@ -128,10 +136,7 @@ class Snapshot:
         if self.text is not None:  # superseded rows too: they count in LanceDB's statistics
             keys = [term_of(u, c) if now else DEAD
                     for u, c, now in zip(users, chats, current.tolist(), strict=True)]
-            self.text.add(range(base, base + len(ids)), data.column("text").to_pylist(),
-                          users, keys)
-        if len(self.meta.columns[0].chunks) > 64:  # many small appends: one chunk again
-            self.meta = self.meta.combine_chunks()
+            self.text.add(range(base, base + len(ids)), new["text"][0], users, keys)
 
     def trim(self) -> None:
         """Give back what growing by doubling left unused (after a load)."""
@@ -140,7 +145,6 @@ class Snapshot:
             if len(part.rows) > cap:
                 part.matrix, part.rows = part.matrix[:cap].copy(), part.rows[:cap].copy()
                 part.live = part.live[:cap].copy()
-        self.meta = self.meta.combine_chunks()
 
     def _part(self, key: Key) -> Part:
         if key not in self.parts:
@@ -184,10 +188,11 @@ class Snapshot:
         self.kill([fact_id])
         [new] = self._part((user, chat)).append(vector, row)
         self.where[fact_id] = ((user, chat), new)
-        self.meta = _set_chat(self.meta, int(row[0]), chat)
+        number = int(row[0])
+        self.columns["chat"][number] = chat
         if self.text is not None:  # kill removed its document: index it under the new key
-            text = self.meta.column("text")[int(row[0])].as_py()
-            self.text.add([int(row[0])], [text], [user], [term_of(user, chat)])
+            self.text.add([number], [self.columns["text"][number]], [user],
+                          [term_of(user, chat)])
 
     def keys(self, users: Sequence[str], chats: Mapping[str, Sequence[str] | None] | None
              ) -> list[Key]:
@@ -200,22 +205,22 @@ class Snapshot:
             keys += [(user, c) for c in sorted(have if only is None else have & set(only))]
         return keys
 
-    def top(self, query: np.ndarray, keys: Sequence[Key], pool: int
-            ) -> tuple[np.ndarray, np.ndarray]:
-        """(Arrow row numbers, cosines) of the best ``pool`` live rows in ``keys``, best first."""
-        # One lookup per key: the loop may drop a part (delete_user) while this runs.
-        found = [self.parts.get(k) for k in keys]
-        parts = [(p, p.n) for p in found if p is not None]
-        if not parts:
+    def scores(self, query: np.ndarray, keys: Sequence[Key]) -> tuple[np.ndarray, np.ndarray]:
+        """(Arrow row numbers, cosines) of every live row in ``keys``, in partition order."""
+        rows, scores = [], []
+        for key in keys:
+            part = self.parts.get(key)  # one lookup: the loop may drop it (delete_user) meanwhile
+            if part is None:
+                continue
+            n = part.n  # first: arrays read after it hold at least n rows
+            live = part.live[:n]
+            rows.append(part.rows[:n][live])
+            scores.append((part.matrix[:n] @ query)[live])
+        if not rows:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        scores = np.concatenate([np.where(p.live[:n], p.matrix[:n] @ query, -np.inf)
-                                 for p, n in parts])
-        rows = np.concatenate([p.rows[:n] for p, n in parts])
-        keep = np.flatnonzero(scores > -np.inf)
-        if len(keep) > pool:
-            keep = keep[np.argpartition(-scores[keep], pool - 1)[:pool]]
-        keep = keep[np.argsort(-scores[keep], kind="stable")]
-        return rows[keep], scores[keep]
+        if len(rows) == 1:
+            return rows[0], scores[0]
+        return np.concatenate(rows), np.concatenate(scores)
 
     def cosine(self, fact_id: str, query: np.ndarray, keys: Sequence[Key]) -> tuple[int, float]:
         """(row number, cosine) of a live row in ``keys``; (-1, 0) when it is not one."""
@@ -228,15 +233,59 @@ class Snapshot:
         return int(part.rows[place[1]]), float(part.matrix[place[1]] @ query)
 
     def rows(self, numbers: Sequence[int]) -> list[dict[str, Any]]:
-        return self.meta.take(pa.array(numbers, pa.int64())).to_pylist()  # type: ignore[no-any-return]
+        """Every column but the vector of each row, as a dict."""
+        columns = self.columns.items()
+        return [{name: values[n] for name, values in columns} for n in numbers]
 
 
-def _set_chat(meta: pa.Table, row: int, chat: str) -> pa.Table:
-    index = meta.column_names.index("chat")
-    chats = meta.column(index).to_pylist()
-    chats[row] = chat
-    # The field as it was (not null): a new one would not concatenate with later rows.
-    return meta.set_column(index, meta.schema.field(index), pa.array(chats, pa.string()))
+def best(rows: np.ndarray, scores: np.ndarray, pool: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``pool`` best of (row numbers, cosines), best first (ties: in the given order)."""
+    keep = np.arange(len(scores))
+    if len(keep) > pool:
+        keep = np.argpartition(-scores, pool - 1)[:pool]
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    return rows[keep], scores[keep]
+
+
+def lookup(rows: np.ndarray, scores: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+    """(which of ``wanted`` are in ``rows``, their scores): ``rows`` are live rows, so
+    each row number is there at most once."""
+    if len(wanted) == 0 or len(rows) == 0:
+        return np.zeros(len(wanted), bool), np.empty(0, scores.dtype)
+    order = np.argsort(rows)
+    at = np.minimum(np.searchsorted(rows, wanted, sorter=order), len(rows) - 1)
+    found = rows[order[at]] == wanted
+    return found, scores[order[at[found]]]
+
+
+def _values(column: pa.ChunkedArray, *, unique: bool = False) -> tuple[list[Any], int]:
+    """(``column`` as Python values, the bytes they take). Equal values share one
+    object (user, chat and category repeat over thousands of rows) unless the
+    column is ``unique`` (no value repeats: not worth looking for them)."""
+    kind = column.type
+    if pa.types.is_timestamp(kind) and kind.unit == "us" and kind.tz in (None, "UTC"):
+        return _times(column)
+    if unique:
+        values = column.to_pylist()
+        return values, sum(map(sys.getsizeof, values))
+    encoded = column.combine_chunks().dictionary_encode()
+    distinct = encoded.dictionary.to_pylist()
+    size = sum(map(sys.getsizeof, distinct))
+    indices = encoded.indices
+    if indices.null_count:  # the index of the null value: one past the distinct ones
+        distinct.append(None)
+        indices = indices.fill_null(len(distinct) - 1)
+    return list(map(distinct.__getitem__, indices.to_pylist())), size
+
+
+def _times(column: pa.ChunkedArray) -> tuple[list[Any], int]:
+    """A timestamp[us] column, naive or UTC, as datetimes, as ``to_pylist`` makes
+    them (its tzinfo too), ~5x faster: pyarrow converts a zoned one in ~12 us."""
+    zone = pa.scalar(0, column.type).as_py().tzinfo  # the tzinfo pyarrow would give
+    naive = column.cast(pa.int64()).to_numpy().astype("datetime64[us]").astype(object)
+    values = list(naive) if zone is None else [moment.replace(tzinfo=zone) for moment in naive]
+    return values, len(values) * sys.getsizeof(datetime.min)
 
 
 async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text: str, where: str,
@@ -253,39 +302,61 @@ async def scan_search(snap: Snapshot, table: Any, vector: Sequence[float], text:
     terms = tokens(text) if fts and snap.text is not None else []
     try:
         if sum(snap.parts[k].n for k in keys if k in snap.parts) > THREAD_ROWS:
-            (numbers, scores), (rows, bm25s) = await asyncio.to_thread(
-                _legs, snap, query, terms, keys, pool)
+            legs = await asyncio.to_thread(_legs, snap, query, terms, keys, pool)
         else:  # small arrays cost less than the thread hop
-            (numbers, scores), (rows, bm25s) = _legs(snap, query, terms, keys, pool)
+            legs = _legs(snap, query, terms, keys, pool)
         by_text = None if text_leg is None else await text_leg
     finally:
         if text_leg is not None and not text_leg.done():
             text_leg.cancel()
     known = snap.ids
-    ids = [known[n] for n in numbers.tolist()]
-    cosine = dict(zip(ids, scores.tolist(), strict=True))
-    row_of = dict(zip(ids, numbers.tolist(), strict=True))
-    if by_text is not None:  # LanceDB's text leg
-        hits = zip(by_text.column("id").to_pylist(), by_text.column("_score").to_pylist(),
-                   strict=True)
-    else:  # the snapshot's
-        hits = zip([known[n] for n in rows.tolist()], bm25s.tolist(), strict=True)
+    numbers = legs.rows.tolist()
+    ids = [known[n] for n in numbers]
+    cosine = dict(zip(ids, legs.cosines.tolist(), strict=True))
+    row_of = dict(zip(ids, numbers, strict=True))
     bm25: dict[str, float] = {}
-    for fact_id, score in hits:
-        if fact_id not in cosine:
-            row_of[fact_id], cosine[fact_id] = snap.cosine(fact_id, query, keys)
-            if row_of[fact_id] < 0:
-                del row_of[fact_id], cosine[fact_id]
-                continue
-        bm25[fact_id] = float(score)
-    best = fuse(cosine, bm25, limit, min_score)
-    return [row | {"score": cosine[i]} for i, row in zip(best, snap.rows([row_of[i] for i in best]),
-                                                        strict=True)]
+    if by_text is not None:  # LanceDB's text leg
+        for fact_id, score in zip(by_text.column("id").to_pylist(),
+                                  by_text.column("_score").to_pylist(), strict=True):
+            if fact_id not in cosine:
+                row, cos = snap.cosine(fact_id, query, keys)
+                if row < 0:
+                    continue
+                row_of[fact_id], cosine[fact_id] = row, cos
+            bm25[fact_id] = float(score)
+    else:  # the snapshot's: every hit is live in ``keys``, its cosine already known
+        numbers = legs.hits.tolist()
+        hits = [known[n] for n in numbers]
+        for fact_id, n, cos in zip(hits, numbers, legs.hit_cosines.tolist(), strict=True):
+            if fact_id not in cosine:
+                row_of[fact_id], cosine[fact_id] = n, cos
+        bm25 = dict(zip(hits, legs.bm25.tolist(), strict=True))
+    chosen = fuse(cosine, bm25, limit, min_score)
+    return [row | {"score": cosine[i]}
+            for i, row in zip(chosen, snap.rows([row_of[i] for i in chosen]), strict=True)]
 
 
-def _legs(snap: Snapshot, query: np.ndarray, terms: list[str], keys: list[Key], pool: int
-          ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Both legs over the snapshot: (row numbers, cosines), (row numbers, BM25 scores)."""
-    by_text = (snap.text.search(terms, keys, pool) if snap.text is not None and terms
-               else (np.empty(0, np.int64), np.empty(0, np.float32)))
-    return snap.top(query, keys, pool), by_text
+@dataclass
+class Legs:
+    """What ``_legs`` found: the vector leg's best rows (row numbers, cosines, best
+    first) and the text leg's hits live in the keys (row numbers, BM25, cosines)."""
+
+    rows: np.ndarray
+    cosines: np.ndarray
+    hits: np.ndarray
+    bm25: np.ndarray
+    hit_cosines: np.ndarray
+
+
+def _legs(snap: Snapshot, query: np.ndarray, terms: list[str], keys: list[Key],
+          pool: int) -> Legs:
+    """Both legs over the snapshot, from one scoring of the rows in ``keys``."""
+    rows, scores = snap.scores(query, keys)
+    top_rows, top_cosines = best(rows, scores, pool)
+    if snap.text is None or not terms:
+        return Legs(top_rows, top_cosines, np.empty(0, np.int64), np.empty(0, np.float32),
+                    np.empty(0, np.float32))
+    hits, bm25 = snap.text.search(terms, keys, pool)
+    # A hit not live in ``keys`` (none should be: the index filters by key) is dropped.
+    found, cosines = lookup(rows, scores, hits)
+    return Legs(top_rows, top_cosines, hits[found], bm25[found], cosines)
