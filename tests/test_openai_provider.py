@@ -6,8 +6,10 @@ footer-ready reason, and no key may ever appear in an error or a log line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -169,6 +171,35 @@ async def test_the_sdk_talks_over_aiohttp_and_closes_it(openai_fake: FakeOpenAI)
     assert type(transport).__name__ == "AiohttpTransport"
     assert isinstance(transport.client, aiohttp.ClientSession) and transport.client.closed
     assert openai_fake.count == 1
+
+
+@pytest.mark.parametrize("transport", [OpenAICompatProvider, PlainOpenAICompatProvider])
+async def test_concurrent_first_requests_build_one_client_off_the_loop(
+    openai_fake: FakeOpenAI, transport: type[OpenAICompatProvider],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Nothing prepared the provider: four chats arrive at once. One client is
+    # built, in a worker thread; a second would leak its connection pool.
+    builder = "_new_http" if transport is PlainOpenAICompatProvider else "_new_client"
+    built: list[int] = []
+    real = getattr(transport, builder)
+
+    def counted(self: OpenAICompatProvider) -> Any:
+        built.append(threading.get_ident())
+        return real(self)
+
+    monkeypatch.setattr(transport, builder, counted)
+    provider = _provider(openai_fake, transport)
+
+    async def ask() -> list[str]:
+        return [c.text async for c in provider.stream(REQUEST) if c.text]
+
+    try:
+        answers = await asyncio.gather(*(ask() for _ in range(4)))
+    finally:
+        await provider.aclose()
+    assert all(answers) and openai_fake.count == 4
+    assert len(built) == 1 and built[0] != threading.get_ident()
 
 
 async def test_no_response_headers_hits_the_overall_timeout(openai_fake: FakeOpenAI) -> None:

@@ -37,7 +37,8 @@ Importing ``openai`` takes 0.5-1 s, so constructing a provider imports
 nothing: ``boternity providers`` lists it without the SDK. ``prepare()``
 imports what the first request needs in a worker thread and builds the
 client (the composition root awaits it before a service serves, and a chat
-while it waits for the first line); without it, the first request does.
+while it waits for the first line); without it, the first request does, the
+same way, before its clocks start. Concurrent first requests share one build.
 
 The transport is ``_open`` (the answer's chunk objects) and ``_map_error``:
 ``engine/providers/openai_plain.py`` replaces both to talk to our own
@@ -132,34 +133,32 @@ class OpenAICompatProvider(ClosesOnExit):
         self._health_url = health_url
         self._healthy_until = 0.0
         self._secret = api_key.get_secret_value() if api_key else ""
-        self._sdk: AsyncOpenAI | None = None  # built by prepare() or at first use
+        self._sdk: AsyncOpenAI | None = None  # built by prepare()
+        self._preparing = asyncio.Lock()  # one build, however many first requests
 
     def __repr__(self) -> str:  # no key, ever
         return f"OpenAICompatProvider(name={self.name!r}, model={self.model!r})"
 
     async def prepare(self) -> None:
         """Import what the first request needs and build the client, in a worker
-        thread; idempotent. Awaited before the first request, that request
-        imports nothing on the event loop (``_client`` would, as a last resort).
-        """
+        thread, once; every request awaits it first, so none imports on the loop."""
         if self._sdk is None:
-            client = await asyncio.to_thread(self._new_client, with_transport=True)
-            self._sdk = self._sdk or client  # (a request that came first built its own)
+            async with self._preparing:
+                if self._sdk is None:
+                    self._sdk = await asyncio.to_thread(self._new_client)
 
     @property
     def _client(self) -> AsyncOpenAI:
-        """The SDK client, built at first use."""
-        if self._sdk is None:
-            self._sdk = self._new_client()
+        """The SDK client that ``prepare`` built."""
+        assert self._sdk is not None, "prepare() first"
         return self._sdk
 
-    def _new_client(self, *, with_transport: bool = False) -> AsyncOpenAI:
+    def _new_client(self) -> AsyncOpenAI:
         # Building it takes ~20 ms of CPU (its TLS context), importing the SDK 0.5-1 s.
         import httpx2  # the SDK's transport
         from openai import AsyncOpenAI, DefaultAioHttpClient
 
-        if with_transport:
-            import_transport()
+        import_transport()
         timeout = httpx2.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
         return AsyncOpenAI(
             base_url=self.base_url,
@@ -240,6 +239,7 @@ class OpenAICompatProvider(ClosesOnExit):
         """The words in ``audio`` (``POST /audio/transcriptions``); ProviderError on failure."""
         if not self.transcription_model:
             raise InvalidRequest(self.name, "no transcription_model configured")
+        await self.prepare()
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await self._client.audio.transcriptions.create(

@@ -58,23 +58,23 @@ class StreamError(Exception):
 class PlainOpenAICompatProvider(OpenAICompatProvider):
     """An ``OpenAICompatProvider`` whose transport is ``httpx2``; see the module docstring."""
 
-    _http: httpx2.AsyncClient | None = None  # built by prepare() or at the first request
+    _http: httpx2.AsyncClient | None = None  # built by prepare()
 
     def __repr__(self) -> str:  # no key, ever
         return f"PlainOpenAICompatProvider(name={self.name!r}, model={self.model!r})"
 
     async def prepare(self) -> None:
-        """Import httpx2 and its transport and build the client, in a worker thread;
-        idempotent. The openai SDK is never imported."""
+        """Import httpx2 and its transport and build the client, in a worker thread,
+        once (as the SDK provider's). The openai SDK is never imported."""
         if self._http is None:
-            http = await asyncio.to_thread(self._new_http, with_transport=True)
-            self._http = self._http or http  # (a request that came first built its own)
+            async with self._preparing:
+                if self._http is None:
+                    self._http = await asyncio.to_thread(self._new_http)
 
-    def _new_http(self, *, with_transport: bool = False) -> httpx2.AsyncClient:
+    def _new_http(self) -> httpx2.AsyncClient:
         import httpx2
 
-        if with_transport:
-            import_transport()
+        import_transport()
         headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
         # Plain HTTP (our server on loopback): no CA bundle to load, 25-50 ms of
         # CPU on the start's critical path. The context still verifies, trusting
@@ -95,8 +95,7 @@ class PlainOpenAICompatProvider(OpenAICompatProvider):
     async def _open(self, body: dict[str, Any]) -> EventStream:
         import httpx2
 
-        if self._http is None:
-            self._http = self._new_http()
+        assert self._http is not None, "prepare() first"  # stream() awaits it
         request = self._http.build_request(
             "POST", "/chat/completions", json=body,
             headers={"Accept": "text/event-stream", "Cache-Control": "no-store"})
